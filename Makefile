@@ -1,0 +1,44 @@
+# rlsedit: two commands set everything up on a fresh machine: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-all bench lint toy clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt 'torch==2.13.0'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project (torch pinned by constraints.txt)
+
+run: $(STAMP)  ## install, then run the embedded default offline (ARGS="editor=memit ...")
+	$(OFFLINE) $(BIN)/rlsedit run $(ARGS)
+
+test: $(STAMP)  ## install, then run the test suite (fast tests; no GPU, no network)
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/pytest -q $(ARGS)
+
+test-all: $(STAMP)  ## the whole suite, slow tests included
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/pytest -q -m 'not gpu' $(ARGS)
+
+bench: $(STAMP)  ## benchmarks (update cost, target optimisation); see docs/benchmarks.md
+	$(OFFLINE) WANDB_MODE=disabled $(BIN)/rlsedit bench all $(ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(BIN)/ruff check rlsedit_cli tests
+
+toy: $(STAMP)  ## rebuild the shipped tiny GPT-2 and its toy world (about 12 minutes on 2 cores)
+	$(OFFLINE) $(BIN)/rlsedit toy build $(ARGS)
+
+clean:  ## remove the virtual environment
+	rm -rf $(VENV)

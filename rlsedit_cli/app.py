@@ -1,0 +1,27 @@
+"""The Hydra entry point: a thin wrapper over :func:`rlsedit_cli.runner.run.run`."""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from rlsedit_cli import config
+from rlsedit_cli.errors import RlseditError
+
+config.register()
+log = logging.getLogger("rlsedit")
+
+
+@hydra.main(version_base="1.3", config_path=str(config.conf_dir()), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Run one job; return the sweep objective (``None`` when the config names none)."""
+    from rlsedit_cli.runner.run import run
+
+    try:
+        summary = run(cfg)
+    except RlseditError as e:
+        log.error("error: %s", e)
+        raise SystemExit(2) from None
+    return summary.get("objective")

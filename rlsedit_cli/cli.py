@@ -1,0 +1,219 @@
+"""The ``rlsedit`` command: run, ls, toy, report, bench.
+
+``rlsedit run ARGS`` hands ARGS to Hydra untouched (overrides, ``-m``, ``--cfg job``, ``--help``).
+User errors (bad config, missing file, unreachable hub, ...) end in one ``error:`` line and exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("rlsedit")
+
+GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "editor_model",
+          "hydra/launcher", "hydra/sweeper")
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf/rlsedit error as one line, with the fix where one is known."""
+    lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause).strip() and str(cause).strip() not in " ".join(lines):
+        lines += [ln.strip().rstrip(".") for ln in str(cause).splitlines() if ln.strip()]
+    text = "; ".join(dict.fromkeys(lines)) or type(err).__name__
+    if "not in" in text or "Could not override" in text or "not a valid" in text.lower():
+        text += " (check the spelling; `rlsedit run --cfg job` prints every key)"
+    elif "Could not find" in text or "In '" in text:
+        text += " (`rlsedit ls` lists the choices of every group)"
+    return text
+
+
+def run_command(args: list[str]) -> int:
+    """``rlsedit run``: compose with Hydra and run (or sweep)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlsedit_cli.errors import RlseditError
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach this function, printed in one line
+    argv0, sys.argv = sys.argv, ["rlsedit run", *args]
+    try:
+        from rlsedit_cli import app
+
+        app.main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except (HydraException, OmegaConfBaseException, RlseditError) as e:
+        log.error("error: %s", one_line(e))
+        return 2
+    finally:
+        sys.argv = argv0
+    return 0
+
+
+def ls_command(args: argparse.Namespace) -> int:
+    """List the choices of every config group, with each YAML's first comment line."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from rlsedit_cli import config
+
+    config.register()
+    root = config.conf_dir()
+    groups = [args.group] if args.group else list(GROUPS)
+    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for group in groups:
+            options = [o for o in loader.get_group_options(group) if not o.endswith("_schema")]
+            if not options:
+                if args.group:
+                    log.error("error: no config group %r (groups: %s)", group, ", ".join(GROUPS))
+                    return 2
+                continue
+            sys.stdout.write(f"{group}:\n")
+            for option in options:
+                sys.stdout.write(f"  {option:<28} {_describe(root / group / f'{option}.yaml')}\n")
+    return 0
+
+
+def _describe(path) -> str:
+    if not path.is_file():
+        return ""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and not line.startswith("# @package"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def toy_command(args: argparse.Namespace) -> int:
+    """``rlsedit toy build|check``."""
+    import json
+
+    from rlsedit_cli.config import ASSETS_DIR
+
+    if args.toy_verb == "build":
+        from rlsedit_cli.toy.build import BuildConfig, build_bundle
+
+        cfg = BuildConfig(num_subjects=args.subjects, seed=args.seed, epochs=args.epochs,
+                          vocab_size=args.vocab_size, n_embd=args.n_embd, n_layer=args.n_layer)
+        info = build_bundle(args.out, cfg, facts=args.facts, limit=args.limit)
+        log.info("bundle written to %s", args.out)
+        sys.stdout.write(json.dumps({k: info[k] for k in ("records", "steps", "train_seconds",
+                                                          "knowledge")}) + "\n")
+        return 0
+    from rlsedit_cli.toy.build import check_bundle
+
+    bundle = args.bundle or str(ASSETS_DIR / "gpt2_tiny")
+    sys.stdout.write(json.dumps(check_bundle(bundle)) + "\n")
+    return 0
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``rlsedit bench update|all``: JSON lines on stdout (and appended to --out)."""
+    import json
+    from pathlib import Path
+
+    from rlsedit_cli.bench.update import bench_update
+    from rlsedit_cli.models.loader import resolve_device
+
+    device = str(resolve_device(args.device))
+    rows = []
+    if args.bench_verb in ("update", "all"):
+        rows += bench_update(args.d_in, args.d_out, args.u, args.batches, device, args.dtype)
+    for row in rows:
+        line = json.dumps(row)
+        sys.stdout.write(line + "\n")
+        if args.out:
+            with open(Path(args.out), "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    """``rlsedit report RUN_DIR...``: report.md and plots."""
+    import time
+    from pathlib import Path
+
+    from rlsedit_cli.report import make_report
+
+    out = args.out
+    if out is None:
+        out = (Path(args.runs[0]) / "report" if len(args.runs) == 1
+               else Path("outputs") / "reports" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    done = make_report(args.runs, out, args.metric)
+    sys.stdout.write(done["table"])
+    log.info("%d runs: %s", done["runs"], done["report"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlsedit",
+        description="Lifelong knowledge editing runner: RLSEdit and its baselines, streamed "
+                    "over CounterFact-style edits, measured and logged.",
+        epilog="`rlsedit run --help` shows the run options; `rlsedit ls` the config choices.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run an experiment; every further argument goes to Hydra "
+                               "(overrides, -m, --cfg job, --help)", add_help=False)
+    ls = sub.add_parser("ls", help="list the choices of every config group")
+    ls.add_argument("group", nargs="?", help="one group only (e.g. editor)")
+
+    report = sub.add_parser("report", help="markdown table and plots over finished runs")
+    report.add_argument("runs", nargs="+", help="run folders or multirun sweep folders")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report for one folder)")
+    report.add_argument("--metric", default="efficacy",
+                        help="metric of a sweep's heat map (efficacy, objective, fluency, ...)")
+
+    toy = sub.add_parser("toy", help="build or check a tiny GPT-2 that knows a set of facts")
+    toy_sub = toy.add_subparsers(dest="toy_verb", required=True, metavar="VERB")
+    build = toy_sub.add_parser("build", help="train the tokenizer and the tiny GPT-2 (CPU)")
+    build.add_argument("--out", default="outputs/toy/gpt2_tiny", help="bundle folder to write")
+    build.add_argument("--facts", help="a CounterFact file (ROME or EasyEdit layout) instead "
+                                       "of the toy world")
+    build.add_argument("--limit", type=int, help="use only the first N records of --facts")
+    build.add_argument("--subjects", type=int, default=3000, help="toy world size")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--epochs", type=float, default=24.0)
+    build.add_argument("--vocab-size", type=int, default=4096)
+    build.add_argument("--n-embd", type=int, default=128)
+    build.add_argument("--n-layer", type=int, default=4)
+    check = toy_sub.add_parser("check", help="measure a bundle's pre-edit knowledge")
+    check.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped one)")
+
+    bench = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
+    bench.add_argument("bench_verb", choices=["update", "all"],
+                       help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history")
+    bench.add_argument("--d-in", type=int, default=4096)
+    bench.add_argument("--d-out", type=int, default=4096)
+    bench.add_argument("--u", type=int, default=100, help="keys per batch")
+    bench.add_argument("--batches", type=int, default=50, help="length of the history")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    bench.add_argument("--out", help="also append the JSON lines to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] %(message)s")
+    if argv and argv[0] == "run":
+        return run_command(argv[1:])
+    args = build_parser().parse_args(argv)
+    from rlsedit_cli.errors import RlseditError
+
+    handlers = {"ls": ls_command, "toy": toy_command, "bench": bench_command,
+                "report": report_command}
+    try:
+        return handlers[args.command](args)
+    except RlseditError as e:
+        log.error("error: %s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

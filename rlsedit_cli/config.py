@@ -1,0 +1,215 @@
+"""Typed schemas of every config group, registered with Hydra's ConfigStore.
+
+Each YAML file in ``conf/<group>/`` starts with ``defaults: [<group>_schema, _self_]`` (or the
+schema of its own class), so a misspelt key or a value of the wrong type fails at start-up with
+the key's full name. The root schema fixes the top-level sections.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR / "assets"
+
+
+def conf_dir() -> Path:
+    """Where the YAML configs are: inside the package (wheel) or beside it (source, editable)."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"rlsedit configs not found next to {PACKAGE_DIR}; reinstall rlsedit")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture facts of one model; editors interpolate them."""
+
+    name: str = MISSING
+    name_or_path: str = MISSING
+    arch: str = MISSING  # gpt2 | gptj | llama | qwen2: selects the module templates' meaning
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    revision: str | None = None
+    device_map: str | None = None  # "auto" shards across GPUs (accelerate)
+    trust_remote_code: bool = False
+    num_layers: int = MISSING
+    layer_template: str = MISSING  # a block; its output is the residual stream
+    mlp_out_template: str = MISSING  # the edited linear map (MLP down projection)
+    weight_transposed: bool = False  # True for GPT-2's Conv1D, which stores W as (d_in, d_out)
+    ln_f: str = MISSING
+    lm_head: str = MISSING
+    edit_layers: list[int] = MISSING  # layers edited by MEMIT-style editors
+    single_layer: int = MISSING  # the layer edited by ROME and FT
+    loss_layer: int = MISSING  # layer whose output feeds the target loss (usually the last)
+    anchor_corpus: str = "wikitext"  # ordinary text for the anchor statistics
+
+
+@dataclass
+class TargetConfig:
+    """Target-value optimisation (DESIGN.md section 4), shared by the key-value editors."""
+
+    steps: int = 25
+    lr: float = 0.5
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    loss_layer: int = "${model.loss_layer}"  # type: ignore[assignment]
+    early_stop_loss: float = 0.05
+    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    chunk_size: int = 64  # requests optimised together; bounds activation memory
+
+
+@dataclass
+class EditorConfig:
+    """Fields every editor has."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class StreamConfig:
+    num_edits: int = 100
+    batch_size: int = 10
+    seed: int = 0
+    shuffle: bool = True
+    offset: int = 0
+
+
+@dataclass
+class StatsConfig:
+    """Anchor statistics E[k k^T] of each edited map's input over ordinary text."""
+
+    corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
+    num_samples: int = 10000  # text samples (documents or lines)
+    max_length: int = 128  # tokens per sample
+    batch_size: int = 16
+    precision: str = "float32"  # dtype of the cached C (sums are always float64)
+
+
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    path: str | None = None
+    skip_invalid: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """What is measured and when (CounterFact metrics; general ability through lm-eval)."""
+
+    name: str = MISSING
+    batch_size: int = 64  # prompts per forward pass
+    pre_edit: bool = True  # measure the edited records before the stream starts
+    fluency: bool = True  # generation metrics (fluency, consistency)
+    max_new_tokens: int = 100
+    generation_prompts: int = 2  # generation prompts per record
+    retention_edits: int = 100  # the first edits of the stream, re-measured ...
+    retention_every: int = 5  # ... every this many batches (0: never)
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks (general ability)
+    every_edits: int = 0  # lm-eval checkpoint period in edits (0: only at the end, if tasks)
+    limit: int | None = None
+    num_fewshot: int | None = None
+    lm_batch_size: int = 8
+    strict: bool = False
+    allow_code_execution: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class WandbConfig(LoggerConfig):
+    _target_: str = "rlsedit_cli.loggers.wandb.WandbLogger"
+    name: str = "wandb"
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "rlsedit"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0
+
+
+@dataclass
+class NoLoggerConfig(LoggerConfig):
+    _target_: str = "rlsedit_cli.loggers.base.NullLogger"
+    name: str = "none"
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    cache: str = "~/.cache/rlsedit"
+    run_dir: str = "${hydra:runtime.output_dir}"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # batches between checkpoints (0: off)
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    editor: Any = MISSING
+    dataset: Any = MISSING
+    eval: Any = MISSING
+    logger: Any = MISSING
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    resume: str | None = None
+    experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
+    objective: str = "hmean"  # what a sweep maximises: hmean (of efficacy, generalization,
+    # specificity) or any summary metric (efficacy, fluency, ...)
+
+
+def asset_path(name: str) -> str:
+    """OmegaConf resolver ``${rlsedit.asset:NAME}``: absolute path of a shipped asset."""
+    return str(ASSETS_DIR / name)
+
+
+def register() -> None:
+    """Register the schemas and resolvers (idempotent)."""
+    if not OmegaConf.has_resolver("rlsedit.asset"):
+        OmegaConf.register_new_resolver("rlsedit.asset", asset_path)
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RootConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="logger", name="wandb_schema", node=WandbConfig)
+    cs.store(group="logger", name="none_schema", node=NoLoggerConfig)
+    for group, package, base in (("editor", "rlsedit_cli.editors", EditorConfig),
+                                 ("dataset", "rlsedit_cli.datasets", DatasetConfig)):
+        for name, node in schemas(package, base).items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
+
+
+def schemas(package: str, base: type) -> dict[str, type]:
+    """module name -> the config dataclass (a subclass of ``base``) it defines, over ``package``.
+
+    Adding an editor or a dataset is adding a module with its config class and a YAML file.
+    """
+    module_root = importlib.import_module(package)
+    out = {}
+    for info in pkgutil.iter_modules(module_root.__path__):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for obj in vars(module).values():
+            if (isinstance(obj, type) and is_dataclass(obj) and issubclass(obj, base)
+                    and obj is not base and obj.__module__ == module.__name__):
+                out[info.name] = obj
+    return out

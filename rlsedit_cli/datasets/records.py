@@ -1,0 +1,148 @@
+"""Edit records: one validated form for every dataset layout, and the file readers.
+
+A :class:`Record` is CounterFact's requested rewrite plus its prompt families. Parsers turn raw
+records of a layout into Records and raise :class:`DataError` naming the case_id and field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlsedit_cli.errors import DataError
+
+
+@dataclass(frozen=True)
+class Record:
+    """One edit request with the prompts used to measure it."""
+
+    case_id: int | str
+    prompt: str  # with "{}" where the subject goes
+    subject: str
+    target_new: str
+    target_true: str
+    relation_id: str | None = None
+    target_new_id: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+    attribute_prompts: tuple[str, ...] = ()
+    generation_prompts: tuple[str, ...] = ()
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def as_request(self) -> dict:
+        """The request dict editors receive (prompt template, subject, target)."""
+        return {"case_id": self.case_id, "prompt": self.prompt, "subject": self.subject,
+                "target_new": self.target_new, "target_true": self.target_true}
+
+
+def fail(case_id, field: str, problem: str) -> DataError:
+    return DataError(
+        f"record case_id={case_id}: {field} {problem}; fix the record or set "
+        "dataset.skip_invalid=true to skip it"
+    )
+
+
+def _text(value, case_id, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise fail(case_id, field, "is missing or empty")
+    return value
+
+
+def _texts(value, case_id, field: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise fail(case_id, field, "is not a list of strings")
+    return tuple(value)
+
+
+def make_record(case_id, prompt, subject, target_new, target_true, **families) -> Record:
+    """Validate the fields shared by every layout and build the Record."""
+    prompt = _text(prompt, case_id, "prompt")
+    subject = _text(subject, case_id, "subject")
+    new = _text(target_new, case_id, "target_new")
+    true = _text(target_true, case_id, "target_true")
+    if prompt.count("{}") != 1:
+        raise fail(case_id, "prompt", f"must hold exactly one '{{}}' for the subject: {prompt!r}")
+    if new.strip() == true.strip():
+        raise fail(case_id, "target_new", f"equals target_true ({new!r})")
+    fields = {k: _texts(v, case_id, k) for k, v in families.items() if k.endswith("_prompts")}
+    extra = {k: v for k, v in families.items() if not k.endswith("_prompts")}
+    return Record(case_id=case_id, prompt=prompt, subject=subject, target_new=new.strip(),
+                  target_true=true.strip(), **extra, **fields)
+
+
+def subject_template(prompt, subject, case_id) -> str:
+    """Turn a prompt with the subject filled in into a "{}" template (first occurrence)."""
+    if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
+        raise fail(case_id, "prompt/subject", "is missing or empty")
+    if "{}" in prompt:
+        return prompt
+    at = prompt.find(subject)
+    if at < 0:  # fall back to a case-insensitive match
+        m = re.search(re.escape(subject), prompt, flags=re.IGNORECASE)
+        if m is None:
+            raise fail(case_id, "subject", f"{subject!r} does not occur in prompt {prompt!r}")
+        at = m.start()
+    return prompt[:at] + "{}" + prompt[at + len(subject) :]
+
+
+def parse_rome(raw: dict) -> Record:
+    """A record in ROME's CounterFact layout (requested_rewrite with a "{}" prompt)."""
+    case_id = raw.get("case_id", "?") if isinstance(raw, dict) else "?"
+    rw = raw.get("requested_rewrite") if isinstance(raw, dict) else None
+    if not isinstance(rw, dict):
+        raise fail(case_id, "requested_rewrite", "is missing")
+    new, true = rw.get("target_new"), rw.get("target_true")
+    if not isinstance(new, dict) or not isinstance(true, dict):
+        raise fail(case_id, "requested_rewrite.target_new/target_true", "must be {str, id} objects")
+    return make_record(
+        case_id, rw.get("prompt"), rw.get("subject"), new.get("str"), true.get("str"),
+        relation_id=rw.get("relation_id"), target_new_id=new.get("id"),
+        paraphrase_prompts=raw.get("paraphrase_prompts"),
+        neighborhood_prompts=raw.get("neighborhood_prompts"),
+        attribute_prompts=raw.get("attribute_prompts"),
+        generation_prompts=raw.get("generation_prompts"),
+    )
+
+
+def read_json_records(path: str | Path) -> list:
+    """Read a JSON list or JSON-lines file (optionally gzipped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist: set dataset.path to a records file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+        if ".jsonl" in path.name:
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, EOFError) as e:
+        raise DataError(f"dataset file {path} is not valid JSON ({e}): fix or replace it") from e
+    if not isinstance(data, list):
+        raise DataError(f"dataset file {path} must hold a JSON list of records")
+    return data
+
+
+def parse_all(raws: Iterable, parse: Callable[[dict], Record], skip_invalid: bool,
+              ) -> tuple[list[Record], list[str]]:
+    """Parse every raw record; with ``skip_invalid`` collect the errors instead of raising."""
+    records, skipped = [], []
+    for raw in raws:
+        try:
+            records.append(parse(raw))
+        except DataError as e:
+            if not skip_invalid:
+                raise
+            skipped.append(str(e))
+    return records, skipped

@@ -1,0 +1,32 @@
+"""Cut the dataset into the stream of edit batches."""
+
+from __future__ import annotations
+
+import random
+
+from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.errors import ConfigError
+
+
+def make_stream(records: list[Record], num_edits: int, batch_size: int, seed: int,
+                shuffle: bool = True, offset: int = 0) -> list[list[Record]]:
+    """Batches of the edits to make: records [offset, offset + num_edits) of the (shuffled) set.
+
+    The order depends only on ``seed``, so the same config always streams the same edits.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"stream.batch_size={batch_size} must be at least 1")
+    if num_edits < 1:
+        raise ConfigError(f"stream.num_edits={num_edits} must be at least 1")
+    if offset < 0:
+        raise ConfigError(f"stream.offset={offset} must not be negative")
+    order = list(records)
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    if offset + num_edits > len(order):
+        raise ConfigError(
+            f"stream.num_edits={num_edits} with stream.offset={offset} needs {offset + num_edits} "
+            f"records but the dataset has {len(order)}: lower stream.num_edits or the offset"
+        )
+    chosen = order[offset : offset + num_edits]
+    return [chosen[i : i + batch_size] for i in range(0, num_edits, batch_size)]

@@ -1,0 +1,41 @@
+"""Keys of the edited map and current hidden states at the subject's last token (DESIGN.md 4.3)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.editing.inputs import block_hidden, build_rows, forward_until
+from rlsedit_cli.models.handle import ModelHandle
+
+
+@torch.no_grad()
+def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list[str],
+                    layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of ``layer``'s edited map and the residual stream after ``z_layer``.
+
+    Returns:
+        K: the map's input at the subject's last token, averaged over the context templates.
+            (d_in, n) float32
+        h: the residual stream after block ``z_layer`` at the subject's last token of the plain
+            prompt (the first template, "{}"). (n, d_model) float32
+    """
+    n, n_ctx = len(requests), len(templates)
+    items = [(ctx.format(r.prompt), r.subject, [], i)
+             for i, r in enumerate(requests) for ctx in templates]
+    rows = build_rows(handle, items)
+    at = (torch.arange(len(items), device=rows.ids.device), rows.lookup)
+    found: dict[str, torch.Tensor] = {}
+
+    def take_key(module, args):
+        found["k"] = args[0][at].float()  # (n * n_ctx, d_in)
+
+    def take_hidden(module, args, output):
+        found["h"] = block_hidden(output)[at].float()  # (n * n_ctx, d_model)
+
+    forward_until(handle, rows, max(layer, z_layer),
+                  [(handle.edited_module(layer), "pre", take_key),
+                   (handle.layer_module(z_layer), "post", take_hidden)])
+    K = found["k"].view(n, n_ctx, -1).mean(1).T  # (d_in, n)
+    h = found["h"].view(n, n_ctx, -1)[:, 0]  # (n, d_model)
+    return K, h

@@ -1,0 +1,150 @@
+"""Batched target-value optimisation (DESIGN.md section 4.2), shared by the key-value editors.
+
+For each request i an additive delta_i (d_model) is added to the residual stream after block
+``z_layer`` at the subject's last token, in every context-prefixed rewrite prompt and in the KL
+prompt "{subject} is a". All requests of a chunk go through ONE forward/backward per step: each
+delta_i only reaches its own rows, so the summed loss gives every request exactly the gradient
+it would get alone, and Adam (element-wise) follows the same trajectory as one-at-a-time runs.
+
+Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
++ kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
+with h_i the unedited hidden state; a request stops once its loss is below ``early_stop_loss``;
+after each step ||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.editing.inputs import Rows, block_hidden, build_rows, forward_until, with_hidden
+from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.models.tokens import encode_target
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class TargetResult:
+    """z = h + delta per request, (n, d_model) float32, and optimisation diagnostics."""
+
+    z: torch.Tensor
+    init_loss: torch.Tensor  # (n,) NLL before optimisation
+    final_loss: torch.Tensor  # (n,) NLL at the last step
+    steps: torch.Tensor  # (n,) optimiser steps taken
+
+
+def _rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
+    """Rewrite rows (every context x request) then one KL row per request."""
+    items, targets = [], []
+    for i, r in enumerate(requests):
+        t_ids = encode_target(handle.tok, r.target_new)
+        for ctx in templates:
+            items.append((ctx.format(r.prompt), r.subject, t_ids[:-1], i))
+            targets.append(t_ids)
+    for i, r in enumerate(requests):
+        items.append((KL_PROMPT, r.subject, [], i))
+    return build_rows(handle, items), targets
+
+
+def _target_index(rows: Rows, targets: list[list[int]], width: int):
+    """(row, position, token) indices of every target token, and the row of each entry."""
+    row_idx, pos_idx, tok_idx = [], [], []
+    for row, t_ids in enumerate(targets):
+        n = len(t_ids)
+        for j, t in enumerate(t_ids):
+            row_idx.append(row)
+            pos_idx.append(width - n + j)  # the prompt's last token predicts token 0
+            tok_idx.append(t)
+    dev = rows.ids.device
+    return (torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev),
+            torch.tensor(tok_idx, device=dev))
+
+
+def _logprobs(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
+    """log softmax of the LM head on hidden states (..., d_model) -> (..., vocab), float32."""
+    ln_f = handle.module(handle.spec.ln_f)
+    head = handle.module(handle.spec.lm_head)
+    return head(ln_f(hidden)).float().log_softmax(-1)
+
+
+def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
+                     z_layer: int, cfg) -> TargetResult:
+    """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``)."""
+    parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg)
+             for s in range(0, len(requests), max(1, cfg.chunk_size))]
+    return TargetResult(*(torch.cat([getattr(p, f) for p in parts])
+                          for f in ("z", "init_loss", "final_loss", "steps")))
+
+
+def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
+                    z_layer: int, cfg) -> TargetResult:
+    n, n_ctx = len(requests), len(templates)
+    rows, targets = _rows(handle, requests, templates)
+    width = rows.ids.shape[1]
+    t_row, t_pos, t_tok = _target_index(rows, targets, width)
+    n_rewrite = n * n_ctx
+    kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=rows.ids.device)
+    first_rows = torch.arange(0, n_rewrite, n_ctx, device=rows.ids.device)  # context "{}"
+    loss_layer = max(int(cfg.loss_layer), z_layer)
+    inject = handle.layer_module(z_layer)
+    capture = handle.layer_module(loss_layer)
+    d_model = handle.weight_shape(z_layer)[0]
+    delta = torch.zeros(n, d_model, device=handle.device, dtype=torch.float32,
+                        requires_grad=True)
+    state: dict = {}
+
+    def add_delta(module, args, output):
+        hidden = block_hidden(output)
+        if "h_init" not in state:
+            state["h_init"] = hidden[first_rows, rows.lookup[first_rows]].detach().float()
+        add = torch.zeros_like(hidden)
+        add = add.index_put((torch.arange(len(rows.owner), device=hidden.device), rows.lookup),
+                            delta[rows.owner].to(hidden.dtype))
+        return with_hidden(output, hidden + add)
+
+    def keep(module, args, output):
+        state["out"] = block_hidden(output)
+
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    active = torch.ones(n, dtype=torch.bool, device=handle.device)
+    steps = torch.zeros(n, dtype=torch.long, device=handle.device)
+    init_loss = final_loss = None
+    kl_init = None
+    with torch.enable_grad():
+        for it in range(int(cfg.steps)):
+            forward_until(handle, rows, loss_layer, [(inject, "post", add_delta),
+                                                     (capture, "post", keep)])
+            out = state["out"]
+            logp_t = _logprobs(handle, out[t_row, t_pos])  # (n_tok, vocab)
+            tok_nll = -logp_t.gather(1, t_tok[:, None])[:, 0]  # (n_tok,)
+            row_nll = torch.zeros(n_rewrite, device=out.device).index_add(0, t_row, tok_nll)
+            row_nll = row_nll / torch.tensor([len(t) for t in targets], device=out.device)
+            nll = row_nll.view(n, n_ctx).mean(1)  # (n,)
+            kl_logp = _logprobs(handle, out[kl_rows, width - 1])  # (n, vocab)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(now || init), (n,)
+            h_norm = state["h_init"].norm(dim=-1)
+            decay = cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
+            loss = nll + cfg.kl_factor * kl + decay  # (n,)
+            if init_loss is None:
+                init_loss = nll.detach()
+            final_loss = nll.detach()
+            active &= loss.detach() >= cfg.early_stop_loss
+            if not bool(active.any()) or it == int(cfg.steps) - 1:
+                break
+            frozen = delta.detach()[~active].clone()
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = frozen
+                steps += active.long()
+                max_norm = cfg.clamp_norm_factor * h_norm
+                scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
+    z = state["h_init"] + delta.detach()
+    return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, steps=steps)

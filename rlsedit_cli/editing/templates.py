@@ -1,0 +1,41 @@
+"""Context templates: short prefixes sampled from the model itself (MEMIT's recipe)."""
+
+from __future__ import annotations
+
+import torch
+
+from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.models.tokens import encode_prompt
+
+STARTERS = ("The", "Therefore", "Because", "I", "You")
+
+
+@torch.no_grad()
+def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> list[str]:
+    """``["{}"]`` plus, for each (length, count) in ``spec``, ``count`` sampled prefixes.
+
+    Each prefix is a top-5 sample of ``length`` tokens in all from one of five starter words
+    (count // 5 per starter), braces removed, followed by ". {}". Deterministic given ``seed``.
+    """
+    tok, model = handle.tok, handle.model
+    generator_state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    out = ["{}"]
+    try:
+        for length, count in spec:
+            per = max(1, int(count) // len(STARTERS))
+            for starter in STARTERS:
+                ids = torch.tensor([encode_prompt(tok, starter)] * per, device=handle.device)
+                new = max(1, int(length) - ids.shape[1])
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     do_sample=True, top_k=5, max_new_tokens=new,
+                                     min_new_tokens=new, pad_token_id=tok.pad_token_id)
+                for row in gen:
+                    text = tok.decode(row, skip_special_tokens=True)
+                    out.append(text.replace("{", "").replace("}", "").strip() + ". {}")
+    finally:
+        torch.random.set_rng_state(generator_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+    return out

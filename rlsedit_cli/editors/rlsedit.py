@@ -1,0 +1,118 @@
+"""RLSEdit: every edit of the stream in one regularised least-squares objective (DESIGN.md 2-3).
+
+Per edited layer the editor carries P_t = A_t^{-1} and a master copy of W_t in ``precision``
+across the WHOLE stream (never reset, unless ``reset_each_batch`` asks for the published code's
+per-batch behaviour, for comparison). Each batch is one :func:`rls_step` per layer; the model's
+weights receive W_t cast to their dtype. Per batch it reports the terms of the paper's Theorem
+4.1 per layer: ||W_t - W_0||_F, sqrt(tr((W_t - W_0) C (W_t - W_0)^T)) and ||W_t K_t - V_t||_F.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import II
+
+from rlsedit_cli.config import EditorConfig, TargetConfig
+from rlsedit_cli.editing.pipeline import KeyValueEditor
+from rlsedit_cli.errors import ConfigError
+from rlsedit_cli.ops.rls import rls_from_normal, rls_init, rls_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLSEditConfig(EditorConfig):
+    _target_: str = "rlsedit_cli.editors.rlsedit.RLSEdit"
+    name: str = "rlsedit"
+    layers: list[int] = II("model.edit_layers")
+    lam: float = 1.0  # weight of ||W - W_0||^2
+    mu: float = 1.0  # weight of ||W K_0 - W_0 K_0||^2
+    n_anchor: float = 15000.0  # K_0 K_0^T = n_anchor * E[k k^T]
+    precision: str = "float32"  # of P and the master weights: float32 | float64
+    reset_each_batch: bool = False  # the published code's behaviour (P_0 every batch)
+    report_deviation: bool = True  # Theorem 4.1 terms per batch (keeps C in memory)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    seed: int = II("seed")
+
+
+class RLSEdit(KeyValueEditor):
+    def __init__(self, handle, stats=None, *, name: str = "rlsedit", layers: list[int],
+                 lam: float, mu: float, n_anchor: float, precision: str = "float32",
+                 reset_each_batch: bool = False, report_deviation: bool = True,
+                 target: dict | None = None, seed: int = 0) -> None:
+        super().__init__(handle, layers, target or {}, seed, name)
+        for key, value in (("lam", lam), ("mu", mu), ("n_anchor", n_anchor)):
+            if not value >= 0:  # also catches NaN
+                raise ConfigError(f"editor.{key}={value} must be a non-negative number")
+        if precision not in ("float32", "float64"):
+            raise ConfigError(f"editor.precision={precision!r} must be float32 or float64")
+        self.lam, self.mu, self.n_anchor = float(lam), float(mu), float(n_anchor)
+        self.dtype = getattr(torch, precision)
+        self.reset_each_batch = reset_each_batch
+        self.report_deviation = report_deviation
+        if reset_each_batch:
+            log.warning("editor.reset_each_batch=true: P is rebuilt every batch as in the "
+                        "paper's published code; earlier batches leave the objective")
+        need_c = (self.mu > 0 and self.n_anchor > 0) or report_deviation
+        C = stats.moments(self.layers) if need_c else {}
+        self.C = {layer: C[layer].to(self.dtype) for layer in C} if report_deviation else {}
+        self.W0, self.W, self.P, self.P0, self.normal = {}, {}, {}, {}, {}
+        for layer in self.layers:
+            self.W0[layer] = handle.weight(layer).detach().clone()  # model dtype
+            self.W[layer] = self.W0[layer].to(self.dtype)
+            d_in = self.W[layer].shape[1]
+            if self.lam == 0 and (self.mu == 0 or self.n_anchor == 0):
+                # plain least squares: no prior; start once the edit keys span the input space
+                zeros = torch.zeros(d_in, d_in, dtype=self.dtype, device=self.W[layer].device)
+                self.normal[layer] = (zeros, torch.zeros_like(self.W[layer]))
+                continue
+            moment = C.get(layer, torch.zeros(d_in, d_in, device=self.W[layer].device))
+            self.P[layer] = rls_init(moment, self.lam, self.mu, self.n_anchor, self.dtype)
+            if reset_each_batch:
+                self.P0[layer] = self.P[layer].clone()
+        size = self.dtype.itemsize
+        per_layer = [W.shape[1] ** 2 * size * (1 + reset_each_batch + report_deviation)
+                     + W.numel() * size for W in self.W.values()]
+        log.info("RLSEdit state: %d layers x %.1f MB (%s)", len(self.layers),
+                 max(per_layer) / 2**20, precision)
+
+    def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:
+        K = K.to(self.dtype)  # (d_in, n)
+        V = self.W[layer] @ K + R.to(self.dtype)  # wanted outputs, (d_out, n)
+        if layer in self.normal:
+            self._least_squares(layer, K, V)
+        else:
+            P = self.P0[layer] if self.reset_each_batch else self.P[layer]
+            self.P[layer], self.W[layer] = rls_step(P, self.W[layer], K, V)
+        self.handle.set_weight(layer, self.W[layer])
+        stats = {f"layer{layer}/residual": float((self.W[layer] @ K - V).norm())}
+        if self.report_deviation:
+            D = self.W[layer] - self.W0[layer].to(self.dtype)  # (d_out, d_in)
+            stats[f"layer{layer}/param_dev"] = float(D.norm())
+            if layer in self.C:
+                stats[f"layer{layer}/anchor_dev"] = float(((D @ self.C[layer]) * D).sum()
+                                                          .clamp_min(0).sqrt())
+        return stats
+
+    def _least_squares(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> None:
+        A, B = self.normal[layer]
+        A, B = A + K @ K.mT, B + V @ K.mT
+        if int(torch.linalg.cholesky_ex(A)[1]) != 0:
+            self.normal[layer] = (A, B)
+            log.info("layer %d: lam = mu = 0 and the keys do not span the input space yet; "
+                     "W stays at W_0 until they do", layer)
+            return
+        del self.normal[layer]
+        self.P[layer], self.W[layer] = rls_from_normal(A, B)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "P": self.P, "W": self.W, "normal": self.normal}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.P, self.W, self.normal = state["P"], state["W"], state["normal"]
+        for layer in self.layers:
+            self.handle.set_weight(layer, self.W[layer])

@@ -1,0 +1,25 @@
+"""User-facing errors. Each message is one line that names the problem and how to fix it.
+
+The CLI prints ``error: <message>`` for these and exits with status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+
+class RlseditError(Exception):
+    """Base class of every error the user can fix."""
+
+
+class ConfigError(RlseditError):
+    """A config value is invalid (out of range, inconsistent, unknown)."""
+
+
+class DataError(RlseditError):
+    """A dataset, record or cache file is missing or malformed."""
+
+
+class ModelLoadError(RlseditError):
+    """A model or tokenizer cannot be loaded, or its architecture is not supported."""
+
+
+class NumericalError(RlseditError):
+    """A factorisation failed or a tensor holds NaN/inf."""

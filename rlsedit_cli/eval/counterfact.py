@@ -1,0 +1,184 @@
+"""CounterFact evaluation of a (possibly edited) model over a set of records.
+
+Per record: efficacy (rewrite prompt), generalization (paraphrases), specificity (neighbourhood
+prompts), each as a success rate and as a probability magnitude; fluency and consistency from
+greedy generations. :func:`summarize` turns per-record values into percentages with 95% intervals.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
+from rlsedit_cli.eval.scoring import completion_nll
+from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.models.tokens import encode_prompt
+
+FAMILIES = {  # metric -> (record field, which target should win)
+    "efficacy": ("rewrite", "new"),
+    "generalization": ("paraphrase_prompts", "new"),
+    "specificity": ("neighborhood_prompts", "true"),
+}
+
+
+@dataclass
+class References:
+    """Reference texts about each (relation, object) and tf-idf statistics (consistency)."""
+
+    snippets: dict  # relation id -> object id -> [{"text": ...}]
+    vocab: dict[str, int]
+    idf: np.ndarray
+
+    def texts(self, record: Record) -> list[str] | None:
+        by_obj = self.snippets.get(record.relation_id or "", {})
+        found = by_obj.get(record.target_new_id or "")
+        return [s["text"] for s in found] if found else None
+
+    @classmethod
+    def load(cls, snippets: str | Path, idf: str | Path, vocab: str | Path | None = None,
+             ) -> References:
+        """Read references in ROME's files (attribute_snippets.json, idf.npy, tfidf_vocab.json)
+        or a toy bundle's (nested snippets; idf and vocab together in one JSON)."""
+
+        def read(path):
+            path = Path(path)
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt", encoding="utf-8") as f:
+                return json.load(f)
+
+        raw = read(snippets)
+        if isinstance(raw, list):  # ROME: [{relation_id, target_id, samples: [{text}]}]
+            nested: dict = {}
+            for el in raw:
+                nested.setdefault(el["relation_id"], {}).setdefault(el["target_id"], []).extend(
+                    el["samples"])
+            raw = nested
+        if vocab is None:
+            stats = read(idf)
+            return cls(raw, stats["vocab"], np.asarray(stats["idf"], dtype=np.float64))
+        idf_values = np.load(idf) if str(idf).endswith(".npy") else np.asarray(read(idf))
+        return cls(raw, read(vocab), np.asarray(idf_values, dtype=np.float64))
+
+
+def _prompts(record: Record, field: str) -> tuple[str, ...]:
+    return (record.rewrite_prompt,) if field == "rewrite" else getattr(record, field)
+
+
+def probability_metrics(handle: ModelHandle, records: list[Record], batch_size: int,
+                        families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, np.ndarray]:
+    """Per-record success rates and magnitudes; NaN where a record has no prompt of a family."""
+    pairs, owners = [], []
+    for metric in families:
+        field = FAMILIES[metric][0]
+        for i, r in enumerate(records):
+            for p in _prompts(r, field):
+                pairs += [(p, r.target_new), (p, r.target_true)]
+                owners.append((metric, i))
+    nll = completion_nll(handle.model, handle.tok, pairs, batch_size).numpy().reshape(-1, 2)
+    out: dict[str, np.ndarray] = {}
+    for metric in families:
+        winner = FAMILIES[metric][1]
+        rows = [k for k, (m, _) in enumerate(owners) if m == metric]
+        new, true = nll[rows, 0], nll[rows, 1]
+        ok = prefers(new, true) if winner == "new" else prefers(true, new)
+        gap = prob_gap(new, true) if winner == "new" else prob_gap(true, new)
+        owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
+        for name, values in ((metric, ok), (f"{metric}_magnitude", gap)):
+            sums = np.bincount(owner, weights=values, minlength=len(records))
+            counts = np.bincount(owner, minlength=len(records))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return out
+
+
+@torch.no_grad()
+def generate(handle: ModelHandle, prompts: list[str], max_new_tokens: int, batch_size: int,
+             ) -> list[str]:
+    """Greedy continuations (prompt included, as ROME's fluency texts are)."""
+    tok, model = handle.tok, handle.model
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
+        model.config, "n_positions", 2048)
+    texts: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = [encode_prompt(tok, prompts[i]) for i in idx]
+        width = max(map(len, enc))
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, e in enumerate(enc):  # left padding for generation
+            ids[row, width - len(e):] = torch.tensor(e)
+            mask[row, width - len(e):] = 1
+        new = max(1, min(max_new_tokens, limit - width))  # fixed length, as ROME generates
+        out = model.generate(
+            input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
+            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
+        )
+        for row, i in enumerate(idx):
+            texts[i] = prompts[i] + tok.decode(out[row, width:], skip_special_tokens=True)
+    return texts
+
+
+def generation_metrics(handle: ModelHandle, records: list[Record], refs: References | None,
+                       per_record: int, max_new_tokens: int, batch_size: int,
+                       ) -> dict[str, np.ndarray]:
+    """Fluency (n-gram entropy x100) and consistency (tf-idf cosine x100) per record."""
+    prompts, owner = [], []
+    for i, r in enumerate(records):
+        for p in r.generation_prompts[:per_record]:
+            prompts.append(p)
+            owner.append(i)
+    texts = generate(handle, prompts, max_new_tokens, batch_size) if prompts else []
+    by_record: list[list[str]] = [[] for _ in records]
+    for i, t in zip(owner, texts):
+        by_record[i].append(t)
+    fluency = np.array([np.mean([ngram_entropy(t) for t in ts]) * 100 if ts else np.nan
+                        for ts in by_record])
+    consistency = np.full(len(records), np.nan)
+    if refs is not None:
+        for i, (r, ts) in enumerate(zip(records, by_record)):
+            ref = refs.texts(r)
+            if ts and ref:
+                consistency[i] = 100 * tfidf_similarity(" ".join(ts), " ".join(ref),
+                                                        refs.vocab, refs.idf)
+    return {"fluency": fluency, "consistency": consistency}
+
+
+def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Mean over records (percent for rates and magnitudes) with 95% half-widths.
+
+    A metric no record could measure is reported as None (absent), never as 0.
+    """
+    out: dict[str, float | None] = {}
+    for name, values in per_record.items():
+        values = values[~np.isnan(values)]
+        scale = 1.0 if name in ("fluency", "consistency") else 100.0
+        if values.size == 0:
+            out[name], out[f"{name}_ci95"] = None, None
+            continue
+        mean, half = mean_ci(values * scale)
+        out[name], out[f"{name}_ci95"] = round(mean, 4), round(half, 4)
+    return out
+
+
+def evaluate(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
+             families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, float | None]:
+    """CounterFact metrics over ``records`` (``cfg``: the eval config node).
+
+    ``families`` picks the probability metrics; the generation metrics (fluency, consistency)
+    are computed when all families are asked for and ``cfg.fluency`` is on.
+    """
+    if not records:
+        return {}
+    per_record = probability_metrics(handle, records, cfg.batch_size, families)
+    if set(families) == set(FAMILIES) and cfg.fluency:
+        per_record |= generation_metrics(handle, records, refs, cfg.generation_prompts,
+                                         cfg.max_new_tokens, cfg.batch_size)
+    return summarize(per_record)

@@ -1,0 +1,128 @@
+"""General ability through lm-evaluation-harness, on the in-memory edited model.
+
+Tasks are evaluated one by one, so that a task whose dataset cannot be had (offline, not cached)
+fails alone with one line naming it and the fix; ``eval.strict`` decides whether that stops the
+run. The project's own ``rlsedit_smoke`` task ships with the package and runs fully offline; the
+harness is started without indexing its built-in tasks when only local tasks are asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlsedit_cli.errors import RlseditError
+from rlsedit_cli.models.handle import ModelHandle
+
+log = logging.getLogger(__name__)
+SMOKE_DATA = Path(__file__).resolve().parent / "tasks" / "rlsedit_smoke.jsonl"
+CODE_TASKS = ("humaneval", "mbpp")
+
+
+def smoke_task() -> dict:
+    """The shipped multiple-choice task: true facts of the toy world that the stream does not
+    edit (held-out subjects), four choices each."""
+    return {
+        "task": "rlsedit_smoke",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(SMOKE_DATA)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{answer}}",
+        "target_delimiter": " ",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+    }
+
+
+LOCAL_TASKS = {"rlsedit_smoke": smoke_task}
+
+
+@dataclass
+class GeneralResult:
+    """Scores per task (the task's main metric) and one-line failures per task."""
+
+    scores: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def _main_metric(values: dict) -> tuple[str, float] | None:
+    for key in ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
+                "pass@1,create_test", "pass_at_1,none", "mcc,none", "f1,none"):
+        if key in values and isinstance(values[key], (int, float)):
+            return key, float(values[key])
+    for key, value in values.items():
+        if isinstance(value, (int, float)) and "stderr" not in key and key != "alias":
+            return key, float(value)
+    return None
+
+
+def _unavailable(task: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return (f"lm-eval task '{task}' could not run ({type(err).__name__}: {first}); make its "
+            "dataset available: run once where there is a network so that the datasets cache "
+            "holds it (HF_DATASETS_CACHE), or point the task at local files")
+
+
+def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
+                     num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
+                     seed: int = 0) -> GeneralResult:
+    """Run each lm-eval task on the model as it is now (no checkpoint written)."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    result = GeneralResult()
+    builtin = [t for t in tasks if t not in LOCAL_TASKS]
+    manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
+    lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
+              device=str(handle.device))
+    for task in tasks:
+        if task in CODE_TASKS and not allow_code_execution:
+            result.errors[task] = (f"lm-eval task '{task}' executes generated code: set "
+                                   "eval.allow_code_execution=true to run it")
+            log.warning("%s", result.errors[task])
+            continue
+        spec = LOCAL_TASKS[task]() if task in LOCAL_TASKS else task
+        try:
+            out = lm_eval.simple_evaluate(
+                model=lm, tasks=[spec], task_manager=manager, limit=limit,
+                num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
+                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        except Exception as e:  # any harness/dataset failure is this task's failure only
+            result.errors[task] = _unavailable(task, e)
+            log.warning("%s", result.errors[task])
+            continue
+        for name, values in (out or {}).get("results", {}).items():
+            main = _main_metric(values)
+            if main is not None:
+                result.scores[name] = main[1]
+                result.metrics[name] = {k: v for k, v in values.items()
+                                        if isinstance(v, (int, float))}
+    handle.model.eval()
+    return result
+
+
+def check_strict(result: GeneralResult, strict: bool) -> None:
+    if strict and result.errors:
+        raise RlseditError(next(iter(result.errors.values())) + " (eval.strict=true stops the run)")
+
+
+def write_smoke_data(records, path: Path = SMOKE_DATA, count: int = 200) -> None:
+    """Build the smoke task's data from held-out toy records (the last ``count`` of the world)."""
+    rows = []
+    for r in records[-count:]:
+        pool = sorted({x.target_true for x in records if x.relation_id == r.relation_id}
+                      - {r.target_true})
+        rng = random.Random(str(r.case_id))
+        choices = sorted([r.target_true, *rng.sample(pool, 3)])
+        rows.append({"question": r.rewrite_prompt, "choices": choices,
+                     "answer": choices.index(r.target_true)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

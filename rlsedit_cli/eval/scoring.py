@@ -1,0 +1,52 @@
+"""Batched teacher-forced scoring: the mean token NLL of a target after a prompt."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlsedit_cli.models.tokens import encode_prompt, encode_target
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id lists into (input_ids, attention_mask), both (n, max_len)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def completion_nll(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Mean negative log-likelihood per token of ``" " + target`` after ``prompt``.
+
+    Args:
+        pairs: (prompt, target) pairs.
+        batch_size: sequences per forward pass (pairs are sorted by length to pad little).
+
+    Returns:
+        (n,) float32 tensor on the CPU, in the order of ``pairs``.
+    """
+    device = model.get_input_embeddings().weight.device
+    encoded = [(encode_prompt(tok, p), encode_target(tok, t)) for p, t in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
+    out = torch.empty(len(pairs))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        seqs = [encoded[i][0] + encoded[i][1] for i in idx]
+        ids, mask = pad_right(seqs, tok.pad_token_id, device)
+        logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        for row, i in enumerate(idx):
+            p_len, t_ids = len(encoded[i][0]), encoded[i][1]
+            pos = torch.arange(p_len - 1, p_len - 1 + len(t_ids), device=device)
+            target = torch.tensor(t_ids, device=device)
+            out[i] = -logprobs[row, pos, target].mean().cpu()
+    return out

@@ -1,0 +1,75 @@
+"""A loaded model with its tokenizer and the architecture facts of conf/model.
+
+Editors see edited weights through :meth:`ModelHandle.weight` in the (d_out, d_in) layout of the
+mathematics whatever the storage (GPT-2's Conv1D stores W transposed); the layout is adapted here,
+at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlsedit_cli.errors import ConfigError
+
+
+class StopForwardError(Exception):
+    """Raised by a forward hook once everything needed from a forward pass was captured."""
+
+
+@dataclass
+class ModelHandle:
+    """A model, its tokenizer and its architecture spec (a conf/model node)."""
+
+    model: PreTrainedModel
+    tok: PreTrainedTokenizerBase
+    spec: object  # ModelConfig (DictConfig)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the input embeddings (where input ids go)."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.spec.num_layers)
+
+    def check_layers(self, layers: list[int], what: str) -> None:
+        """Raise a clear error if a layer index is out of range."""
+        for layer in layers:
+            if not 0 <= int(layer) < self.num_layers:
+                raise ConfigError(
+                    f"{what}={list(layers)} has layer {layer} out of range: "
+                    f"{self.spec.name} has layers 0..{self.num_layers - 1}"
+                )
+
+    def module(self, template: str, layer: int | None = None) -> nn.Module:
+        name = template.format(layer) if layer is not None else template
+        return self.model.get_submodule(name)
+
+    def layer_module(self, layer: int) -> nn.Module:
+        """The transformer block whose output is the residual stream after ``layer``."""
+        return self.module(self.spec.layer_template, layer)
+
+    def edited_module(self, layer: int) -> nn.Module:
+        """The edited linear map (MLP down projection) of ``layer``."""
+        return self.module(self.spec.mlp_out_template, layer)
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """W of the edited map in (d_out, d_in) layout (a view: no copy)."""
+        w = self.edited_module(layer).weight
+        return w.T if self.spec.weight_transposed else w
+
+    @torch.no_grad()
+    def set_weight(self, layer: int, W: torch.Tensor) -> None:
+        """Write W (d_out, d_in), any dtype/device, into the edited map's storage."""
+        param = self.edited_module(layer).weight
+        param.copy_((W.T if self.spec.weight_transposed else W).to(param.dtype))
+
+    def weight_shape(self, layer: int) -> tuple[int, int]:
+        """(d_out, d_in) of the edited map."""
+        d_out, d_in = self.weight(layer).shape
+        return int(d_out), int(d_in)

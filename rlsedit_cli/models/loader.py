@@ -1,0 +1,109 @@
+"""Load a model and tokenizer from a local folder or the Hugging Face hub, with clear errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlsedit_cli.config import conf_dir
+from rlsedit_cli.errors import ConfigError, ModelLoadError
+from rlsedit_cli.models.handle import ModelHandle
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` means CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"device={device!r} is not a device: use auto, cpu, cuda or cuda:N",
+                          ) from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available: use device=cpu or auto")
+    return dev
+
+
+def known_archs() -> dict[str, str]:
+    """arch -> model config file, over every conf/model/*.yaml."""
+    out: dict[str, str] = {}
+    for path in sorted((conf_dir() / "model").glob("*.yaml")):
+        arch = OmegaConf.load(path).get("arch")
+        if arch:
+            out.setdefault(str(arch), path.stem)
+    return out
+
+
+def _hub_error(name: str, err: Exception) -> ModelLoadError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    where = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable"
+    return ModelLoadError(
+        f"cannot load model '{name}': not a local folder and {where} ({reason[:160]}); "
+        f"download it where there is a network (`hf download {name} --local-dir DIR`) "
+        "and set model.name_or_path=DIR"
+    )
+
+
+def _check_arch(model: torch.nn.Module, spec) -> None:
+    model_type = getattr(model.config, "model_type", "?")
+    archs = known_archs()
+    if model_type != spec.arch:
+        supported = ", ".join(f"{a} (model={f})" for a, f in archs.items())
+        raise ModelLoadError(
+            f"model '{spec.name_or_path}' is a '{model_type}' model but model={spec.name} "
+            f"describes '{spec.arch}'; supported architectures: {supported}; for another one, "
+            "add a conf/model file with its module templates"
+        )
+    for template in (spec.layer_template, spec.mlp_out_template):
+        try:
+            model.get_submodule(template.format(0))
+        except AttributeError as e:
+            raise ModelLoadError(
+                f"module template '{template}' of model={spec.name} does not match the loaded "
+                f"'{model_type}' model: fix the template in conf/model/{spec.name}.yaml"
+            ) from e
+
+
+def load_model(spec, device: torch.device) -> ModelHandle:
+    """Load ``spec.name_or_path`` (a conf/model node) onto ``device`` and check its templates."""
+    name = str(spec.name_or_path)
+    if spec.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={spec.dtype!r} is not one of {sorted(DTYPES)}")
+    is_local = Path(name).expanduser().exists()
+    if name.startswith(("/", "./", "~")) and not is_local:
+        raise ModelLoadError(f"model.name_or_path={name} does not exist: point it at a model "
+                             "folder")
+    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    try:
+        tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=DTYPES[spec.dtype], device_map=spec.device_map, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        if is_local:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"cannot load model from {name}: {first}") from e
+        raise _hub_error(name, e) from e
+    _check_arch(model, spec)
+    if spec.device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    handle = ModelHandle(model=model, tok=tok, spec=spec)
+    handle.check_layers([spec.loss_layer, spec.single_layer, *spec.edit_layers], "model layers")
+    log.info("loaded %s (%s, %s) on %s", name, spec.arch, spec.dtype, handle.device)
+    return handle

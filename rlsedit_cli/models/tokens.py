@@ -1,0 +1,28 @@
+"""Tokenisation shared by scoring and editing: a prompt, then a target continuation."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+
+
+def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a prompt, with the model's special prefix (e.g. Llama's BOS) if it has one."""
+    return tok(text, add_special_tokens=True)["input_ids"]
+
+
+def encode_target(tok: PreTrainedTokenizerBase, target: str) -> list[int]:
+    """Token ids of ``" " + target`` as it continues a prompt (no special tokens)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return ids
+
+
+def subject_last_index(tok: PreTrainedTokenizerBase, template: str, subject: str) -> int:
+    """Index of the subject's last token in ``encode_prompt(template.format(subject))``.
+
+    The prompt is cut right after the subject and tokenised; its length minus one is the index
+    (MEMIT's "subject_last" lookup).
+    """
+    head = template[: template.index("{}")] + subject
+    return len(encode_prompt(tok, head)) - 1

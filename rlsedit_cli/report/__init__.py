@@ -1,0 +1,23 @@
+"""`rlsedit report`: a markdown table and PNG plots over finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rlsedit_cli.report.plots import all_plots
+from rlsedit_cli.report.runs import find_runs
+from rlsedit_cli.report.table import markdown_table
+
+
+def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficacy") -> dict:
+    """Write report.md and the plots into ``out`` (a sweep's heat map shows ``metric``)."""
+    runs = find_runs(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(runs)
+    plots = all_plots(runs, out, metric)
+    lines = [f"# rlsedit report: {len(runs)} runs", "", table]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return {"runs": len(runs), "table": table, "plots": [str(p) for p in plots],
+            "report": str(out / "report.md")}

@@ -1,0 +1,138 @@
+"""PNG plots: retention of early edits, every metric against edits made, general ability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rlsedit_cli.report.runs import Run  # noqa: E402
+from rlsedit_cli.report.table import METRICS  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def retention_plot(runs: list[Run], out: Path) -> Path | None:
+    """Efficacy and generalization of the stream's first edits against edits made."""
+    runs = [r for r in runs if r.retention]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    for ax, metric in zip(axes, ("efficacy", "generalization")):
+        for run in runs:
+            xs = [row["edits"] for row in run.retention]
+            ax.plot(xs, [row.get(metric) for row in run.retention], marker="o", ms=3,
+                    label=run.label)
+        ax.set(title=f"{metric} of the first edits", xlabel="edits made", ylabel="%",
+               ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, out / "retention.png")
+
+
+def metrics_plot(runs: list[Run], out: Path) -> Path | None:
+    """Every metric against edits made: each batch's efficacy right after its edit, and the
+    retention measurements of all five metrics."""
+    if not any(r.metrics for r in runs):
+        return None
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    ax = axes[0, 0]
+    for run in runs:
+        ax.plot([m["edits"] for m in run.metrics], [m.get("batch_efficacy") for m in run.metrics],
+                label=run.label, lw=1)
+    ax.set(title="efficacy of each batch, right after its edit", xlabel="edits made",
+           ylabel="%", ylim=(-2, 102))
+    ax.legend(fontsize=7)
+    for ax, metric in zip(axes.flat[1:], METRICS):
+        for run in runs:
+            rows = [row for row in run.retention if row.get(metric) is not None]
+            if rows:
+                ax.plot([row["edits"] for row in rows], [row[metric] for row in rows],
+                        marker="o", ms=3, label=run.label)
+        ax.set(title=f"{metric} (first edits)", xlabel="edits made")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    return _save(fig, out / "metrics.png")
+
+
+def general_plot(runs: list[Run], out: Path) -> Path | None:
+    """General-ability scores (lm-eval) against edits made, one panel per task."""
+    runs = [r for r in runs if r.general]
+    if not runs:
+        return None
+    tasks = sorted({row["task"] for r in runs for row in r.general})
+    cols = min(3, len(tasks))
+    rows_n = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.3 * cols, 3.5 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for run in runs:
+            pts = [row for row in run.general
+                   if row["task"] == task and row.get("score") is not None]
+            ax.plot([p["edits"] for p in pts], [p["score"] for p in pts], marker="o", ms=3,
+                    label=run.label)
+        ax.set(title=task, xlabel="edits made")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    return _save(fig, out / "general.png")
+
+
+def sweep_axes(runs: list[Run]) -> list[str]:
+    """Override keys whose values differ between runs, numeric ones only (a sweep's axes)."""
+    values: dict[str, set] = {}
+    for run in runs:
+        for o in run.overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            values.setdefault(key, set()).add(value)
+    axes = []
+    for key, vals in values.items():
+        try:
+            [float(v) for v in vals]
+        except ValueError:
+            continue
+        if len(vals) > 1:
+            axes.append(key)
+    return sorted(axes)
+
+
+def heatmap(runs: list[Run], out: Path, metric: str) -> Path | None:
+    """``metric`` over the grid of a two-axis sweep (e.g. editor.lam x editor.mu)."""
+    axes = sweep_axes(runs)
+    if len(axes) != 2:
+        return None
+    row_key, col_key = axes
+    rows = sorted({float(r.override(row_key)) for r in runs})
+    cols = sorted({float(r.override(col_key)) for r in runs})
+    grid = [[float("nan")] * len(cols) for _ in rows]
+    for run in runs:
+        value = run.summary.get(metric)
+        if value is not None:
+            i = rows.index(float(run.override(row_key)))
+            grid[i][cols.index(float(run.override(col_key)))] = value
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 2.5, 1.0 * len(rows) + 2))
+    image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
+    ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+    ax.set(xlabel=col_key, ylabel=row_key, title=f"{metric} over the sweep")
+    for i, line in enumerate(grid):
+        for j, value in enumerate(line):
+            if value == value:  # not NaN
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax)
+    return _save(fig, out / f"heatmap_{metric}.png")
+
+
+def all_plots(runs: list[Run], out: Path, metric: str = "efficacy") -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    made = [retention_plot(runs, out), metrics_plot(runs, out), general_plot(runs, out),
+            heatmap(runs, out, metric)]
+    return [p for p in made if p is not None]

@@ -1,0 +1,88 @@
+"""Read finished run folders (single runs or multirun sweeps) for reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rlsedit_cli.errors import DataError
+
+IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "eval.", "checkpoint.")
+
+
+@dataclass
+class Run:
+    """One finished run: its folder, summary, per-batch rows, retention and general-ability rows."""
+
+    path: Path
+    summary: dict
+    config: dict = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    retention: list[dict] = field(default_factory=list)
+    general: list[dict] = field(default_factory=list)
+
+    @property
+    def setting(self) -> str:
+        """The run's own overrides (what distinguishes it in a sweep), or ''."""
+        keep = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)
+                and not o.startswith(("editor=", "model=", "dataset="))]
+        return ", ".join(o.replace("editor.", "") for o in keep)
+
+    @property
+    def label(self) -> str:
+        base = f"{self.summary.get('editor', '?')} / {self.summary.get('model', '?')}"
+        return f"{base} ({self.setting})" if self.setting else base
+
+    def override(self, key: str) -> str | None:
+        """The value a run's override gave ``key`` (e.g. ``editor.lam``), else None."""
+        for o in self.overrides:
+            k, _, v = o.lstrip("+~").partition("=")
+            if k == key:
+                return v
+        return None
+
+
+def _csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(value: str):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None if value in ("", None) else value
+
+
+def read_run(path: Path) -> Run:
+    summary = json.loads((path / "summary.json").read_text())
+    config_file = path / "config.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    metrics = []
+    if (path / "metrics.jsonl").is_file():
+        metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
+                   if line.strip()]
+    return Run(path=path, summary=summary, config=config or {}, overrides=overrides or [],
+               metrics=metrics, retention=_csv(path / "retention.csv"),
+               general=_csv(path / "general.csv"))
+
+
+def find_runs(paths: list[str | Path]) -> list[Run]:
+    """Every finished run (a folder with summary.json) under the given folders, in path order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise DataError(f"{p} is not a folder: give run folders or multirun sweep folders")
+        found += sorted(s.parent for s in p.rglob("summary.json"))
+    if not found:
+        raise DataError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
+    return [read_run(p) for p in dict.fromkeys(found)]

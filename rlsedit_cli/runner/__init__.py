@@ -1,0 +1,1 @@
+"""The experiment runner: ``run(cfg) -> summary``."""

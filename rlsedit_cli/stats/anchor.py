@@ -1,0 +1,167 @@
+"""Anchor statistics C = E[k k^T] per edited layer, cached on disk and impossible to mix up.
+
+The cache key holds the model (name and a fingerprint of its weights up to the edited layer),
+the layer, the corpus (content hash for files), the sample count, the maximum length and the
+dtypes. Each file has a sidecar with its sha256; a file whose checksum does not match is
+recomputed. An interrupted computation leaves a partial state that the next run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.stats.corpus import corpus_id, iter_texts
+from rlsedit_cli.stats.moments import MomentState, accumulate
+
+log = logging.getLogger(__name__)
+SAVE_PARTIAL_EVERY_S = 60.0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def fingerprint(handle: ModelHandle, upto_layer: int) -> str:
+    """A hash of the weights that shape the inputs of the edited maps up to ``upto_layer``.
+
+    Sums and sums of squares (float64) of the embeddings and of every parameter of the blocks
+    0..upto_layer: cheap on any device, different for any other checkpoint.
+    """
+    digest = hashlib.sha256()
+    prefixes = [handle.spec.layer_template.format(i) + "." for i in range(upto_layer + 1)]
+    for name, p in handle.model.named_parameters():
+        if "emb" in name or "wte" in name or "wpe" in name or name.startswith(tuple(prefixes)):
+            x = p.detach().double()
+            digest.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:"
+                          f"{float((x * x).sum()):.12e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[-60:]
+
+
+class AnchorStats:
+    """Provides C for edited layers; computes what the cache lacks in one pass over the corpus."""
+
+    def __init__(self, handle: ModelHandle, cache_dir: str | Path, corpus: str, num_samples: int,
+                 max_length: int, batch_size: int, precision: str = "float32") -> None:
+        self.handle = handle
+        self.corpus = corpus
+        self.num_samples = int(num_samples)
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.precision = precision
+        self.root = Path(cache_dir).expanduser() / "stats" / _slug(str(handle.spec.name_or_path))
+        self._fingerprints: dict[int, str] = {}
+
+    def _key(self, layer: int) -> dict:
+        if layer not in self._fingerprints:
+            self._fingerprints[layer] = fingerprint(self.handle, layer)
+        return {"model": str(self.handle.spec.name_or_path), "weights": self._fingerprints[layer],
+                "layer": layer, "module": self.handle.spec.mlp_out_template.format(layer),
+                "corpus": corpus_id(self.corpus), "num_samples": self.num_samples,
+                "max_length": self.max_length, "model_dtype": str(self.handle.spec.dtype),
+                "precision": self.precision}
+
+    def _path(self, layer: int) -> Path:
+        key = self._key(layer)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return self.root / f"layer{layer}_n{self.num_samples}_{digest}.safetensors"
+
+    def _load(self, layer: int) -> torch.Tensor | None:
+        path = self._path(layer)
+        meta_path = path.with_suffix(".json")
+        if not path.is_file() or not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("sha256") != _sha256(path) or meta.get("key") != self._key(layer):
+            log.warning("anchor statistics %s fail their checksum: recomputing", path.name)
+            return None
+        return load_file(path)["moment"]
+
+    def _save(self, layer: int, moment: torch.Tensor, state: MomentState) -> None:
+        path = self._path(layer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        dtype = getattr(torch, self.precision)
+        save_file({"moment": moment.to(dtype).cpu().contiguous()}, tmp)
+        os.replace(tmp, path)
+        meta = {"key": self._key(layer), "sha256": _sha256(path), "tokens": state.tokens,
+                "samples": state.samples}
+        meta_tmp = path.with_suffix(".json.tmp")
+        meta_tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(meta_tmp, path.with_suffix(".json"))
+
+    def _partial_path(self, layers: list[int]) -> Path:
+        names = "_".join(self._path(layer).stem for layer in layers)
+        return self.root / f"partial_{hashlib.sha256(names.encode()).hexdigest()[:16]}.pt"
+
+    def moments(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        """C for each layer, (d_in, d_in) float64 on the layer's device."""
+        out = {}
+        for layer in layers:
+            cached = self._load(layer)
+            if cached is not None:
+                log.info("anchor statistics of layer %d from cache %s", layer, self._path(layer))
+                out[layer] = cached
+        missing = [layer for layer in layers if layer not in out]
+        if missing:
+            out |= self._compute(missing)
+        return {layer: out[layer].to(device=self.handle.weight(layer).device,
+                                     dtype=torch.float64) for layer in layers}
+
+    def _compute(self, layers: list[int]) -> dict[int, torch.Tensor]:
+        partial = self._partial_path(layers)
+        state = None
+        if partial.is_file():
+            try:
+                state = MomentState(**torch.load(partial, map_location="cpu"))
+                log.info("resuming anchor statistics after %d samples", state.samples)
+            except Exception as e:  # a partial file from a killed write: start over
+                log.warning("ignoring unreadable partial statistics %s (%s)", partial, e)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=self.num_samples, initial=state.samples if state else 0,
+                   desc=f"anchor statistics, layers {layers}", unit="sample")
+        last_save = [time.monotonic()]
+
+        def on_batch(s: MomentState) -> None:
+            bar.n = s.samples
+            bar.refresh()
+            if time.monotonic() - last_save[0] > SAVE_PARTIAL_EVERY_S:
+                tmp = partial.with_suffix(".tmp")
+                torch.save({"sums": {k: v.cpu() for k, v in s.sums.items()}, "tokens": s.tokens,
+                            "samples": s.samples}, tmp)
+                os.replace(tmp, partial)
+                last_save[0] = time.monotonic()
+
+        log.info("computing anchor statistics of layers %s over %s (%d samples, %d tokens max)",
+                 layers, self.corpus, self.num_samples, self.max_length)
+        state = accumulate(self.handle, layers, iter_texts(self.corpus), self.num_samples,
+                           self.max_length, self.batch_size, state, on_batch)
+        bar.close()
+        if state.samples < self.num_samples:
+            log.warning("corpus %s ended after %d of %d samples", self.corpus, state.samples,
+                        self.num_samples)
+        out = {}  # rounded to the stored precision: fresh and cached runs see the same C
+        for layer in layers:
+            out[layer] = state.moment(layer).to(getattr(torch, self.precision))
+            self._save(layer, out[layer], state)
+        partial.unlink(missing_ok=True)
+        return out

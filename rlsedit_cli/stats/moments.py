@@ -1,0 +1,93 @@
+"""Streamed second moments E[k k^T] of edited maps' inputs over a corpus.
+
+One pass serves every edited layer: forward pre-hooks on the edited maps collect their inputs at
+the non-padding tokens, ``X^T X`` of each batch is added to a float64 sum, and the forward stops
+after the highest edited map (the layers above it cannot change its inputs). Memory holds one
+batch of activations and one d_in x d_in sum per layer, never the keys of the whole corpus.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+
+
+@dataclass
+class MomentState:
+    """Running sums (possibly partial, for resuming): sum of k k^T per layer and token counts."""
+
+    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in, d_in) float64
+    tokens: int = 0
+    samples: int = 0
+
+    def moment(self, layer: int) -> torch.Tensor:
+        """E[k k^T] = sum / tokens. (d_in, d_in) float64."""
+        return self.sums[layer] / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num_samples: int,
+               max_length: int, batch_size: int, state: MomentState | None = None,
+               on_batch: Callable[[MomentState], None] | None = None) -> MomentState:
+    """Add the keys of ``num_samples`` texts (after ``state.samples`` already done) to the sums.
+
+    Args:
+        texts: the corpus in a fixed order; the first ``state.samples`` texts are skipped.
+        on_batch: called after every batch (e.g. to save a resumable partial state).
+    """
+    state = state or MomentState()
+    tok, model = handle.tok, handle.model
+    acc: dict[int, torch.Tensor] = {}
+    mask_ref: dict[str, torch.Tensor] = {}
+    top = max(layers)
+
+    def hook(layer: int):
+        def fn(module, args):
+            x = args[0]  # (batch, seq, d_in)
+            keys = x[mask_ref["mask"].to(x.device)].float()  # (n_tok, d_in)
+            gram = (keys.mT @ keys).double()  # (d_in, d_in)
+            if layer in acc:
+                acc[layer] += gram
+            else:
+                acc[layer] = gram
+            if layer == top:
+                raise StopForwardError
+
+        return fn
+
+    remaining = num_samples - state.samples
+    stream = islice(texts, state.samples, num_samples)
+    handles = [handle.edited_module(layer).register_forward_pre_hook(hook(layer))
+               for layer in layers]
+    try:
+        while remaining > 0:
+            chunk = list(islice(stream, min(batch_size, remaining)))
+            if not chunk:
+                break
+            enc = tok(chunk, return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length)
+            mask_ref["mask"] = enc["attention_mask"].bool()
+            acc.clear()
+            with contextlib.suppress(StopForwardError):
+                model(input_ids=enc["input_ids"].to(handle.device),
+                      attention_mask=enc["attention_mask"].to(handle.device))
+            for layer, gram in acc.items():
+                if layer in state.sums:
+                    state.sums[layer] += gram.to(state.sums[layer].device)
+                else:
+                    state.sums[layer] = gram
+            state.tokens += int(mask_ref["mask"].sum())
+            state.samples += len(chunk)
+            remaining -= len(chunk)
+            if on_batch is not None:
+                on_batch(state)
+    finally:
+        for h in handles:
+            h.remove()
+    return state

@@ -1,0 +1,104 @@
+"""Shared fixtures: composed configs, the shipped tiny model, tiny random models per arch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from rlsedit_cli import config  # noqa: E402
+
+config.register()
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_BUNDLE = config.ASSETS_DIR / "gpt2_tiny"
+
+# (HF config class name, kwargs) of the tiny random models: 3 layers, 64 wide (two edited
+# layers and one above them). initializer_range 0.1 (not 0.02) so that a random network's
+# outputs can be moved at all.
+ARCHS = {
+    "gpt2": ("GPT2Config", dict(n_layer=3, n_embd=64, n_head=4, n_positions=128)),
+    "gptj": ("GPTJConfig", dict(n_layer=3, n_embd=64, n_head=4, n_positions=128, rotary_dim=8)),
+    "llama": ("LlamaConfig", dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128)),
+    "qwen2": ("Qwen2Config", dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=128)),
+}
+MODEL_CONFIG = {"gpt2": "gpt2_xl", "gptj": "gptj_6b", "llama": "llama3_8b", "qwen2": "qwen2_5_7b"}
+
+
+def compose_cfg(overrides: list[str], run_dir: Path | None = None) -> DictConfig:
+    """The config ``rlsedit run OVERRIDES`` would run, with paths under ``run_dir``."""
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", *overrides])
+    if run_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.run_dir = str(run_dir)
+            cfg.paths.cache = str(run_dir / "cache")
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose a config whose run folder and cache live in the test's tmp folder."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_cfg(list(overrides), tmp_path / "run")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """arch -> folder of a tiny random model (2 layers, 64 wide) with the toy tokenizer."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY_BUNDLE)
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for arch, (cls_name, kwargs) in ARCHS.items():
+        torch.manual_seed(0)
+        cfg = getattr(transformers, cls_name)(vocab_size=len(tok), bos_token_id=tok.eos_token_id,
+                                               eos_token_id=tok.eos_token_id,
+                                               initializer_range=0.1, **kwargs)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+        model.save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out
+
+
+def tiny_overrides(arch: str, path: Path) -> list[str]:
+    """Overrides that point an architecture's model config at a tiny random model."""
+    return [f"model={MODEL_CONFIG[arch]}", f"model.name_or_path={path}", "model.dtype=float32",
+            "model.num_layers=3", "model.edit_layers=[0,1]", "model.single_layer=1",
+            "model.loss_layer=2", f"model.anchor_corpus={TINY_BUNDLE}/corpus.txt.gz"]
+
+
+@pytest.fixture(scope="session")
+def shipped_handle():
+    """The shipped tiny GPT-2, loaded once (tests that edit it must restore it or copy it)."""
+    from rlsedit_cli.models.loader import load_model
+
+    cfg = compose_cfg([])
+    return load_model(cfg.model, torch.device("cpu"))
+
+
+def shared(name: str) -> Path:
+    """A file of ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path

@@ -1,0 +1,74 @@
+"""General-ability checkpoints through lm-evaluation-harness, offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlsedit_cli.errors import RlseditError
+from rlsedit_cli.eval import general
+from rlsedit_cli.runner.run import run
+
+
+def test_smoke_suite_runs_at_checkpoints_on_the_edited_model(make_cfg, tmp_path):
+    summary = run(make_cfg("editor=rlsedit", "eval=smoke", "eval.every_edits=10",
+                           "stream.num_edits=20", "stream.batch_size=10", "eval.fluency=false",
+                           "eval.limit=40"))
+    checkpoints = summary["general"]["checkpoints"]
+    assert [c["edits"] for c in checkpoints] == [0, 10, 20]
+    assert all(0.0 <= c["scores"]["rlsedit_smoke"] <= 1.0 for c in checkpoints)
+    assert checkpoints[0]["scores"]["rlsedit_smoke"] >= 0.8  # the tiny model knows its facts
+    folder = tmp_path / "run"
+    assert (folder / "general.csv").read_text().count("rlsedit_smoke") == 3
+    assert (folder / "plots" / "general.png").stat().st_size > 0
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert all("general" in r for r in rows)
+
+
+def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
+    summary = run(make_cfg("editor=none", "eval=glue", "stream.num_edits=4",
+                           "stream.batch_size=2", "eval.fluency=false", "eval.limit=5",
+                           "eval.pre_edit=false"))
+    errors = summary["general"]["errors"]
+    assert set(errors) == {"sst2", "mrpc", "cola", "rte", "mnli"}
+    for task, message in errors.items():
+        assert f"lm-eval task '{task}'" in message and "\n" not in message
+        assert "datasets cache" in message
+    assert summary["efficacy"] is not None
+
+
+def test_strict_stops_the_run(make_cfg):
+    with pytest.raises(RlseditError, match="eval.strict=true"):
+        run(make_cfg("editor=none", "eval=glue", "eval.tasks=[sst2]", "eval.strict=true",
+                     "stream.num_edits=2", "stream.batch_size=2", "eval.fluency=false",
+                     "eval.pre_edit=false"))
+
+
+def test_code_tasks_need_the_opt_in(shipped_handle):
+    res = general.evaluate_general(shipped_handle, ["humaneval"], 1, None, 4, False)
+    assert "eval.allow_code_execution=true" in res.errors["humaneval"] and not res.scores
+
+
+def test_local_tasks_do_not_index_the_builtin_ones(shipped_handle, monkeypatch):
+    import lm_eval.tasks
+
+    seen = {}
+    real = lm_eval.tasks.TaskManager
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", spy)
+    res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"], 8, None, 8, False)
+    assert seen["include_defaults"] is False and "rlsedit_smoke" in res.scores
+
+
+def test_smoke_data_is_what_the_generator_writes(tmp_path):
+    from rlsedit_cli.datasets.records import parse_rome
+    from rlsedit_cli.toy.world import build_world
+
+    records = [parse_rome(r) for r in build_world(3000, 0).records]
+    general.write_smoke_data(records, tmp_path / "smoke.jsonl")
+    assert (tmp_path / "smoke.jsonl").read_text() == general.SMOKE_DATA.read_text()

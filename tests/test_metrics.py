@@ -1,0 +1,62 @@
+"""Metric functions against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rlsedit_cli.eval.counterfact import summarize
+from rlsedit_cli.eval.metrics import (
+    mean_ci,
+    ngram_entropy,
+    prefers,
+    prob_gap,
+    tfidf_similarity,
+    tfidf_statistics,
+)
+
+
+def test_prefers_and_gap():
+    a, b = np.array([0.1, 2.0, 1.0]), np.array([0.5, 1.0, 1.0])
+    assert prefers(a, b).tolist() == [1.0, 0.0, 0.0]  # ties are not successes
+    assert prob_gap(a, b)[0] == pytest.approx(math.exp(-0.1) - math.exp(-0.5))
+
+
+def test_mean_ci_is_normal_approximation():
+    mean, half = mean_ci([0.0, 1.0, 1.0, 1.0])
+    assert mean == 0.75
+    assert half == pytest.approx(1.96 * np.std([0, 1, 1, 1], ddof=1) / 2)
+    assert mean_ci([3.0]) == (3.0, 0.0)
+
+
+def test_ngram_entropy_by_hand():
+    # tokens a b a b: bigrams ab, ba, ab -> p = (2/3, 1/3); trigrams aba, bab -> p = (1/2, 1/2)
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    h3 = 1.0
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * h3) / 2)
+    assert ngram_entropy("one") == 0.0
+    repetitive, varied = "the cat " * 20, "the quick brown fox jumps over the lazy dog again"
+    assert ngram_entropy(varied) > ngram_entropy(repetitive)
+
+
+def test_tfidf_matches_hand_computation():
+    docs = ["paris is big", "paris paris rome", "rome is old"]
+    vocab, idf = tfidf_statistics(docs)
+    assert sorted(vocab) == ["big", "is", "old", "paris", "rome"]
+    assert idf[vocab["big"]] == pytest.approx(math.log(4 / 2) + 1)
+    assert idf[vocab["paris"]] == pytest.approx(math.log(4 / 3) + 1)
+    idf = np.array(idf)
+    a = np.array([0, 0, 0, 2 * idf[vocab["paris"]], 0])
+    b = np.array([idf[vocab["big"]], idf[vocab["is"]], 0, idf[vocab["paris"]], 0])
+    expected = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+    assert tfidf_similarity("Paris, Paris!", "paris is big", vocab, idf) == pytest.approx(expected)
+    assert tfidf_similarity("unknown words", "paris", vocab, idf) == 0.0
+
+
+def test_summarize_reports_absent_not_zero():
+    out = summarize({"efficacy": np.array([1.0, 0.0, 1.0, 1.0]),
+                     "consistency": np.array([np.nan, np.nan])})
+    assert out["efficacy"] == 75.0 and out["efficacy_ci95"] > 0
+    assert out["consistency"] is None

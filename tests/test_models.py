@@ -1,0 +1,58 @@
+"""Model loading: every architecture's templates, offline hub errors, unknown architectures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsedit_cli.errors import ConfigError, ModelLoadError
+from rlsedit_cli.models.loader import load_model, resolve_device
+
+from .conftest import ARCHS, compose_cfg, tiny_overrides
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_templates_fit_every_architecture(arch, tiny_models):
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    d_out, d_in = handle.weight_shape(0)
+    assert d_out == 64 and d_in in (128, 256)  # (hidden, MLP inner) whatever the storage
+    before = handle.weight(1).clone()
+    handle.set_weight(1, before + 1.0)
+    assert torch.allclose(handle.weight(1), before + 1.0)
+
+
+def test_offline_hub_model_fails_with_the_fix():
+    cfg = compose_cfg(["model=llama3_8b"])
+    with pytest.raises(ModelLoadError) as err:
+        load_model(cfg.model, torch.device("cpu"))
+    msg = str(err.value)
+    assert "meta-llama/Meta-Llama-3-8B-Instruct" in msg and "model.name_or_path=" in msg
+    assert "\n" not in msg
+
+
+def test_missing_local_folder_fails():
+    cfg = compose_cfg(["model.name_or_path=/nonexistent/model"])
+    with pytest.raises(ModelLoadError, match="/nonexistent/model does not exist"):
+        load_model(cfg.model, torch.device("cpu"))
+
+
+def test_wrong_architecture_lists_supported(tiny_models):
+    cfg = compose_cfg(tiny_overrides("gpt2", tiny_models["llama"]))
+    with pytest.raises(ModelLoadError) as err:
+        load_model(cfg.model, torch.device("cpu"))
+    msg = str(err.value)
+    assert "'llama' model" in msg and "gpt2" in msg and "qwen2" in msg and "conf/model" in msg
+
+
+def test_layer_out_of_range(tiny_models):
+    cfg = compose_cfg([*tiny_overrides("gpt2", tiny_models["gpt2"]), "model.edit_layers=[0,5]"])
+    with pytest.raises(ConfigError, match="layer 5 out of range.*0..2"):
+        load_model(cfg.model, torch.device("cpu"))
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device='tpu9'"):
+        resolve_device("tpu9")

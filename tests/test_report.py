@@ -1,0 +1,30 @@
+"""`rlsedit report` over finished runs: one table, the plots."""
+
+from __future__ import annotations
+
+from rlsedit_cli.cli import main
+from rlsedit_cli.runner.run import run
+
+from .conftest import compose_cfg
+
+
+def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
+    for editor in ("none", "rlsedit"):
+        cfg = compose_cfg([f"editor={editor}", "stream.num_edits=20", "stream.batch_size=10",
+                           "eval.retention_edits=10", "eval.retention_every=1",
+                           "eval.generation_prompts=1", "eval.max_new_tokens=15"],
+                          tmp_path / editor)
+        run(cfg)
+        assert (tmp_path / editor / "plots" / "retention.png").is_file()
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert len(rows) == 2 and {r.split("|")[1].strip() for r in rows} == {"none", "rlsedit"}
+    for name in ("report.md", "retention.png", "metrics.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "Efficacy" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no finished run" in caplog.text

@@ -1,0 +1,56 @@
+"""The runner end to end on the shipped tiny model: the run folder and its real figures."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rlsedit_cli.runner.run import run
+
+
+def test_unedited_run_writes_real_figures(make_cfg, tmp_path):
+    cfg = make_cfg("editor=none", "stream.num_edits=20", "stream.batch_size=5",
+                   "eval.retention_edits=5", "eval.retention_every=2", "eval.generation_prompts=1",
+                   "eval.max_new_tokens=20")
+    summary = run(cfg)
+    folder = tmp_path / "run"
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["edits"] for r in rows] == [5, 10, 15, 20]
+    on_disk = json.loads((folder / "summary.json").read_text())
+    assert on_disk["num_edits"] == 20 and on_disk["efficacy"] == summary["efficacy"]
+    # the unedited tiny model knows the true facts: target_new almost never wins
+    assert summary["efficacy"] <= 10 and summary["specificity"] >= 90
+    assert summary["pre"]["efficacy"] == summary["efficacy"]
+    assert summary["fluency"] > 0 and summary["consistency"] is not None
+    assert (folder / "config.yaml").read_text().count("num_edits: 20") == 1
+    assert "after 20 edits" in (folder / "run.log").read_text()
+    retention = (folder / "retention.csv").read_text().splitlines()
+    assert retention[0].startswith("batch,edits,measured,efficacy") and len(retention) == 3
+
+
+def test_bad_stream_values_are_refused(make_cfg):
+    from rlsedit_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stream.batch_size=0"):
+        run(make_cfg("editor=none", "stream.batch_size=0"))
+    with pytest.raises(ConfigError, match="stream.num_edits=99999"):
+        run(make_cfg("editor=none", "stream.num_edits=99999"))
+
+
+def test_cli_run_makes_dated_run_folder(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlsedit_cli", "run", "editor=none", "logger=none",
+         "stream.num_edits=4", "stream.batch_size=2", "eval.fluency=false",
+         f"paths.output_dir={tmp_path}", f"paths.cache={tmp_path}/cache"],
+        capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list(tmp_path.glob("none/gpt2_tiny/*/*"))
+    assert len(runs) == 1
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}-\d{6}",
+                        f"{runs[0].parent.name}/{runs[0].name}")
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "run.log"} <= {
+        p.name for p in runs[0].iterdir()}

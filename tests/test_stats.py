@@ -1,0 +1,140 @@
+"""Anchor statistics: exact against a direct computation, streamed, cached, checked, resumable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsedit_cli.errors import DataError
+from rlsedit_cli.models.loader import load_model
+from rlsedit_cli.stats import anchor as anchor_mod
+from rlsedit_cli.stats.anchor import AnchorStats
+from rlsedit_cli.stats.corpus import iter_texts
+from rlsedit_cli.stats.moments import accumulate
+
+from .conftest import compose_cfg, shared, tiny_overrides
+
+TEXTS = [f"The river number {i} flows past the old mill and the quiet village." * (1 + i % 3)
+         for i in range(40)]
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def handle(request, tiny_models):
+    cfg = compose_cfg(tiny_overrides(request.param, tiny_models[request.param]))
+    return load_model(cfg.model, torch.device("cpu"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(TEXTS) + "\n")
+    return path
+
+
+def direct_moment(handle, layer, texts, max_length):
+    """All keys in memory at once, then K^T K / n: the reference."""
+    keys = []
+    hook = handle.edited_module(layer).register_forward_pre_hook(
+        lambda m, args: keys.append(args[0][0].double()))
+    with torch.no_grad():
+        for text in texts:
+            ids = handle.tok(text, return_tensors="pt", truncation=True, max_length=max_length)
+            handle.model(**ids)
+    hook.remove()
+    K = torch.cat(keys)
+    return K.T @ K / K.shape[0]
+
+
+def test_streamed_moment_equals_direct(handle):
+    state = accumulate(handle, [0, 1], iter(TEXTS), num_samples=40, max_length=16, batch_size=7)
+    assert state.samples == 40
+    for layer in (0, 1):
+        ref = direct_moment(handle, layer, TEXTS, 16)
+        assert torch.allclose(state.moment(layer), ref, rtol=1e-5, atol=1e-6)
+        assert state.sums[layer].dtype == torch.float64
+
+
+def test_batch_size_does_not_change_the_result(handle):
+    a = accumulate(handle, [1], iter(TEXTS), 40, 16, batch_size=1)
+    b = accumulate(handle, [1], iter(TEXTS), 40, 16, batch_size=40)
+    assert a.tokens == b.tokens
+    assert torch.allclose(a.moment(1), b.moment(1), rtol=1e-5, atol=1e-6)
+
+
+def test_cache_is_reused_and_keyed(handle, corpus, tmp_path, monkeypatch):
+    stats = AnchorStats(handle, tmp_path / "cache", str(corpus), 30, 16, 8)
+    first = stats.moments([0, 1])
+    monkeypatch.setattr(anchor_mod, "accumulate", lambda *a, **k: pytest.fail("recomputed"))
+    again = AnchorStats(handle, tmp_path / "cache", str(corpus), 30, 16, 8).moments([0, 1])
+    assert all(torch.equal(first[k], again[k]) for k in (0, 1))
+    other = AnchorStats(handle, tmp_path / "cache", str(corpus), 20, 16, 8)
+    assert other._path(1) != stats._path(1)  # another sample count is another file
+
+
+def test_other_weights_get_other_statistics(handle, corpus, tmp_path):
+    stats = AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8)
+    path = stats._path(1)
+    with torch.no_grad():
+        handle.model.get_input_embeddings().weight[0, 0] += 1.0
+    assert AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8)._path(1) != path
+
+
+def test_corrupt_cache_is_detected_and_recomputed(handle, corpus, tmp_path, caplog):
+    stats = AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8)
+    good = stats.moments([1])[1]
+    path = stats._path(1)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    again = AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8).moments([1])[1]
+    assert "fail their checksum: recomputing" in caplog.text
+    assert torch.allclose(good, again)
+
+
+def test_interrupted_computation_resumes(handle, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(anchor_mod, "SAVE_PARTIAL_EVERY_S", -1.0)  # save after every batch
+    calls = {"n": 0}
+    real = anchor_mod.accumulate
+
+    def interrupted(*args, **kwargs):
+        on_batch = args[-1]
+
+        def stop_after_two(state):
+            on_batch(state)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+
+        return real(*args[:-1], stop_after_two)
+
+    monkeypatch.setattr(anchor_mod, "accumulate", interrupted)
+    stats = AnchorStats(handle, tmp_path / "cache", str(corpus), 40, 16, 5)
+    with pytest.raises(KeyboardInterrupt):
+        stats.moments([0, 1])
+    assert list((tmp_path / "cache").rglob("partial_*.pt"))
+    monkeypatch.setattr(anchor_mod, "accumulate", real)
+    resumed = AnchorStats(handle, tmp_path / "cache", str(corpus), 40, 16, 5).moments([0, 1])
+    assert not list((tmp_path / "cache").rglob("partial_*.pt"))
+    ref = accumulate(handle, [0, 1], iter(TEXTS), 40, 16, 5)
+    for layer in (0, 1):
+        assert torch.allclose(resumed[layer], ref.moment(layer), rtol=1e-5, atol=1e-6)
+
+
+def test_wikitext_file_corpus(handle, tmp_path):
+    path = shared("wikitext-2/wiki.test.raw")
+    texts = list(iter_texts(str(path)))[:5]
+    assert all(t.strip() for t in texts)
+    C = AnchorStats(handle, tmp_path / "cache", str(path), 50, 32, 16).moments([1])[1]
+    assert torch.allclose(C, C.T) and float(torch.linalg.eigvalsh(C)[0]) > -1e-6
+
+
+def test_unreachable_hub_corpus_is_one_clear_line():
+    with pytest.raises(DataError) as err:
+        next(iter_texts("wikitext"))
+    msg = str(err.value)
+    assert "stats.corpus" in msg and "\n" not in msg
+
+
+def test_missing_corpus_file():
+    with pytest.raises(DataError, match="does not exist"):
+        iter_texts("/no/such/corpus.txt")
