@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from rlsedit_cli import config
@@ -20,7 +21,7 @@ def main(cfg: DictConfig) -> float | None:
     from rlsedit_cli.runner.run import run
 
     try:
-        summary = run(cfg)
+        summary = run(cfg, overrides=list(HydraConfig.get().overrides.task))
     except RlseditError as e:
         log.error("error: %s", e)
         raise SystemExit(2) from None

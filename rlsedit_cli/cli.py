@@ -124,6 +124,19 @@ def bench_command(args: argparse.Namespace) -> int:
     rows = []
     if args.bench_verb in ("update", "all"):
         rows += bench_update(args.d_in, args.d_out, args.u, args.batches, device, args.dtype)
+    if args.bench_verb in ("targets", "all"):
+        from hydra import compose, initialize_config_dir
+
+        from rlsedit_cli import config
+        from rlsedit_cli.bench.targets import bench_targets
+        from rlsedit_cli.models.loader import load_model
+
+        config.register()
+        with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=[f"model={args.model}"])
+        handle = load_model(cfg.model, resolve_device(args.device))
+        rows.append(bench_targets(handle, cfg.dataset.path, args.batch,
+                                  z_layer=max(cfg.model.edit_layers)))
     for row in rows:
         line = json.dumps(row)
         sys.stdout.write(line + "\n")
@@ -186,14 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped one)")
 
     bench = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
-    bench.add_argument("bench_verb", choices=["update", "all"],
-                       help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history")
+    bench.add_argument("bench_verb", choices=["update", "targets", "all"],
+                       help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history; "
+                            "targets: batched target optimisation vs one request at a time")
     bench.add_argument("--d-in", type=int, default=4096)
     bench.add_argument("--d-out", type=int, default=4096)
     bench.add_argument("--u", type=int, default=100, help="keys per batch")
     bench.add_argument("--batches", type=int, default=50, help="length of the history")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
+    bench.add_argument("--model", default="gpt2_tiny", help="targets: model config")
     bench.add_argument("--out", help="also append the JSON lines to this file")
     return parser
 

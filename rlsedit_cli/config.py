@@ -151,7 +151,7 @@ class NoLoggerConfig(LoggerConfig):
 class PathsConfig:
     output_dir: str = "outputs"
     cache: str = "~/.cache/rlsedit"
-    run_dir: str = "${hydra:runtime.output_dir}"
+    run_dir: str | None = "${hydra:runtime.output_dir}"  # None when printing with --cfg
 
 
 @dataclass
@@ -187,6 +187,8 @@ def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("rlsedit.asset"):
         OmegaConf.register_new_resolver("rlsedit.asset", asset_path)
+    if not OmegaConf.has_resolver("rlsedit.or"):  # first argument unless it is null/empty
+        OmegaConf.register_new_resolver("rlsedit.or", lambda a, b: b if a in (None, "") else a)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RootConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

@@ -6,11 +6,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.records import parse_all, parse_rome, read_json_records
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.eval.counterfact import References
+from rlsedit_cli.toy.world import build_world
 
 log = logging.getLogger(__name__)
 
@@ -19,10 +22,24 @@ log = logging.getLogger(__name__)
 class ToyConfig(DatasetConfig):
     _target_: str = "rlsedit_cli.datasets.toy.load"
     name: str = "toy"
+    num_subjects: int | None = None  # a world of another size (stress tests; facts not known)
+    world_seed: int = 0
 
 
-def load(path: str, name: str = "toy", skip_invalid: bool = False) -> EditDataset:
-    """Records, snippets and tf-idf statistics of the bundle at ``path``."""
+def load(path: str, name: str = "toy", skip_invalid: bool = False,
+         num_subjects: int | None = None, world_seed: int = 0) -> EditDataset:
+    """Records, snippets and tf-idf statistics of the bundle at ``path``.
+
+    With ``num_subjects`` the world is generated anew at that size: long streams (10,000 edits
+    and more) for stress tests, about subjects the shipped model was not trained on.
+    """
+    if num_subjects:
+        log.warning("dataset.num_subjects=%d: a generated world whose facts the model does not "
+                    "know; use it to stress the editors, not to measure them", num_subjects)
+        generated = build_world(num_subjects, world_seed)
+        records, skipped = parse_all(generated.records, parse_rome, skip_invalid)
+        refs = References(generated.snippets, generated.vocab, np.asarray(generated.idf))
+        return EditDataset(name=name, records=records, references=refs, skipped=skipped)
     world = Path(path).expanduser() / "world"
     if not (world / "records.json.gz").is_file():
         raise DataError(

@@ -57,4 +57,4 @@ class AlphaEdit(KeyValueEditor):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.past = state["past"]
+        self.past = {k: v.to(self.Pi[k].device) for k, v in state["past"].items()}

@@ -16,6 +16,11 @@ class Editor(ABC):
 
     name: str = "editor"
 
+    @property
+    def edited_layers(self) -> list[int]:
+        """Layers whose edited map this editor changes (saved in checkpoints)."""
+        return []
+
     @abstractmethod
     def edit(self, batch: list[Record]) -> dict[str, float]:
         """Apply one batch of edits to the model; return per-batch statistics to log."""

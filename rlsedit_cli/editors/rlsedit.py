@@ -113,6 +113,9 @@ class RLSEdit(KeyValueEditor):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.P, self.W, self.normal = state["P"], state["W"], state["normal"]
+        here = {layer: self.W0[layer].device for layer in self.layers}
+        self.P = {k: v.to(here[k]) for k, v in state["P"].items()}
+        self.W = {k: v.to(here[k]) for k, v in state["W"].items()}
+        self.normal = {k: (a.to(here[k]), b.to(here[k])) for k, (a, b) in state["normal"].items()}
         for layer in self.layers:
             self.handle.set_weight(layer, self.W[layer])

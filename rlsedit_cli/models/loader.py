@@ -101,6 +101,10 @@ def load_model(spec, device: torch.device) -> ModelHandle:
     model.eval()
     model.requires_grad_(False)
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(
+                f"the tokenizer of {name} has neither a pad nor an eos token, which batching "
+                "needs: add one to its tokenizer_config.json (e.g. \"eos_token\")")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     handle = ModelHandle(model=model, tok=tok, spec=spec)

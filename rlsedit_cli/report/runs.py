@@ -26,17 +26,20 @@ class Run:
     retention: list[dict] = field(default_factory=list)
     general: list[dict] = field(default_factory=list)
 
-    @property
-    def setting(self) -> str:
-        """The run's own overrides (what distinguishes it in a sweep), or ''."""
-        keep = [o for o in self.overrides if not o.lstrip("+~").startswith(IGNORED_OVERRIDES)
-                and not o.startswith(("editor=", "model=", "dataset="))]
-        return ", ".join(o.replace("editor.", "") for o in keep)
+    setting: str = ""  # what distinguishes the run among those reported (set by mark_settings)
 
     @property
     def label(self) -> str:
         base = f"{self.summary.get('editor', '?')} / {self.summary.get('model', '?')}"
         return f"{base} ({self.setting})" if self.setting else base
+
+    def override_items(self) -> dict[str, str]:
+        items = {}
+        for o in self.overrides:
+            key, _, value = o.lstrip("+~").partition("=")
+            if not key.startswith(IGNORED_OVERRIDES) and key not in ("editor", "model", "dataset"):
+                items[key] = value
+        return items
 
     def override(self, key: str) -> str | None:
         """The value a run's override gave ``key`` (e.g. ``editor.lam``), else None."""
@@ -65,8 +68,10 @@ def read_run(path: Path) -> Run:
     summary = json.loads((path / "summary.json").read_text())
     config_file = path / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    overrides = summary.get("overrides")
     overrides_file = path / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    if overrides is None and overrides_file.is_file():
+        overrides = yaml.safe_load(overrides_file.read_text())
     metrics = []
     if (path / "metrics.jsonl").is_file():
         metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
@@ -74,6 +79,16 @@ def read_run(path: Path) -> Run:
     return Run(path=path, summary=summary, config=config or {}, overrides=overrides or [],
                metrics=metrics, retention=_csv(path / "retention.csv"),
                general=_csv(path / "general.csv"))
+
+
+def mark_settings(runs: list[Run]) -> None:
+    """Give each run the overrides that differ between the runs (all editor ones if alone)."""
+    items = [r.override_items() for r in runs]
+    keys = sorted({k for it in items for k in it})
+    varying = [k for k in keys if len({it.get(k) for it in items}) > 1]
+    for run, it in zip(runs, items):
+        shown = varying if len(runs) > 1 else [k for k in keys if k.startswith("editor.")]
+        run.setting = ", ".join(f"{k.removeprefix('editor.')}={it[k]}" for k in shown if k in it)
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:
@@ -85,4 +100,6 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         found += sorted(s.parent for s in p.rglob("summary.json"))
     if not found:
         raise DataError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
-    return [read_run(p) for p in dict.fromkeys(found)]
+    runs = [read_run(p) for p in dict.fromkeys(found)]
+    mark_settings(runs)
+    return runs

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.progress import progress
 from rlsedit_cli.stats.corpus import corpus_id, iter_texts
 from rlsedit_cli.stats.moments import MomentState, accumulate
 
@@ -137,13 +137,12 @@ class AnchorStats:
             except Exception as e:  # a partial file from a killed write: start over
                 log.warning("ignoring unreadable partial statistics %s (%s)", partial, e)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        bar = tqdm(total=self.num_samples, initial=state.samples if state else 0,
+        bar = progress(total=self.num_samples, initial=state.samples if state else 0,
                    desc=f"anchor statistics, layers {layers}", unit="sample")
         last_save = [time.monotonic()]
 
         def on_batch(s: MomentState) -> None:
-            bar.n = s.samples
-            bar.refresh()
+            bar.update(s.samples - bar.n)
             if time.monotonic() - last_save[0] > SAVE_PARTIAL_EVERY_S:
                 tmp = partial.with_suffix(".tmp")
                 torch.save({"sums": {k: v.cpu() for k, v in s.sums.items()}, "tokens": s.tokens,

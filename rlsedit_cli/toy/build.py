@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlsedit_cli.datasets.layouts import PARSERS, detect_layout
 from rlsedit_cli.datasets.records import Record, parse_all, read_json_records
 from rlsedit_cli.eval.scoring import completion_nll
+from rlsedit_cli.progress import progress
 from rlsedit_cli.toy.world import World, build_world, training_sentences
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def train_model(sentences: list[str], tok, cfg: BuildConfig) -> tuple[GPT2LMHead
     total = max(1, int(cfg.epochs * per_epoch))
     model.train()
     step, loss_avg, start = 0, float("nan"), time.time()
-    bar = tqdm(total=total, desc="train tiny GPT-2", unit="step")
+    bar = progress(total=total, desc="train tiny GPT-2", unit="step")
     while step < total:
         seqs = pack(ids, cfg.seq_len, eos, rng)
         for b in range(0, len(seqs) - cfg.batch_size + 1, cfg.batch_size):

@@ -1,0 +1,44 @@
+"""`rlsedit bench targets`: the batched target optimisation against one request at a time.
+
+Both paths run the same optimisation (:func:`optimise_targets`) on the same requests of the toy
+world, on the shipped tiny GPT-2 (or any model config), with early stopping off so that both do
+the same number of steps; the result also reports how far apart the targets are.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlsedit_cli.config import TargetConfig
+from rlsedit_cli.datasets.toy import load as load_toy
+from rlsedit_cli.editing.targets import optimise_targets
+from rlsedit_cli.editing.templates import context_templates
+from rlsedit_cli.models.handle import ModelHandle
+
+
+def bench_targets(handle: ModelHandle, bundle: str, batch: int, z_layer: int, steps: int = 25,
+                  templates_spec: list[list[int]] | None = None) -> dict:
+    """Seconds for ``batch`` requests optimised together and one by one, and the speed-up."""
+    records = load_toy(bundle).records[:batch]
+    cfg = TargetConfig(steps=steps, early_stop_loss=0.0, loss_layer=handle.num_layers - 1,
+                       chunk_size=batch,
+                       context_templates=templates_spec if templates_spec is not None
+                       else [[5, 5]])
+    templates = context_templates(handle, cfg.context_templates, seed=0)
+    sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    together = optimise_targets(handle, records, templates, z_layer, cfg).z
+    sync()
+    batched_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    alone = torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg).z for r in records])
+    sync()
+    single_s = time.perf_counter() - t0
+    gap = float((together - alone).norm() / alone.norm())
+    return {"bench": "targets", "device": str(handle.device), "model": str(handle.spec.name),
+            "requests": batch, "templates": len(templates), "steps": steps,
+            "batched_s": round(batched_s, 3), "one_at_a_time_s": round(single_s, 3),
+            "speedup": round(single_s / batched_s, 2), "relative_difference": round(gap, 8)}

@@ -1,0 +1,133 @@
+"""Checkpoints of a run, written atomically into its folder, and the rules for resuming one.
+
+A checkpoint holds what the stream needs to go on as if it had never stopped: the editor's
+state, the edited layers' weights, the stream position, the figures so far, the line counts of
+the run's line files (lines written after the checkpoint are dropped on resume, so no batch is
+recorded twice) and the random generators' states.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from rlsedit_cli.errors import ConfigError, DataError, RlseditError
+
+log = logging.getLogger(__name__)
+NAME = "checkpoint.pt"
+FREE_KEYS = ("paths", "logger", "device", "resume")  # may differ when a run is resumed
+
+
+def edit_config(cfg: DictConfig) -> dict:
+    """The run's settings a resumed run must keep: everything but paths, tracker and device."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in data.items() if k not in FREE_KEYS}
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(folder: Path, state: dict) -> None:
+    """Write the checkpoint through a temporary file; the previous one stays until the rename."""
+    path = folder / NAME
+    tmp = folder / f".{NAME}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = e.errno == errno.ENOSPC
+        raise RlseditError(
+            f"cannot write the checkpoint in {folder} ({'disk full' if full else e.strerror}): "
+            "free space there (the previous checkpoint is intact) or set checkpoint.every=0"
+        ) from e
+
+
+def load(folder: Path) -> dict:
+    path = folder / NAME
+    if not path.is_file():
+        raise DataError(f"no checkpoint in {folder}: resume needs a run made with "
+                        "checkpoint.every > 0")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is not a "
+                        "complete rlsedit checkpoint; start the run again") from e
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flat(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def check_matches(saved: dict, current: dict, folder: Path) -> None:
+    """Refuse to resume a run whose edit-deciding config differs from the checkpoint's."""
+    a, b = _flat(saved), _flat(current)
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in diff[:4])
+        raise ConfigError(
+            f"the checkpoint in {folder} was made with another config ({shown}"
+            f"{'; ...' if len(diff) > 4 else ''}): resume with the run's own settings "
+            f"(`rlsedit run resume={folder}` alone uses them)"
+        )
+
+
+def check_overrides(saved: dict, overrides: list[str], folder: Path) -> None:
+    """Refuse command-line overrides that change an edit-deciding key of the saved run."""
+    flat = _flat(saved)
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        section = key.split(".")[0].split("/")[0]
+        if section not in saved:
+            continue
+        parsed = yaml.safe_load(value) if value else None
+        current = flat[key] if key in flat else flat.get(f"{key}.name")  # a key or a group
+        if current != parsed:
+            raise ConfigError(
+                f"resume={folder} was made with {key}={current!r}; this run asks {o}: a "
+                "resumed run keeps its settings (drop the override or start a new run)"
+            )
+
+
+def truncate_lines(path: Path, keep: int) -> None:
+    """Keep the first ``keep`` lines of a line file (drop what came after the checkpoint)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if len(lines) > keep:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(lines[:keep]), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("%s: dropped %d lines written after the checkpoint", path.name, len(lines) - keep)
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0

@@ -1,0 +1,100 @@
+"""Multirun sweeps over lam and mu, launchers, paper experiment presets, the wheel install."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlsedit_cli.cli import main
+from rlsedit_cli.config import conf_dir
+
+from .conftest import compose_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["logger=none", "eval=none", "stream.num_edits=10", "stream.batch_size=5",
+         "eval.fluency=false", "eval.retention_edits=5"]
+
+
+def rlsedit(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlsedit_cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env)
+
+
+def test_lam_mu_sweep_gives_one_folder_per_job_and_a_heat_map(tmp_path, capsys):
+    proc = rlsedit("run", "-m", "editor.lam=0.5,2", "editor.mu=0.5,2", *SMALL,
+                   f"paths.output_dir={tmp_path}", f"paths.cache={tmp_path}/cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = next(tmp_path.glob("multirun/rlsedit/gpt2_tiny/*/*"))
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / "summary.json").is_file())
+    assert [j.split(",eval")[0] for j in jobs] == [
+        "0_editor.lam=0.5,editor.mu=0.5", "1_editor.lam=0.5,editor.mu=2",
+        "2_editor.lam=2,editor.mu=0.5", "3_editor.lam=2,editor.mu=2"]
+    assert main(["report", str(sweep), "--metric", "efficacy"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| rlsedit |") == 4 and "lam=2, mu=0.5" in table
+    assert (sweep / "report" / "heatmap_efficacy.png").stat().st_size > 0
+
+
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = rlsedit("run", "-m", "hydra/launcher=local", "editor.lam=0.5,2", *SMALL,
+                   f"paths.output_dir={tmp_path}", f"paths.cache={tmp_path}/cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = list(tmp_path.glob("multirun/**/summary.json"))
+    assert len(summaries) == 2
+
+
+def test_objective_is_the_harmonic_mean():
+    from rlsedit_cli.runner.run import objective
+
+    assert objective({"efficacy": 90, "generalization": 60, "specificity": 90},
+                     "hmean") == pytest.approx(3 / (1 / 90 + 1 / 60 + 1 / 90), abs=1e-4)
+    assert objective({"efficacy": 90, "generalization": 0, "specificity": 90}, "hmean") == 0.0
+    assert objective({"fluency": 600.0}, "fluency") == 600.0
+
+
+PAPER = sorted(p.stem for p in (conf_dir() / "experiment").glob("paper_*.yaml"))
+
+
+@pytest.mark.parametrize("editor", ["rlsedit", "alphaedit", "memit", "rome", "ft"])
+@pytest.mark.parametrize("experiment", PAPER)
+def test_every_paper_setup_resolves(experiment, editor):
+    cfg = compose_cfg([f"+experiment={experiment}", f"editor={editor}"])
+    assert cfg.stream.num_edits == 10000 and cfg.stream.batch_size == 100
+    assert cfg.dataset.name == "counterfact" and cfg.eval.name == "paper"
+    assert cfg.model.name == experiment.removeprefix("paper_")
+    assert cfg.editor.name == editor and cfg.editor.target if editor != "ft" else True
+    if editor == "rlsedit" and cfg.model.name == "llama3_8b":
+        assert cfg.editor.lam == 0 and cfg.editor.mu == 1  # the paper's appendix B
+
+
+def test_paper_setups_on_the_cli():
+    assert len(PAPER) == 4
+    proc = rlsedit("run", "+experiment=paper_qwen2_5_7b", "--cfg", "job")
+    assert proc.returncode == 0
+    assert "qwen2_5_7b" in proc.stdout and "num_edits: 10000" in proc.stdout
+
+
+def test_wheel_install_runs_from_another_directory(tmp_path):
+    dist, site, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                    str(REPO)], check=True, capture_output=True)
+    wheel = next(dist.glob("rlsedit-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True,
+                   capture_output=True)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import rlsedit_cli; print(rlsedit_cli.__file__)"],
+        capture_output=True, text=True, cwd=elsewhere, env=env).stdout
+    assert where.startswith(str(site))
+    proc = rlsedit("run", "--cfg", "job", "--resolve", "editor=memit", cwd=elsewhere, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"name_or_path: {site}/rlsedit_cli/assets/gpt2_tiny" in proc.stdout
+    assert (site / "rlsedit_cli" / "conf" / "config.yaml").is_file()
+    assert (site / "rlsedit_cli" / "assets" / "gpt2_tiny" / "model.safetensors").is_file()
