@@ -18,13 +18,35 @@ GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "editor_
           "hydra/launcher", "hydra/sweeper")
 
 
+NOISE = ("reference_type=", "object_type=", "Config search path", "provider=")
+
+
+def _missing_choice(err: BaseException) -> str | None:
+    """'no config X in group G: choose one of ...' for an unknown group choice."""
+    missing = getattr(err, "missing_cfg_file", None)
+    options = [o for o in (getattr(err, "options", None) or []) if not o.endswith("_schema")]
+    if not missing or not options or "/" not in missing:
+        return None
+    group, _, name = missing.rpartition("/")
+    return (f"no config '{name}' in group {group}: choose one of {', '.join(options)} "
+            "(`rlsedit ls` lists every group)")
+
+
 def one_line(err: BaseException) -> str:
     """A Hydra/OmegaConf/rlsedit error as one line, with the fix where one is known."""
-    lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip()]
+    for e in (err, err.__cause__, err.__context__):
+        if e is not None and (text := _missing_choice(e)):
+            return text
+    lines = [ln.strip().rstrip(".") for ln in str(err).splitlines()
+             if ln.strip() and not ln.strip().startswith(NOISE)]
     cause = err.__cause__ or err.__context__
     if cause is not None and str(cause).strip() and str(cause).strip() not in " ".join(lines):
-        lines += [ln.strip().rstrip(".") for ln in str(cause).splitlines() if ln.strip()]
+        lines += [ln.strip().rstrip(".") for ln in str(cause).splitlines()
+                  if ln.strip() and not ln.strip().startswith(NOISE)]
     text = "; ".join(dict.fromkeys(lines)) or type(err).__name__
+    for plugin, extra in (("submitit", "slurm"), ("optuna", "optuna")):
+        if plugin in text:
+            return text + f" (this choice needs a plugin: pip install 'rlsedit[{extra}]')"
     if "not in" in text or "Could not override" in text or "not a valid" in text.lower():
         text += " (check the spelling; `rlsedit run --cfg job` prints every key)"
     elif "Could not find" in text or "In '" in text:

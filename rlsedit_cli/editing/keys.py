@@ -24,14 +24,17 @@ def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list
     items = [(ctx.format(r.prompt), r.subject, [], i)
              for i, r in enumerate(requests) for ctx in templates]
     rows = build_rows(handle, items)
-    at = (torch.arange(len(items), device=rows.ids.device), rows.lookup)
     found: dict[str, torch.Tensor] = {}
 
+    def at(x: torch.Tensor):  # (row, subject's last token) indices on x's device
+        return torch.arange(len(items), device=x.device), rows.lookup.to(x.device)
+
     def take_key(module, args):
-        found["k"] = args[0][at].float()  # (n * n_ctx, d_in)
+        found["k"] = args[0][at(args[0])].float()  # (n * n_ctx, d_in)
 
     def take_hidden(module, args, output):
-        found["h"] = block_hidden(output)[at].float()  # (n * n_ctx, d_model)
+        hidden = block_hidden(output)
+        found["h"] = hidden[at(hidden)].float()  # (n * n_ctx, d_model)
 
     forward_until(handle, rows, max(layer, z_layer),
                   [(handle.edited_module(layer), "pre", take_key),

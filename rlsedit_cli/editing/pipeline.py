@@ -61,7 +61,8 @@ class KeyValueEditor(Editor):
                  "target_steps": float(result.steps.float().mean())}
         for i, layer in enumerate(self.layers):
             K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)
-            R = (result.z - h).T / (len(self.layers) - i)  # (d_model, n)
+            R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
+            R = R.to(self.handle.weight(layer).device)
             stats |= self.update_layer(layer, K, R)
         stats |= self.after_batch(batch)
         return stats

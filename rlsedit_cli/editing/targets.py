@@ -91,26 +91,27 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     loss_layer = max(int(cfg.loss_layer), z_layer)
     inject = handle.layer_module(z_layer)
     capture = handle.layer_module(loss_layer)
+    z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)
     d_model = handle.weight_shape(z_layer)[0]
-    delta = torch.zeros(n, d_model, device=handle.device, dtype=torch.float32,
-                        requires_grad=True)
+    delta = torch.zeros(n, d_model, device=z_device, dtype=torch.float32, requires_grad=True)
+    at = (torch.arange(len(rows.owner), device=z_device), rows.lookup.to(z_device))
+    owner = rows.owner.to(z_device)
     state: dict = {}
 
     def add_delta(module, args, output):
         hidden = block_hidden(output)
         if "h_init" not in state:
-            state["h_init"] = hidden[first_rows, rows.lookup[first_rows]].detach().float()
-        add = torch.zeros_like(hidden)
-        add = add.index_put((torch.arange(len(rows.owner), device=hidden.device), rows.lookup),
-                            delta[rows.owner].to(hidden.dtype))
+            first = first_rows.to(hidden.device)
+            state["h_init"] = hidden[first, at[1][first]].detach().float()
+        add = torch.zeros_like(hidden).index_put(at, delta[owner].to(hidden.dtype))
         return with_hidden(output, hidden + add)
 
     def keep(module, args, output):
         state["out"] = block_hidden(output)
 
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    active = torch.ones(n, dtype=torch.bool, device=handle.device)
-    steps = torch.zeros(n, dtype=torch.long, device=handle.device)
+    active = torch.ones(n, dtype=torch.bool, device=z_device)
+    steps = torch.zeros(n, dtype=torch.long, device=z_device)
     init_loss = final_loss = None
     kl_init = None
     with torch.enable_grad():
@@ -118,15 +119,16 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             forward_until(handle, rows, loss_layer, [(inject, "post", add_delta),
                                                      (capture, "post", keep)])
             out = state["out"]
-            logp_t = _logprobs(handle, out[t_row, t_pos])  # (n_tok, vocab)
-            tok_nll = -logp_t.gather(1, t_tok[:, None])[:, 0]  # (n_tok,)
-            row_nll = torch.zeros(n_rewrite, device=out.device).index_add(0, t_row, tok_nll)
-            row_nll = row_nll / torch.tensor([len(t) for t in targets], device=out.device)
-            nll = row_nll.view(n, n_ctx).mean(1)  # (n,)
-            kl_logp = _logprobs(handle, out[kl_rows, width - 1])  # (n, vocab)
+            logp_t = _logprobs(handle, out[t_row.to(out.device), t_pos.to(out.device)])
+            dev = logp_t.device  # (n_tok, vocab) on the LM head's device
+            tok_nll = -logp_t.gather(1, t_tok.to(dev)[:, None])[:, 0]  # (n_tok,)
+            row_nll = torch.zeros(n_rewrite, device=dev).index_add(0, t_row.to(dev), tok_nll)
+            row_nll = row_nll / torch.tensor([len(t) for t in targets], device=dev)
+            nll = row_nll.view(n, n_ctx).mean(1).to(z_device)  # (n,)
+            kl_logp = _logprobs(handle, out[kl_rows.to(out.device), width - 1])  # (n, vocab)
             if kl_init is None:
                 kl_init = kl_logp.detach()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(now || init), (n,)
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).to(z_device)  # KL(now||init)
             h_norm = state["h_init"].norm(dim=-1)
             decay = cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
             loss = nll + cfg.kl_factor * kl + decay  # (n,)

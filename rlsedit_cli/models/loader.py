@@ -108,6 +108,8 @@ def load_model(spec, device: torch.device) -> ModelHandle:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     handle = ModelHandle(model=model, tok=tok, spec=spec)
-    handle.check_layers([spec.loss_layer, spec.single_layer, *spec.edit_layers], "model layers")
+    handle.check_layers(list(spec.edit_layers), "model.edit_layers")
+    handle.check_layers([spec.single_layer], "model.single_layer")
+    handle.check_layers([spec.loss_layer], "model.loss_layer")
     log.info("loaded %s (%s, %s) on %s", name, spec.arch, spec.dtype, handle.device)
     return handle

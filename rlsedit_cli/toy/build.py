@@ -24,6 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlsedit_cli.datasets.layouts import PARSERS, detect_layout
 from rlsedit_cli.datasets.records import Record, parse_all, read_json_records
+from rlsedit_cli.errors import DataError
 from rlsedit_cli.eval.scoring import completion_nll
 from rlsedit_cli.progress import progress
 from rlsedit_cli.toy.world import World, build_world, training_sentences
@@ -133,6 +134,7 @@ def train_model(sentences: list[str], tok, cfg: BuildConfig) -> tuple[GPT2LMHead
         vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, loss_type="ForCausalLM",
+        activation_function="gelu_pytorch_tanh",  # GPT-2's tanh GELU as one fused kernel
     )
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -193,7 +195,7 @@ def _write_gz(path: Path, text: str) -> None:
 def _load_facts(path: str, limit: int | None) -> list[Record]:
     raws = read_json_records(path)[:limit]
     if not raws:
-        raise ValueError(f"{path} holds no records")
+        raise DataError(f"{path} holds no records: give --facts a CounterFact file")
     parse = PARSERS[detect_layout(raws[0])]
     records, _ = parse_all(raws, parse, skip_invalid=False)
     return records
