@@ -158,7 +158,7 @@ def bench_command(args: argparse.Namespace) -> int:
             cfg = compose("config", overrides=[f"model={args.model}"])
         handle = load_model(cfg.model, resolve_device(args.device))
         rows.append(bench_targets(handle, cfg.dataset.path, args.batch,
-                                  z_layer=max(cfg.model.edit_layers)))
+                                  z_layer=max(cfg.model.edit_layers), repeat=args.repeat))
     for row in rows:
         line = json.dumps(row)
         sys.stdout.write(line + "\n")
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
     bench.add_argument("--model", default="gpt2_tiny", help="targets: model config")
+    bench.add_argument("--repeat", type=int, default=3,
+                       help="targets: timed runs of each path (the median is reported)")
     bench.add_argument("--out", help="also append the JSON lines to this file")
     return parser
 

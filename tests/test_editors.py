@@ -156,3 +156,31 @@ def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
     summary = run(make_cfg(f"editor={editor}", "stream.num_edits=4", "stream.batch_size=2",
                            "eval.generation_prompts=1", "eval.max_new_tokens=10"))
     assert summary["editor"] == editor and summary["efficacy"] is not None
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
+    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
+    to z_layer: its loss before any step must equal a plain full forward's on every
+    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
+    from rlsedit_cli.models.tokens import encode_prompt, encode_target
+
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    templates = ["{}", "A much longer context than the others. {}", "Short. {}"]
+    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
+    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    got = optimise_targets(handle, batch, templates, 0, target_cfg).init_loss
+    want = []
+    with torch.no_grad():
+        for r in batch:
+            t_ids = encode_target(handle.tok, r.target_new)
+            nll = []
+            for ctx in templates:
+                p_ids = encode_prompt(handle.tok, ctx.format(r.prompt).format(r.subject))
+                ids = torch.tensor([p_ids + t_ids[:-1]])
+                logp = handle.model(input_ids=ids).logits[0].log_softmax(-1)
+                pos = range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
+                nll.append(-float(sum(logp[p, t] for p, t in zip(pos, t_ids))) / len(t_ids))
+            want.append(sum(nll) / len(nll))
+    assert torch.allclose(got, torch.tensor(want), rtol=1e-4, atol=1e-4)

@@ -2,11 +2,13 @@
 
 Both paths run the same optimisation (:func:`optimise_targets`) on the same requests of the toy
 world, on the shipped tiny GPT-2 (or any model config), with early stopping off so that both do
-the same number of steps; the result also reports how far apart the targets are.
+the same number of steps; the result also reports how far apart the targets are. Both paths
+are warmed up once, then timed ``repeat`` times, alternating; the medians are reported.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -19,7 +21,7 @@ from rlsedit_cli.models.handle import ModelHandle
 
 
 def bench_targets(handle: ModelHandle, bundle: str, batch: int, z_layer: int, steps: int = 25,
-                  templates_spec: list[list[int]] | None = None) -> dict:
+                  templates_spec: list[list[int]] | None = None, repeat: int = 3) -> dict:
     """Seconds for ``batch`` requests optimised together and one by one, and the speed-up."""
     records = load_toy(bundle).records[:batch]
     cfg = TargetConfig(steps=steps, early_stop_loss=0.0, loss_layer=handle.num_layers - 1,
@@ -28,17 +30,33 @@ def bench_targets(handle: ModelHandle, bundle: str, batch: int, z_layer: int, st
                        else [[5, 5]])
     templates = context_templates(handle, cfg.context_templates, seed=0)
     sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    together = optimise_targets(handle, records, templates, z_layer, cfg).z
-    sync()
-    batched_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    alone = torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg).z for r in records])
-    sync()
-    single_s = time.perf_counter() - t0
-    gap = float((together - alone).norm() / alone.norm())
+
+    def together() -> torch.Tensor:
+        return optimise_targets(handle, records, templates, z_layer, cfg).z
+
+    def alone() -> torch.Tensor:
+        return torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg).z
+                          for r in records])
+
+    def timed(fn) -> tuple[float, torch.Tensor]:
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t0, out
+
+    optimise_targets(handle, records[:2], templates, z_layer, cfg)  # warm-up
+    batched, single = [], []
+    for _ in range(max(1, repeat)):
+        seconds, z_together = timed(together)
+        batched.append(seconds)
+        seconds, z_alone = timed(alone)
+        single.append(seconds)
+    batched_s, single_s = statistics.median(batched), statistics.median(single)
+    gap = float((z_together - z_alone).norm() / z_alone.norm())
     return {"bench": "targets", "device": str(handle.device), "model": str(handle.spec.name),
-            "requests": batch, "templates": len(templates), "steps": steps,
+            "requests": batch, "templates": len(templates), "steps": steps, "repeat": len(batched),
             "batched_s": round(batched_s, 3), "one_at_a_time_s": round(single_s, 3),
-            "speedup": round(single_s / batched_s, 2), "relative_difference": round(gap, 8)}
+            "speedup": round(single_s / batched_s, 2), "relative_difference": round(gap, 8),
+            "batched_runs_s": [round(x, 3) for x in batched],
+            "one_at_a_time_runs_s": [round(x, 3) for x in single]}

@@ -1,19 +1,27 @@
 """Model inputs for a batch of edit requests, and forward passes that stop at a layer.
 
-Rows are left-padded so that every row ends at the same position (targets and the KL token sit
-at the end), with position ids from the attention mask so padding changes nothing. Each row
-knows its request (``owner``) and the position of the subject's last token (``lookup``).
+:class:`Rows` are left-padded so that every row ends at the same position, with position ids
+from the attention mask so padding changes nothing. Each row knows its request (``owner``) and
+the position of the subject's last token (``lookup``).
+
+:class:`SplitRows` cut each row at the subject's last token: an edit at that token changes
+nothing before it (causal attention), so the prefix runs once into a key/value cache and the
+target optimisation re-runs only the suffix (see :func:`prefix_cache`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
 from rlsedit_cli.models.tokens import encode_prompt, subject_last_index
+
+Item = tuple[str, str, list[int], int]  # (template with "{}", subject, ids after the prompt, owner)
 
 
 @dataclass
@@ -27,27 +35,108 @@ class Rows:
     owner: torch.Tensor
     lengths: torch.Tensor  # (N,) unpadded lengths
 
+    @property
+    def inputs(self) -> dict:
+        return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.pos}
 
-def build_rows(handle: ModelHandle, items: list[tuple[str, str, list[int], int]]) -> Rows:
-    """Rows for (template with "{}", subject, ids appended after the prompt, owner) items."""
+
+def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every item and the index of its subject's last token."""
     tok = handle.tok
-    seqs, lookups, owners = [], [], []
-    for template, subject, extra, owner in items:
-        seqs.append(encode_prompt(tok, template.format(subject)) + list(extra))
-        lookups.append(subject_last_index(tok, template, subject))
-        owners.append(owner)
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    seqs = [encode_prompt(tok, t.format(s)) + list(extra) for t, s, extra, _ in items]
+    lookups = [subject_last_index(tok, t, s) for t, s, _, _ in items]
+    return seqs, lookups
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) ids and mask of ``seqs`` padded on the left or the right."""
+    width = max(map(len, seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s, dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
+    """Left-padded rows for ``items``."""
+    seqs, lookups = _encode(handle, items)
+    ids, mask = _pad(seqs, handle.tok.pad_token_id, left=True)
+    width = ids.shape[1]
     lengths = torch.tensor([len(s) for s in seqs])
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     dev = handle.device
     return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=pos.to(dev),
                 lookup=(width - lengths + torch.tensor(lookups)).to(dev),
-                owner=torch.tensor(owners).to(dev), lengths=lengths.to(dev))
+                owner=torch.tensor([it[3] for it in items]).to(dev), lengths=lengths.to(dev))
+
+
+@dataclass
+class SplitRows:
+    """Rows cut at the subject's last token.
+
+    The prefix (tokens before it) is left-padded to P columns; the suffix (from it on) is
+    right-padded to S columns, so the subject's last token sits in suffix column 0 of every row.
+    ``prefix_*``: (N, P); ``suffix_*``: (N, S); ``mask``: (N, P + S);
+    ``suffix_len``, ``owner``: (N,)
+    """
+
+    prefix_ids: torch.Tensor
+    prefix_mask: torch.Tensor
+    prefix_pos: torch.Tensor
+    suffix_ids: torch.Tensor
+    suffix_pos: torch.Tensor
+    mask: torch.Tensor
+    suffix_len: torch.Tensor
+    owner: torch.Tensor
+
+    @property
+    def prefix_inputs(self) -> dict:
+        return {"input_ids": self.prefix_ids, "attention_mask": self.prefix_mask,
+                "position_ids": self.prefix_pos}
+
+    def suffix_inputs(self, cache: DynamicCache | None) -> dict:
+        """Inputs of the suffix after a prefix whose keys and values are in ``cache``."""
+        return {"input_ids": self.suffix_ids, "attention_mask": self.mask,
+                "position_ids": self.suffix_pos, "past_key_values": cache,
+                "use_cache": cache is not None}
+
+
+def build_split_rows(handle: ModelHandle, items: list[Item]) -> SplitRows:
+    """:class:`SplitRows` for ``items``."""
+    seqs, lookups = _encode(handle, items)
+    pad = handle.tok.pad_token_id
+    prefix_ids, prefix_mask = _pad([s[:k] for s, k in zip(seqs, lookups)], pad, left=True)
+    suffix_ids, suffix_mask = _pad([s[k:] for s, k in zip(seqs, lookups)], pad, left=False)
+    lookup = torch.tensor(lookups)
+    suffix_pos = lookup[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
+    dev = handle.device
+    return SplitRows(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
+                     prefix_pos=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(dev),
+                     suffix_ids=suffix_ids.to(dev), suffix_pos=suffix_pos.to(dev),
+                     mask=torch.cat([prefix_mask, suffix_mask], 1).to(dev),
+                     suffix_len=suffix_mask.sum(1).to(dev),
+                     owner=torch.tensor([it[3] for it in items]).to(dev))
+
+
+@torch.no_grad()
+def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int):
+    """Keys and values of the prefixes in blocks 0..``stop_layer``, or None without prefixes.
+
+    Returns a function that gives a fresh cache holding them (a forward pass appends to its
+    cache, so each pass needs its own).
+    """
+    if rows.prefix_ids.shape[1] == 0:
+        return lambda: None
+    config = handle.model.config
+    cache = DynamicCache(config=config)
+    forward_until(handle, {**rows.prefix_inputs, "past_key_values": cache, "use_cache": True},
+                  stop_layer, [])
+    kv = [(layer.keys, layer.values) if i <= stop_layer else (None, None)
+          for i, layer in enumerate(cache.layers)]
+    return lambda: DynamicCache(kv, config=config)
 
 
 def block_hidden(output) -> torch.Tensor:
@@ -60,11 +149,33 @@ def with_hidden(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def forward_until(handle: ModelHandle, rows: Rows, stop_layer: int,
+@contextmanager
+def replay_blocks(handle: ModelHandle, upto: int, output) -> Iterator[None]:
+    """Blocks 0..``upto`` skip their work and block ``upto`` returns the recorded ``output``.
+
+    For passes whose inputs up to block ``upto`` are the same as in the pass that recorded it.
+    Forward hooks still run; an existing instance-level ``forward`` (accelerate's) is restored.
+    """
+    modules = [handle.layer_module(i) for i in range(upto + 1)]
+    saved = [m.__dict__.get("forward") for m in modules]
+    for m in modules:
+        m.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        for m, fwd in zip(modules, saved):
+            if fwd is None:
+                del m.forward
+            else:
+                m.forward = fwd
+
+
+def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,
                   hooks: list[tuple[torch.nn.Module, str, Callable]]) -> None:
-    """Run the model on ``rows`` with the given hooks, stopping after block ``stop_layer``.
+    """Run the model on ``inputs`` with the given hooks, stopping after block ``stop_layer``.
 
     Args:
+        inputs: keyword arguments of the model's forward (``Rows.inputs`` and the like).
         hooks: (module, "pre" | "post", fn) triples; fns follow torch's hook signatures.
     """
     handles = []
@@ -78,8 +189,7 @@ def forward_until(handle: ModelHandle, rows: Rows, stop_layer: int,
 
     handles.append(handle.layer_module(stop_layer).register_forward_hook(stop))
     try:
-        handle.model(input_ids=rows.ids, attention_mask=rows.mask, position_ids=rows.pos,
-                     use_cache=False)
+        handle.model(**{"use_cache": False, **inputs})
     except StopForwardError:
         pass
     finally:

@@ -36,7 +36,7 @@ def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list
         hidden = block_hidden(output)
         found["h"] = hidden[at(hidden)].float()  # (n * n_ctx, d_model)
 
-    forward_until(handle, rows, max(layer, z_layer),
+    forward_until(handle, rows.inputs, max(layer, z_layer),
                   [(handle.edited_module(layer), "pre", take_key),
                    (handle.layer_module(z_layer), "post", take_hidden)])
     K = found["k"].view(n, n_ctx, -1).mean(1).T  # (d_in, n)

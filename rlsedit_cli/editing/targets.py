@@ -6,6 +6,10 @@ prompt "{subject} is a". All requests of a chunk go through ONE forward/backward
 delta_i only reaches its own rows, so the summed loss gives every request exactly the gradient
 it would get alone, and Adam (element-wise) follows the same trajectory as one-at-a-time runs.
 
+Work that the deltas cannot change is done once, not at every step: the tokens before the
+subject's last token (their keys and values are cached, :func:`prefix_cache`) and blocks
+0..``z_layer`` on the remaining tokens (replayed, :func:`replay_blocks`).
+
 Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
 + kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
 with h_i the unedited hidden state; a request stops once its loss is below ``early_stop_loss``;
@@ -14,12 +18,21 @@ after each step ||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from rlsedit_cli.datasets.records import Record
-from rlsedit_cli.editing.inputs import Rows, block_hidden, build_rows, forward_until, with_hidden
+from rlsedit_cli.editing.inputs import (
+    SplitRows,
+    block_hidden,
+    build_split_rows,
+    forward_until,
+    prefix_cache,
+    replay_blocks,
+    with_hidden,
+)
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_target
 
@@ -46,21 +59,20 @@ def _rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
             targets.append(t_ids)
     for i, r in enumerate(requests):
         items.append((KL_PROMPT, r.subject, [], i))
-    return build_rows(handle, items), targets
+    return build_split_rows(handle, items), targets
 
 
-def _target_index(rows: Rows, targets: list[list[int]], width: int):
-    """(row, position, token) indices of every target token, and the row of each entry."""
-    row_idx, pos_idx, tok_idx = [], [], []
+def _target_index(rows: SplitRows, targets: list[list[int]]):
+    """(row, suffix column, token) indices of every target token."""
+    row_idx, col_idx, tok_idx = [], [], []
+    suffix_len = rows.suffix_len.tolist()
     for row, t_ids in enumerate(targets):
         n = len(t_ids)
         for j, t in enumerate(t_ids):
             row_idx.append(row)
-            pos_idx.append(width - n + j)  # the prompt's last token predicts token 0
+            col_idx.append(suffix_len[row] - n + j)  # the prompt's last token predicts token 0
             tok_idx.append(t)
-    dev = rows.ids.device
-    return (torch.tensor(row_idx, device=dev), torch.tensor(pos_idx, device=dev),
-            torch.tensor(tok_idx, device=dev))
+    return torch.tensor(row_idx), torch.tensor(col_idx), torch.tensor(tok_idx)
 
 
 def _logprobs(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,29 +94,30 @@ def optimise_targets(handle: ModelHandle, requests: list[Record], templates: lis
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
                     z_layer: int, cfg) -> TargetResult:
     n, n_ctx = len(requests), len(templates)
-    rows, targets = _rows(handle, requests, templates)
-    width = rows.ids.shape[1]
-    t_row, t_pos, t_tok = _target_index(rows, targets, width)
     n_rewrite = n * n_ctx
-    kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=rows.ids.device)
-    first_rows = torch.arange(0, n_rewrite, n_ctx, device=rows.ids.device)  # context "{}"
+    rows, targets = _rows(handle, requests, templates)
     loss_layer = max(int(cfg.loss_layer), z_layer)
+    new_cache = prefix_cache(handle, rows, loss_layer)
+    t_row, t_col, t_tok = _target_index(rows, targets)
+    t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32)
+    kl_rows = torch.arange(n_rewrite, n_rewrite + n)
+    kl_col = rows.suffix_len.cpu()[kl_rows] - 1
+    first_rows = torch.arange(0, n_rewrite, n_ctx)  # the plain "{}" context of each request
     inject = handle.layer_module(z_layer)
     capture = handle.layer_module(loss_layer)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)
     d_model = handle.weight_shape(z_layer)[0]
     delta = torch.zeros(n, d_model, device=z_device, dtype=torch.float32, requires_grad=True)
-    at = (torch.arange(len(rows.owner), device=z_device), rows.lookup.to(z_device))
     owner = rows.owner.to(z_device)
     state: dict = {}
 
     def add_delta(module, args, output):
-        hidden = block_hidden(output)
-        if "h_init" not in state:
-            first = first_rows.to(hidden.device)
-            state["h_init"] = hidden[first, at[1][first]].detach().float()
-        add = torch.zeros_like(hidden).index_put(at, delta[owner].to(hidden.dtype))
-        return with_hidden(output, hidden + add)
+        hidden = block_hidden(output)  # (N, S, d_model)
+        if "z_out" not in state:
+            state["z_out"] = output  # blocks 0..z_layer replay it from the next step on
+            state["h_init"] = hidden[first_rows.to(hidden.device), 0].detach().float()
+        moved = hidden[:, :1] + delta[owner].to(hidden)[:, None]
+        return with_hidden(output, torch.cat([moved, hidden[:, 1:]], 1))
 
     def keep(module, args, output):
         state["out"] = block_hidden(output)
@@ -112,24 +125,26 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     active = torch.ones(n, dtype=torch.bool, device=z_device)
     steps = torch.zeros(n, dtype=torch.long, device=z_device)
-    init_loss = final_loss = None
-    kl_init = None
+    init_loss = final_loss = kl_init = None
     with torch.enable_grad():
         for it in range(int(cfg.steps)):
-            forward_until(handle, rows, loss_layer, [(inject, "post", add_delta),
-                                                     (capture, "post", keep)])
+            replay = (replay_blocks(handle, z_layer, state["z_out"]) if "z_out" in state
+                      else nullcontext())
+            with replay:
+                forward_until(handle, rows.suffix_inputs(new_cache()), loss_layer,
+                              [(inject, "post", add_delta), (capture, "post", keep)])
             out = state["out"]
-            logp_t = _logprobs(handle, out[t_row.to(out.device), t_pos.to(out.device)])
-            dev = logp_t.device  # (n_tok, vocab) on the LM head's device
+            dev = out.device
+            logp_t = _logprobs(handle, out[t_row.to(dev), t_col.to(dev)])  # (n_tok, vocab)
+            dev = logp_t.device  # the LM head's device
             tok_nll = -logp_t.gather(1, t_tok.to(dev)[:, None])[:, 0]  # (n_tok,)
             row_nll = torch.zeros(n_rewrite, device=dev).index_add(0, t_row.to(dev), tok_nll)
-            row_nll = row_nll / torch.tensor([len(t) for t in targets], device=dev)
-            nll = row_nll.view(n, n_ctx).mean(1).to(z_device)  # (n,)
-            kl_logp = _logprobs(handle, out[kl_rows.to(out.device), width - 1])  # (n, vocab)
+            nll = (row_nll / t_len.to(dev)).view(n, n_ctx).mean(1).to(z_device)  # (n,)
+            kl_logp = _logprobs(handle, out[kl_rows.to(out.device), kl_col.to(out.device)])
             if kl_init is None:
-                kl_init = kl_logp.detach()
+                kl_init = kl_logp.detach()  # (n, vocab)
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).to(z_device)  # KL(now||init)
-            h_norm = state["h_init"].norm(dim=-1)
+            h_norm = state["h_init"].to(z_device).norm(dim=-1)
             decay = cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
             loss = nll + cfg.kl_factor * kl + decay  # (n,)
             if init_loss is None:
@@ -148,5 +163,5 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
                 max_norm = cfg.clamp_norm_factor * h_norm
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    z = state["h_init"] + delta.detach()
+    z = state["h_init"].to(z_device) + delta.detach()
     return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, steps=steps)
