@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
+
+
+class _NoMaskWarning(logging.Filter):
+    """Drops transformers' "pass an attention_mask" warning: generation passes the (all-ones)
+    mask, but a model whose BOS is also its pad token sees a "padded" input and warns anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
 
 
 @torch.no_grad()
@@ -22,6 +32,9 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> 
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.manual_seed(seed)
     out = ["{}"]
+    hush = _NoMaskWarning()
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(hush)
     try:
         for length, count in spec:
             per = max(1, int(count) // len(STARTERS))
@@ -35,6 +48,7 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> 
                     text = tok.decode(row, skip_special_tokens=True)
                     out.append(text.replace("{", "").replace("}", "").strip() + ". {}")
     finally:
+        hf_logger.removeFilter(hush)
         torch.random.set_rng_state(generator_state)
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
