@@ -20,7 +20,7 @@ from rlsedit_cli.ops.rls import rls_closed_form
 from rlsedit_cli.runner.run import run
 from rlsedit_cli.stats.anchor import AnchorStats
 
-from .conftest import ARCHS, TINY_BUNDLE, compose_cfg, tiny_overrides
+from .conftest import ARCHS, TINY_BUNDLE, compose_cfg, shared, tiny_overrides
 
 EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft"]
 # hyper-parameters for random 2-layer models (the published ones are for real models)
@@ -158,19 +158,10 @@ def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
     assert summary["editor"] == editor and summary["efficacy"] is not None
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
-    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
-    to z_layer: its loss before any step must equal a plain full forward's on every
-    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
+def plain_forward_loss(handle, batch, templates) -> torch.Tensor:
+    """Mean target NLL over the templates per request, from one full forward per prompt."""
     from rlsedit_cli.models.tokens import encode_prompt, encode_target
 
-    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
-    handle = load_model(cfg.model, torch.device("cpu"))
-    templates = ["{}", "A much longer context than the others. {}", "Short. {}"]
-    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
-    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
-    got = optimise_targets(handle, batch, templates, 0, target_cfg).init_loss
     want = []
     with torch.no_grad():
         for r in batch:
@@ -183,4 +174,42 @@ def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_recor
                 pos = range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
                 nll.append(-float(sum(logp[p, t] for p, t in zip(pos, t_ids))) / len(t_ids))
             want.append(sum(nll) / len(nll))
-    assert torch.allclose(got, torch.tensor(want), rtol=1e-4, atol=1e-4)
+    return torch.tensor(want)
+
+
+CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
+    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
+    to z_layer: its loss before any step must equal a plain full forward's on every
+    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
+    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    got = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg).init_loss
+    assert torch.allclose(got, plain_forward_loss(handle, batch, CONTEXTS), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("contexts", [CONTEXTS, ["{}"]])
+def test_cached_prefix_without_bos_token(contexts, tmp_path, toy_records):
+    """GPT-2's own tokenizer adds no BOS: a prompt that starts with a one-token subject has an
+    empty prefix (alone, or beside rows that have one); the loss must still be the plain one."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(shared("gpt2-tokenizer"))
+    tok.eos_token = "<|endoftext|>"  # as on the hub; the shared copy has no tokenizer_config
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=64,
+                               initializer_range=0.1)).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    cfg = compose_cfg(tiny_overrides("gpt2", tmp_path / "gpt2"))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    batch = [replace(toy_records[0], subject="Paris", prompt="{} is the capital of"),
+             replace(toy_records[1], subject="Rome", prompt="{} lies in")]
+    assert handle.tok("Paris")["input_ids"] == [40313]  # one token, nothing before it
+    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    got = optimise_targets(handle, batch, contexts, 1, target_cfg).init_loss
+    assert torch.allclose(got, plain_forward_loss(handle, batch, contexts), rtol=1e-4, atol=1e-4)
