@@ -36,11 +36,6 @@ class Record:
     def rewrite_prompt(self) -> str:
         return self.prompt.format(self.subject)
 
-    def as_request(self) -> dict:
-        """The request dict editors receive (prompt template, subject, target)."""
-        return {"case_id": self.case_id, "prompt": self.prompt, "subject": self.subject,
-                "target_new": self.target_new, "target_true": self.target_true}
-
 
 def fail(case_id, field: str, problem: str) -> DataError:
     return DataError(
