@@ -213,3 +213,23 @@ def test_cached_prefix_without_bos_token(contexts, tmp_path, toy_records):
     target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
     got = optimise_targets(handle, batch, contexts, 1, target_cfg).init_loss
     assert torch.allclose(got, plain_forward_loss(handle, batch, contexts), rtol=1e-4, atol=1e-4)
+
+
+def test_replayed_blocks_get_their_own_forward_back(shipped_handle, toy_records):
+    """Blocks 0..z_layer are replayed during the optimisation; afterwards each has its forward
+    back, including an instance-level one such as accelerate installs under device_map."""
+    block0, block1 = shipped_handle.layer_module(0), shipped_handle.layer_module(1)
+    calls = []
+
+    def wrapped(*args, **kwargs):  # what accelerate's hooks look like: an instance attribute
+        calls.append(1)
+        return type(block0).forward(block0, *args, **kwargs)
+
+    block0.forward = wrapped
+    try:
+        cfg = TargetConfig(steps=3, lr=0.5, loss_layer=3, early_stop_loss=0.0)
+        optimise_targets(shipped_handle, toy_records[:2], ["{}"], 1, cfg)
+        assert len(calls) == 2  # the prefix pass and the first step; then replayed
+        assert block0.__dict__["forward"] is wrapped and "forward" not in block1.__dict__
+    finally:
+        del block0.forward
