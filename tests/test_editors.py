@@ -169,7 +169,7 @@ def plain_forward_loss(handle, batch, templates) -> torch.Tensor:
             nll = []
             for ctx in templates:
                 p_ids = encode_prompt(handle.tok, ctx.format(r.prompt).format(r.subject))
-                ids = torch.tensor([p_ids + t_ids[:-1]])
+                ids = torch.tensor([p_ids + t_ids[:-1]], device=handle.device)
                 logp = handle.model(input_ids=ids).logits[0].log_softmax(-1)
                 pos = range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
                 nll.append(-float(sum(logp[p, t] for p, t in zip(pos, t_ids))) / len(t_ids))
@@ -233,3 +233,25 @@ def test_replayed_blocks_get_their_own_forward_back(shipped_handle, toy_records)
         assert block0.__dict__["forward"] is wrapped and "forward" not in block1.__dict__
     finally:
         del block0.forward
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_targets_on_cuda_match_the_plain_forward_and_one_at_a_time(toy_records):
+    cfg = compose_cfg(["device=cuda"])
+    handle = load_model(cfg.model, torch.device("cuda"))
+    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
+    target_cfg = TargetConfig(steps=10, lr=0.5, loss_layer=3, early_stop_loss=0.0)
+    together = optimise_targets(handle, batch, CONTEXTS, 1, target_cfg)
+    want = plain_forward_loss(handle, batch, CONTEXTS).to(together.init_loss.device)
+    assert torch.allclose(together.init_loss, want, rtol=1e-4, atol=1e-4)
+    alone = torch.cat([optimise_targets(handle, [r], CONTEXTS, 1, target_cfg).z for r in batch])
+    assert torch.allclose(together.z, alone, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_default_run_on_cuda_edits(make_cfg):
+    summary = run(make_cfg("device=cuda", "eval=none", "stream.num_edits=40",
+                           "stream.batch_size=10"))
+    assert summary["device"].startswith("cuda") and summary["efficacy"] >= 85
