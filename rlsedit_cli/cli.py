@@ -32,17 +32,21 @@ def _missing_choice(err: BaseException) -> str | None:
             "(`rlsedit ls` lists every group)")
 
 
+def _lines(err: BaseException) -> list[str]:
+    """The non-empty lines of an error's text, without Hydra's diagnostic noise."""
+    return [ln.strip().rstrip(".") for ln in str(err).splitlines()
+            if ln.strip() and not ln.strip().startswith(NOISE)]
+
+
 def one_line(err: BaseException) -> str:
     """A Hydra/OmegaConf/rlsedit error as one line, with the fix where one is known."""
     for e in (err, err.__cause__, err.__context__):
         if e is not None and (text := _missing_choice(e)):
             return text
-    lines = [ln.strip().rstrip(".") for ln in str(err).splitlines()
-             if ln.strip() and not ln.strip().startswith(NOISE)]
+    lines = _lines(err)
     cause = err.__cause__ or err.__context__
     if cause is not None and str(cause).strip() and str(cause).strip() not in " ".join(lines):
-        lines += [ln.strip().rstrip(".") for ln in str(cause).splitlines()
-                  if ln.strip() and not ln.strip().startswith(NOISE)]
+        lines += _lines(cause)
     text = "; ".join(dict.fromkeys(lines)) or type(err).__name__
     for plugin, extra in (("submitit", "slurm"), ("optuna", "optuna")):
         if plugin in text:

@@ -33,7 +33,6 @@ class Rows:
     pos: torch.Tensor
     lookup: torch.Tensor
     owner: torch.Tensor
-    lengths: torch.Tensor  # (N,) unpadded lengths
 
     @property
     def inputs(self) -> dict:
@@ -70,7 +69,7 @@ def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     dev = handle.device
     return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=pos.to(dev),
                 lookup=(width - lengths + torch.tensor(lookups)).to(dev),
-                owner=torch.tensor([it[3] for it in items]).to(dev), lengths=lengths.to(dev))
+                owner=torch.tensor([it[3] for it in items]).to(dev))
 
 
 @dataclass

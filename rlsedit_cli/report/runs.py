@@ -33,21 +33,23 @@ class Run:
         base = f"{self.summary.get('editor', '?')} / {self.summary.get('model', '?')}"
         return f"{base} ({self.setting})" if self.setting else base
 
-    def override_items(self) -> dict[str, str]:
-        items = {}
+    def _override_values(self) -> dict[str, str]:
+        """key -> value of every override (the first one where a key repeats)."""
+        values: dict[str, str] = {}
         for o in self.overrides:
             key, _, value = o.lstrip("+~").partition("=")
-            if not key.startswith(IGNORED_OVERRIDES) and key not in ("editor", "model", "dataset"):
-                items[key] = value
-        return items
+            values.setdefault(key, value)
+        return values
+
+    def override_items(self) -> dict[str, str]:
+        """Overrides that tell runs apart: not paths, tracker, device, evaluation, checkpoints
+        or the editor/model/dataset choices."""
+        return {k: v for k, v in self._override_values().items()
+                if not k.startswith(IGNORED_OVERRIDES) and k not in ("editor", "model", "dataset")}
 
     def override(self, key: str) -> str | None:
         """The value a run's override gave ``key`` (e.g. ``editor.lam``), else None."""
-        for o in self.overrides:
-            k, _, v = o.lstrip("+~").partition("=")
-            if k == key:
-                return v
-        return None
+        return self._override_values().get(key)
 
 
 def _csv(path: Path) -> list[dict]:

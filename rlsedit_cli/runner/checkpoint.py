@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
+from rlsedit_cli.runner.folder import write_atomic
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
@@ -123,9 +124,7 @@ def truncate_lines(path: Path, keep: int) -> None:
         return
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     if len(lines) > keep:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(lines[:keep]), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, "".join(lines[:keep]))
         log.info("%s: dropped %d lines written after the checkpoint", path.name, len(lines) - keep)
 
 

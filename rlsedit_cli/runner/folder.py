@@ -46,7 +46,8 @@ class RunFolder:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
-    OUTPUTS = ("metrics.jsonl", "retention.csv", "general.csv", "summary.json")
+    LINE_FILES = ("metrics.jsonl", "retention.csv", "general.csv")  # appended batch by batch
+    OUTPUTS = (*LINE_FILES, "summary.json")
 
     def reset(self) -> None:
         """Start fresh: remove the outputs of an earlier run in the same folder."""

@@ -27,7 +27,6 @@ from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.stats.anchor import AnchorStats
 
 log = logging.getLogger(__name__)
-LINE_FILES = ("metrics.jsonl", "retention.csv", "general.csv")
 
 
 def build(node: DictConfig, **kwargs):
@@ -143,7 +142,7 @@ class Runner:
             elif cfg.eval.pre_edit:
                 summary["pre"] = measure.before(self.edited)
             bar = progress(range(start, len(self.batches)), desc=f"edit ({cfg.editor.name})",
-                       unit="batch", initial=start, total=len(self.batches))
+                           unit="batch", initial=start, total=len(self.batches))
             for i in bar:
                 batch, last = self.batches[i], i == len(self.batches) - 1
                 t0 = time.perf_counter()
@@ -187,7 +186,7 @@ class Runner:
                         for layer in self.editor.edited_layers},
             "rng": checkpoint.rng_state(),
             "lines": {name: checkpoint.count_lines(self.folder.path / name)
-                      for name in LINE_FILES},
+                      for name in RunFolder.LINE_FILES},
         }
         checkpoint.save(self.folder.path, state)
 

@@ -138,7 +138,7 @@ class AnchorStats:
                 log.warning("ignoring unreadable partial statistics %s (%s)", partial, e)
         partial.parent.mkdir(parents=True, exist_ok=True)
         bar = progress(total=self.num_samples, initial=state.samples if state else 0,
-                   desc=f"anchor statistics, layers {layers}", unit="sample")
+                       desc=f"anchor statistics, layers {layers}", unit="sample")
         last_save = [time.monotonic()]
 
         def on_batch(s: MomentState) -> None:
