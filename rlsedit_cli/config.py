@@ -39,6 +39,7 @@ class ModelConfig:
     revision: str | None = None
     device_map: str | None = None  # "auto" shards across GPUs (accelerate)
     trust_remote_code: bool = False
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2; None: the default
     num_layers: int = MISSING
     layer_template: str = MISSING  # a block; its output is the residual stream
     mlp_out_template: str = MISSING  # the edited linear map (MLP down projection)

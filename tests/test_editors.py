@@ -193,6 +193,62 @@ def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_recor
     assert torch.allclose(got, plain_forward_loss(handle, batch, CONTEXTS), rtol=1e-4, atol=1e-4)
 
 
+def plain_forward_with_delta(handle, batch, templates, z_layer, delta):
+    """(NLL, KL) per request from full forwards, delta added after block z_layer at the
+    subject's last token (the quantities the optimisation reports at its last step)."""
+    from rlsedit_cli.editing.targets import KL_PROMPT
+    from rlsedit_cli.models.tokens import encode_prompt, encode_target, subject_last_index
+
+    def logprobs(template, subject, extra, d):
+        ids = encode_prompt(handle.tok, template.format(subject)) + extra
+        at = subject_last_index(handle.tok, template, subject)
+
+        def add(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[0, at] += d
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        hook = handle.layer_module(z_layer).register_forward_hook(add)
+        try:
+            return handle.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        finally:
+            hook.remove()
+
+    nll, kl = [], []
+    with torch.no_grad():
+        for r, d in zip(batch, delta):
+            t_ids = encode_target(handle.tok, r.target_new)
+            per_ctx = []
+            for ctx in templates:
+                logp = logprobs(ctx.format(r.prompt), r.subject, t_ids[:-1], d)
+                start = logp.shape[0] - len(t_ids)
+                per_ctx.append(-sum(float(logp[start + j, t]) for j, t in enumerate(t_ids))
+                               / len(t_ids))
+            nll.append(sum(per_ctx) / len(per_ctx))
+            now = logprobs(KL_PROMPT, r.subject, [], d)[-1]
+            init = logprobs(KL_PROMPT, r.subject, [], torch.zeros_like(d))[-1]
+            kl.append(float((now.exp() * (now - init)).sum()))
+    return torch.tensor(nll), torch.tensor(kl)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_last_step_loss_and_kl_match_a_plain_forward(arch, tiny_models, toy_records):
+    """After steps with replayed blocks and MLPs cut to the positions that count, the NLL and
+    KL the optimisation reports equal a plain full forward's with its final delta."""
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
+    target_cfg = TargetConfig(steps=4, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    result = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg)
+    delta = result.z - optimise_targets(handle, batch, CONTEXTS, 0,
+                                    replace(target_cfg, steps=1)).z  # steps=1: delta stays 0
+    nll, kl = plain_forward_with_delta(handle, batch, CONTEXTS, 0, delta)
+    assert (kl > 1e-4).all()  # the delta moved the KL prompt's distribution
+    assert torch.allclose(result.final_loss, nll, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(result.final_kl, kl, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("contexts", [CONTEXTS, ["{}"]])
 def test_cached_prefix_without_bos_token(contexts, tmp_path, toy_records):
     """GPT-2's own tokenizer adds no BOS: a prompt that starts with a one-token subject has an

@@ -56,3 +56,31 @@ def test_device_resolution():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="device='tpu9'"):
         resolve_device("tpu9")
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "gptj"])  # GPT-J has eager only
+def test_attention_kernel_is_chosen_and_changes_no_logits(arch, tiny_models):
+    base = tiny_overrides(arch, tiny_models[arch])
+    eager = load_model(compose_cfg([*base, "model.attn_implementation=eager"]).model,
+                       torch.device("cpu"))
+    sdpa = load_model(compose_cfg([*base, "model.attn_implementation=sdpa"]).model,
+                      torch.device("cpu"))
+    assert eager.model.config._attn_implementation == "eager"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    with torch.no_grad():
+        a = eager.model(input_ids=ids, attention_mask=mask).logits
+        b = sdpa.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(a[0], b[0], atol=1e-5) and torch.allclose(a[1, 2:], b[1, 2:], atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "kernel"), [("gpt2", "warp_drive"), ("gptj", "sdpa")])
+def test_unusable_attention_kernel_is_a_config_error(arch, kernel, tiny_models):
+    cfg = compose_cfg([*tiny_overrides(arch, tiny_models[arch]),
+                       f"model.attn_implementation={kernel}"])
+    with pytest.raises(ConfigError) as err:
+        load_model(cfg.model, torch.device("cpu"))
+    msg = str(err.value)
+    assert f"model.attn_implementation={kernel!r}" in msg and "eager" in msg
+    assert "\n" not in msg

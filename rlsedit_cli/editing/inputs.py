@@ -96,6 +96,11 @@ class SplitRows:
         return {"input_ids": self.prefix_ids, "attention_mask": self.prefix_mask,
                 "position_ids": self.prefix_pos}
 
+    @property
+    def suffix_mask(self) -> torch.Tensor:
+        """(N, S): 1 on the suffix's tokens, 0 on its (right) padding."""
+        return self.mask[:, self.prefix_ids.shape[1]:]
+
     def suffix_inputs(self, cache: DynamicCache | None) -> dict:
         """Inputs of the suffix after a prefix whose keys and values are in ``cache``."""
         return {"input_ids": self.suffix_ids, "attention_mask": self.mask,
@@ -149,16 +154,14 @@ def with_hidden(output, hidden: torch.Tensor):
 
 
 @contextmanager
-def replay_blocks(handle: ModelHandle, upto: int, output) -> Iterator[None]:
-    """Blocks 0..``upto`` skip their work and block ``upto`` returns the recorded ``output``.
+def patched_forward(modules: list[torch.nn.Module], make: Callable) -> Iterator[None]:
+    """Each module's forward becomes ``make(module, forward)`` (given its current forward).
 
-    For passes whose inputs up to block ``upto`` are the same as in the pass that recorded it.
-    Forward hooks still run; an existing instance-level ``forward`` (accelerate's) is restored.
+    An existing instance-level ``forward`` (accelerate's) is restored afterwards.
     """
-    modules = [handle.layer_module(i) for i in range(upto + 1)]
     saved = [m.__dict__.get("forward") for m in modules]
     for m in modules:
-        m.forward = lambda *args, **kwargs: output
+        m.forward = make(m, m.forward)
     try:
         yield
     finally:
@@ -167,6 +170,34 @@ def replay_blocks(handle: ModelHandle, upto: int, output) -> Iterator[None]:
                 del m.forward
             else:
                 m.forward = fwd
+
+
+def replay_blocks(handle: ModelHandle, upto: int, output):
+    """Blocks 0..``upto`` skip their work and block ``upto`` returns the recorded ``output``.
+
+    For passes whose inputs up to block ``upto`` are the same as in the pass that recorded it.
+    Forward hooks still run.
+    """
+    modules = [handle.layer_module(i) for i in range(upto + 1)]
+    return patched_forward(modules, lambda m, fwd: lambda *args, **kwargs: output)
+
+
+def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch.Tensor):
+    """The MLP of ``layer`` computes only at positions (rows, cols) and gives zeros elsewhere.
+
+    For passes that read block ``layer``'s output only there (the MLP is position-wise, so
+    those positions are exact; the others become wrong).
+    """
+
+    def make(module, inner):
+        def forward(hidden, *args, **kwargs):  # hidden (N, S, d_model)
+            at = (rows.to(hidden.device), cols.to(hidden.device))
+            picked = inner(hidden[at][None], *args, **kwargs)[0]  # (k, d_model)
+            return hidden.new_zeros(hidden.shape).index_put(at, picked)
+
+        return forward
+
+    return patched_forward([handle.mlp_module(layer)], make)
 
 
 def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,

@@ -58,6 +58,7 @@ class KeyValueEditor(Editor):
         result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
         stats = {"target_nll_before": float(result.init_loss.mean()),
                  "target_nll_after": float(result.final_loss.mean()),
+                 "target_kl_after": float(result.final_kl.mean()),
                  "target_steps": float(result.steps.float().mean())}
         for i, layer in enumerate(self.layers):
             K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)

@@ -8,7 +8,9 @@ it would get alone, and Adam (element-wise) follows the same trajectory as one-a
 
 Work that the deltas cannot change is done once, not at every step: the tokens before the
 subject's last token (their keys and values are cached, :func:`prefix_cache`) and blocks
-0..``z_layer`` on the remaining tokens (replayed, :func:`replay_blocks`).
+0..``z_layer`` on the remaining tokens (replayed, :func:`replay_blocks`). Work the loss cannot
+see is not done: the MLPs of the re-run blocks skip the suffix's padding, and block
+``loss_layer``'s runs only at the positions the loss reads (:func:`mlp_only_at`).
 
 Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
 + kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
@@ -18,7 +20,7 @@ after each step ||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,7 @@ from rlsedit_cli.editing.inputs import (
     block_hidden,
     build_split_rows,
     forward_until,
+    mlp_only_at,
     prefix_cache,
     replay_blocks,
     with_hidden,
@@ -46,6 +49,7 @@ class TargetResult:
     z: torch.Tensor
     init_loss: torch.Tensor  # (n,) NLL before optimisation
     final_loss: torch.Tensor  # (n,) NLL at the last step
+    final_kl: torch.Tensor  # (n,) KL(p_now || p_init) on the KL prompt at the last step
     steps: torch.Tensor  # (n,) optimiser steps taken
 
 
@@ -75,11 +79,16 @@ def _target_index(rows: SplitRows, targets: list[list[int]]):
     return torch.tensor(row_idx), torch.tensor(col_idx), torch.tensor(tok_idx)
 
 
-def _logprobs(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
-    """log softmax of the LM head on hidden states (..., d_model) -> (..., vocab), float32."""
+def _logits(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on hidden states (..., d_model) -> (..., vocab), float32."""
     ln_f = handle.module(handle.spec.ln_f)
     head = handle.module(handle.spec.lm_head)
-    return head(ln_f(hidden)).float().log_softmax(-1)
+    return head(ln_f(hidden)).float()
+
+
+def _logprobs(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
+    """log softmax of the LM head on hidden states (..., d_model) -> (..., vocab), float32."""
+    return _logits(handle, hidden).log_softmax(-1)
 
 
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
@@ -88,7 +97,7 @@ def optimise_targets(handle: ModelHandle, requests: list[Record], templates: lis
     parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg)
              for s in range(0, len(requests), max(1, cfg.chunk_size))]
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts])
-                          for f in ("z", "init_loss", "final_loss", "steps")))
+                          for f in ("z", "init_loss", "final_loss", "final_kl", "steps")))
 
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
@@ -102,6 +111,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32)
     kl_rows = torch.arange(n_rewrite, n_rewrite + n)
     kl_col = rows.suffix_len.cpu()[kl_rows] - 1
+    needed = (torch.cat([t_row, kl_rows]), torch.cat([t_col, kl_col]))  # distinct positions
+    real = torch.nonzero(rows.suffix_mask.cpu(), as_tuple=True)  # suffix tokens, not padding
     first_rows = torch.arange(0, n_rewrite, n_ctx)  # the plain "{}" context of each request
     inject = handle.layer_module(z_layer)
     capture = handle.layer_module(loss_layer)
@@ -125,19 +136,23 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     active = torch.ones(n, dtype=torch.bool, device=z_device)
     steps = torch.zeros(n, dtype=torch.long, device=z_device)
-    init_loss = final_loss = kl_init = None
+    init_loss = final_loss = final_kl = kl_init = None
     with torch.enable_grad():
         for it in range(int(cfg.steps)):
-            replay = (replay_blocks(handle, z_layer, state["z_out"]) if "z_out" in state
-                      else nullcontext())
-            with replay:
+            with ExitStack() as patches:
+                if "z_out" in state:
+                    patches.enter_context(replay_blocks(handle, z_layer, state["z_out"]))
+                for layer in range(z_layer + 1, loss_layer):  # not on the right padding
+                    patches.enter_context(mlp_only_at(handle, layer, *real))
+                if loss_layer > z_layer:  # block loss_layer's output is read only at `needed`
+                    patches.enter_context(mlp_only_at(handle, loss_layer, *needed))
                 forward_until(handle, rows.suffix_inputs(new_cache()), loss_layer,
                               [(inject, "post", add_delta), (capture, "post", keep)])
             out = state["out"]
             dev = out.device
-            logp_t = _logprobs(handle, out[t_row.to(dev), t_col.to(dev)])  # (n_tok, vocab)
-            dev = logp_t.device  # the LM head's device
-            tok_nll = -logp_t.gather(1, t_tok.to(dev)[:, None])[:, 0]  # (n_tok,)
+            logits = _logits(handle, out[t_row.to(dev), t_col.to(dev)])  # (n_tok, vocab)
+            dev = logits.device  # the LM head's device
+            tok_nll = torch.nn.functional.cross_entropy(logits, t_tok.to(dev), reduction="none")
             row_nll = torch.zeros(n_rewrite, device=dev).index_add(0, t_row.to(dev), tok_nll)
             nll = (row_nll / t_len.to(dev)).view(n, n_ctx).mean(1).to(z_device)  # (n,)
             kl_logp = _logprobs(handle, out[kl_rows.to(out.device), kl_col.to(out.device)])
@@ -149,7 +164,7 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             loss = nll + cfg.kl_factor * kl + decay  # (n,)
             if init_loss is None:
                 init_loss = nll.detach()
-            final_loss = nll.detach()
+            final_loss, final_kl = nll.detach(), kl.detach()
             active &= loss.detach() >= cfg.early_stop_loss
             if not bool(active.any()) or it == int(cfg.steps) - 1:
                 break
@@ -164,4 +179,5 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
                 scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
     z = state["h_init"].to(z_device) + delta.detach()
-    return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, steps=steps)
+    return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, final_kl=final_kl,
+                        steps=steps)

@@ -37,7 +37,7 @@ class ROME(KeyValueEditor):
 
     def edit(self, batch: list[Record]) -> dict[str, float]:
         templates = self.context()
-        norms, nll_before, nll_after = [], [], []
+        norms, nll_before, nll_after, kl_after = [], [], [], []
         for request in batch:
             result = optimise_targets(self.handle, [request], templates, self.z_layer, self.target)
             K, h = keys_and_hidden(self.handle, [request], templates, self.z_layer, self.z_layer)
@@ -46,8 +46,10 @@ class ROME(KeyValueEditor):
             norms.append(float(delta.norm()))
             nll_before.append(float(result.init_loss[0]))
             nll_after.append(float(result.final_loss[0]))
+            kl_after.append(float(result.final_kl[0]))
         n = len(batch)
         return {"target_nll_before": sum(nll_before) / n, "target_nll_after": sum(nll_after) / n,
+                "target_kl_after": sum(kl_after) / n,
                 f"layer{self.z_layer}/update_norm": sum(norms) / n}
 
     def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:

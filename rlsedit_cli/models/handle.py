@@ -58,6 +58,10 @@ class ModelHandle:
         """The edited linear map (MLP down projection) of ``layer``."""
         return self.module(self.spec.mlp_out_template, layer)
 
+    def mlp_module(self, layer: int) -> nn.Module:
+        """The MLP of ``layer``: the edited map's parent, position-wise in every supported arch."""
+        return self.module(self.spec.mlp_out_template.rsplit(".", 1)[0], layer)
+
     def weight(self, layer: int) -> torch.Tensor:
         """W of the edited map in (d_out, d_in) layout (a view: no copy)."""
         w = self.edited_module(layer).weight

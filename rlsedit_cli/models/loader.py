@@ -75,6 +75,16 @@ def _check_arch(model: torch.nn.Module, spec) -> None:
             ) from e
 
 
+def _attention_error(spec, err: Exception) -> ConfigError | None:
+    """A one-line error when ``err`` is the model refusing ``spec.attn_implementation``."""
+    name = getattr(spec, "attn_implementation", None)
+    reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    if name is None or "attention" not in reason.lower() and "attn" not in reason.lower():
+        return None
+    return ConfigError(f"model.attn_implementation={name!r} cannot be used ({reason}): "
+                       "use eager, sdpa, or null for the default")
+
+
 def load_model(spec, device: torch.device) -> ModelHandle:
     """Load ``spec.name_or_path`` (a conf/model node) onto ``device`` and check its templates."""
     name = str(spec.name_or_path)
@@ -87,10 +97,14 @@ def load_model(spec, device: torch.device) -> ModelHandle:
     kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
+        attention = getattr(spec, "attn_implementation", None)
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=DTYPES[spec.dtype], device_map=spec.device_map, **kwargs
+            name, dtype=DTYPES[spec.dtype], device_map=spec.device_map,
+            **({"attn_implementation": str(attention)} if attention is not None else {}), **kwargs
         )
     except (OSError, ValueError) as e:
+        if (refused := _attention_error(spec, e)) is not None:
+            raise refused from e
         if is_local:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(f"cannot load model from {name}: {first}") from e
