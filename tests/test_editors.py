@@ -158,41 +158,6 @@ def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
     assert summary["editor"] == editor and summary["efficacy"] is not None
 
 
-def plain_forward_loss(handle, batch, templates) -> torch.Tensor:
-    """Mean target NLL over the templates per request, from one full forward per prompt."""
-    from rlsedit_cli.models.tokens import encode_prompt, encode_target
-
-    want = []
-    with torch.no_grad():
-        for r in batch:
-            t_ids = encode_target(handle.tok, r.target_new)
-            nll = []
-            for ctx in templates:
-                p_ids = encode_prompt(handle.tok, ctx.format(r.prompt).format(r.subject))
-                ids = torch.tensor([p_ids + t_ids[:-1]], device=handle.device)
-                logp = handle.model(input_ids=ids).logits[0].log_softmax(-1)
-                pos = range(len(p_ids) - 1, len(p_ids) - 1 + len(t_ids))
-                nll.append(-float(sum(logp[p, t] for p, t in zip(pos, t_ids))) / len(t_ids))
-            want.append(sum(nll) / len(nll))
-    return torch.tensor(want)
-
-
-CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
-    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
-    to z_layer: its loss before any step must equal a plain full forward's on every
-    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
-    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
-    handle = load_model(cfg.model, torch.device("cpu"))
-    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
-    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
-    got = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg).init_loss
-    assert torch.allclose(got, plain_forward_loss(handle, batch, CONTEXTS), rtol=1e-4, atol=1e-4)
-
-
 def plain_forward_with_delta(handle, batch, templates, z_layer, delta):
     """(NLL, KL) per request from full forwards, delta added after block z_layer at the
     subject's last token (the quantities the optimisation reports at its last step)."""
@@ -206,12 +171,13 @@ def plain_forward_with_delta(handle, batch, templates, z_layer, delta):
         def add(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
             hidden = hidden.clone()
-            hidden[0, at] += d
+            hidden[0, at] += d.to(hidden)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         hook = handle.layer_module(z_layer).register_forward_hook(add)
         try:
-            return handle.model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+            ids = torch.tensor([ids], device=handle.device)
+            return handle.model(input_ids=ids).logits[0].float().log_softmax(-1)
         finally:
             hook.remove()
 
@@ -230,6 +196,29 @@ def plain_forward_with_delta(handle, batch, templates, z_layer, delta):
             init = logprobs(KL_PROMPT, r.subject, [], torch.zeros_like(d))[-1]
             kl.append(float((now.exp() * (now - init)).sum()))
     return torch.tensor(nll), torch.tensor(kl)
+
+
+def plain_forward_loss(handle, batch, templates) -> torch.Tensor:
+    """Mean target NLL over the templates per request, from one full forward per prompt."""
+    d_model = handle.weight_shape(0)[0]
+    zero = torch.zeros(len(batch), d_model, device=handle.device)
+    return plain_forward_with_delta(handle, batch, templates, 0, zero)[0]
+
+
+CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
+    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
+    to z_layer: its loss before any step must equal a plain full forward's on every
+    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
+    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    got = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg).init_loss
+    assert torch.allclose(got, plain_forward_loss(handle, batch, CONTEXTS), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -86,11 +86,6 @@ def _logits(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
     return head(ln_f(hidden)).float()
 
 
-def _logprobs(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
-    """log softmax of the LM head on hidden states (..., d_model) -> (..., vocab), float32."""
-    return _logits(handle, hidden).log_softmax(-1)
-
-
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
                      z_layer: int, cfg) -> TargetResult:
     """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``)."""
@@ -111,8 +106,9 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32)
     kl_rows = torch.arange(n_rewrite, n_rewrite + n)
     kl_col = rows.suffix_len.cpu()[kl_rows] - 1
-    needed = (torch.cat([t_row, kl_rows]), torch.cat([t_col, kl_col]))  # distinct positions
-    real = torch.nonzero(rows.suffix_mask.cpu(), as_tuple=True)  # suffix tokens, not padding
+    needed = (torch.cat([t_row, kl_rows]).to(rows.mask.device),  # distinct positions
+              torch.cat([t_col, kl_col]).to(rows.mask.device))
+    real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # suffix tokens, not padding
     first_rows = torch.arange(0, n_rewrite, n_ctx)  # the plain "{}" context of each request
     inject = handle.layer_module(z_layer)
     capture = handle.layer_module(loss_layer)
@@ -155,7 +151,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             tok_nll = torch.nn.functional.cross_entropy(logits, t_tok.to(dev), reduction="none")
             row_nll = torch.zeros(n_rewrite, device=dev).index_add(0, t_row.to(dev), tok_nll)
             nll = (row_nll / t_len.to(dev)).view(n, n_ctx).mean(1).to(z_device)  # (n,)
-            kl_logp = _logprobs(handle, out[kl_rows.to(out.device), kl_col.to(out.device)])
+            kl_at = (kl_rows.to(out.device), kl_col.to(out.device))
+            kl_logp = _logits(handle, out[kl_at]).log_softmax(-1)  # (n, vocab)
             if kl_init is None:
                 kl_init = kl_logp.detach()  # (n, vocab)
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).to(z_device)  # KL(now||init)

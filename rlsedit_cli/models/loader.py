@@ -44,8 +44,14 @@ def known_archs() -> dict[str, str]:
     return out
 
 
+def _first_line(err: Exception) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    reason = _first_line(err)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     where = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable"
     return ModelLoadError(
@@ -78,7 +84,7 @@ def _check_arch(model: torch.nn.Module, spec) -> None:
 def _attention_error(spec, err: Exception) -> ConfigError | None:
     """A one-line error when ``err`` is the model refusing ``spec.attn_implementation``."""
     name = getattr(spec, "attn_implementation", None)
-    reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else ""
+    reason = _first_line(err).split(". ")[0]
     if name is None or "attention" not in reason.lower() and "attn" not in reason.lower():
         return None
     return ConfigError(f"model.attn_implementation={name!r} cannot be used ({reason}): "
@@ -106,8 +112,7 @@ def load_model(spec, device: torch.device) -> ModelHandle:
         if (refused := _attention_error(spec, e)) is not None:
             raise refused from e
         if is_local:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelLoadError(f"cannot load model from {name}: {first}") from e
+            raise ModelLoadError(f"cannot load model from {name}: {_first_line(e)}") from e
         raise _hub_error(name, e) from e
     _check_arch(model, spec)
     if spec.device_map is None:
