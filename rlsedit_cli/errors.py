@@ -23,3 +23,9 @@ class ModelLoadError(RlseditError):
 
 class NumericalError(RlseditError):
     """A factorisation failed or a tensor holds NaN/inf."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -107,3 +107,10 @@ def test_wandb_without_key_or_network_falls_back_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "W&B online could not start" in proc.stderr and "offline instead" in proc.stderr
     assert list((tmp_path / "out").rglob("summary.json"))
+
+
+def test_first_line_of_an_error():
+    from rlsedit_cli.errors import first_line
+
+    assert first_line(ValueError("  bad value\nsecond line")) == "bad value"
+    assert first_line(KeyError()) == "KeyError"  # an empty message gives the type's name

@@ -11,6 +11,7 @@ from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.download import cached_file
 from rlsedit_cli.datasets.records import parse_all, parse_rome, read_json_records
+from rlsedit_cli.errors import first_line
 from rlsedit_cli.eval.counterfact import References
 
 log = logging.getLogger(__name__)
@@ -49,5 +50,5 @@ def load(name: str = "counterfact", path: str | None = None, url: str = "",
         if all(files):
             refs = References.load(files[0], files[1], files[2])
     except Exception as e:  # references are optional: consistency is then reported absent
-        log.warning("consistency will be absent: %s", str(e).splitlines()[0])
+        log.warning("consistency will be absent: %s", first_line(e))
     return EditDataset(name=name, records=records, references=refs, skipped=skipped)

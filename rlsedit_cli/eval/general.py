@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsedit_cli.errors import RlseditError
+from rlsedit_cli.errors import RlseditError, first_line
 from rlsedit_cli.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _main_metric(values: dict) -> tuple[str, float] | None:
 
 
 def _unavailable(task: str, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    first = first_line(err)[:200]
     return (f"lm-eval task '{task}' could not run ({type(err).__name__}: {first}); make its "
             "dataset available: run once where there is a network so that the datasets cache "
             "holds it (HF_DATASETS_CACHE), or point the task at local files")

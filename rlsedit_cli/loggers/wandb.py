@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from rlsedit_cli.errors import first_line
 from rlsedit_cli.loggers.base import NullLogger
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,7 @@ class WandbLogger(NullLogger):
                                 run_dir)
                 break
             except Exception as e:  # noqa: BLE001 - any W&B failure must not stop the run
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning("W&B %s could not start (%s)", attempt, first[:200])
+                log.warning("W&B %s could not start (%s)", attempt, first_line(e)[:200])
         if self.run is None:
             log.warning("W&B tracking is off for this run; figures are in %s", run_dir)
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsedit_cli.config import conf_dir
-from rlsedit_cli.errors import ConfigError, ModelLoadError
+from rlsedit_cli.errors import ConfigError, ModelLoadError, first_line
 from rlsedit_cli.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,8 @@ def known_archs() -> dict[str, str]:
     return out
 
 
-def _first_line(err: Exception) -> str:
-    """The first line of an exception's message (its type's name when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def _hub_error(name: str, err: Exception) -> ModelLoadError:
-    reason = _first_line(err)
+    reason = first_line(err)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     where = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable"
     return ModelLoadError(
@@ -84,7 +78,7 @@ def _check_arch(model: torch.nn.Module, spec) -> None:
 def _attention_error(spec, err: Exception) -> ConfigError | None:
     """A one-line error when ``err`` is the model refusing ``spec.attn_implementation``."""
     name = getattr(spec, "attn_implementation", None)
-    reason = _first_line(err).split(". ")[0]
+    reason = first_line(err).split(". ")[0]
     if name is None or "attention" not in reason.lower() and "attn" not in reason.lower():
         return None
     return ConfigError(f"model.attn_implementation={name!r} cannot be used ({reason}): "
@@ -112,7 +106,7 @@ def load_model(spec, device: torch.device) -> ModelHandle:
         if (refused := _attention_error(spec, e)) is not None:
             raise refused from e
         if is_local:
-            raise ModelLoadError(f"cannot load model from {name}: {_first_line(e)}") from e
+            raise ModelLoadError(f"cannot load model from {name}: {first_line(e)}") from e
         raise _hub_error(name, e) from e
     _check_arch(model, spec)
     if spec.device_map is None:

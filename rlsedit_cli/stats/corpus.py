@@ -8,7 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlsedit_cli.errors import DataError
+from rlsedit_cli.errors import DataError, first_line
 
 HUB_CORPORA = {  # alias -> (dataset, config, split, text field)
     "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1", "train", "text"),
@@ -52,7 +52,7 @@ def _hub(spec: str) -> Iterator[str]:
             if text and text.strip():
                 yield text
     except Exception as e:  # offline, unreachable, unknown dataset
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        first = first_line(e)[:160]
         raise DataError(
             f"corpus '{spec}' ({name}) cannot be read from the Hugging Face hub ({first}): set "
             "stats.corpus to a local .txt/.jsonl file of ordinary text (e.g. wikitext-2's "
