@@ -47,6 +47,11 @@ def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], li
     return seqs, lookups
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) position ids of left-padded rows: 0 at each row's first token (and its padding)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) ids and mask of ``seqs`` padded on the left or the right."""
     width = max(map(len, seqs), default=0)
@@ -65,9 +70,8 @@ def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     ids, mask = _pad(seqs, handle.tok.pad_token_id, left=True)
     width = ids.shape[1]
     lengths = torch.tensor([len(s) for s in seqs])
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
     dev = handle.device
-    return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=pos.to(dev),
+    return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=_positions(mask).to(dev),
                 lookup=(width - lengths + torch.tensor(lookups)).to(dev),
                 owner=torch.tensor([it[3] for it in items]).to(dev))
 
@@ -118,7 +122,7 @@ def build_split_rows(handle: ModelHandle, items: list[Item]) -> SplitRows:
     suffix_pos = lookup[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
     dev = handle.device
     return SplitRows(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
-                     prefix_pos=(prefix_mask.cumsum(1) - 1).clamp(min=0).to(dev),
+                     prefix_pos=_positions(prefix_mask).to(dev),
                      suffix_ids=suffix_ids.to(dev), suffix_pos=suffix_pos.to(dev),
                      mask=torch.cat([prefix_mask, suffix_mask], 1).to(dev),
                      suffix_len=suffix_mask.sum(1).to(dev),
@@ -155,13 +159,13 @@ def with_hidden(output, hidden: torch.Tensor):
 
 @contextmanager
 def patched_forward(modules: list[torch.nn.Module], make: Callable) -> Iterator[None]:
-    """Each module's forward becomes ``make(module, forward)`` (given its current forward).
+    """Each module's forward becomes ``make(forward)`` (given its current forward).
 
     An existing instance-level ``forward`` (accelerate's) is restored afterwards.
     """
     saved = [m.__dict__.get("forward") for m in modules]
     for m in modules:
-        m.forward = make(m, m.forward)
+        m.forward = make(m.forward)
     try:
         yield
     finally:
@@ -179,7 +183,7 @@ def replay_blocks(handle: ModelHandle, upto: int, output):
     Forward hooks still run.
     """
     modules = [handle.layer_module(i) for i in range(upto + 1)]
-    return patched_forward(modules, lambda m, fwd: lambda *args, **kwargs: output)
+    return patched_forward(modules, lambda fwd: lambda *args, **kwargs: output)
 
 
 def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch.Tensor):
@@ -189,7 +193,7 @@ def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch
     those positions are exact; the others become wrong).
     """
 
-    def make(module, inner):
+    def make(inner):
         def forward(hidden, *args, **kwargs):  # hidden (N, S, d_model)
             at = (rows.to(hidden.device), cols.to(hidden.device))
             picked = inner(hidden[at][None], *args, **kwargs)[0]  # (k, d_model)

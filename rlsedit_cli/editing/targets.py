@@ -102,14 +102,14 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     rows, targets = _rows(handle, requests, templates)
     loss_layer = max(int(cfg.loss_layer), z_layer)
     new_cache = prefix_cache(handle, rows, loss_layer)
-    t_row, t_col, t_tok = _target_index(rows, targets)
-    t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32)
-    kl_rows = torch.arange(n_rewrite, n_rewrite + n)
-    kl_col = rows.suffix_len.cpu()[kl_rows] - 1
-    needed = (torch.cat([t_row, kl_rows]).to(rows.mask.device),  # distinct positions
-              torch.cat([t_col, kl_col]).to(rows.mask.device))
+    dev0 = rows.mask.device  # index tensors, made once; the .to()s below only cross GPUs
+    t_row, t_col, t_tok = (x.to(dev0) for x in _target_index(rows, targets))
+    t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32, device=dev0)
+    kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=dev0)
+    kl_col = rows.suffix_len[kl_rows] - 1
+    needed = (torch.cat([t_row, kl_rows]), torch.cat([t_col, kl_col]))  # distinct positions
     real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # suffix tokens, not padding
-    first_rows = torch.arange(0, n_rewrite, n_ctx)  # the plain "{}" context of each request
+    first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev0)  # the plain "{}" contexts
     inject = handle.layer_module(z_layer)
     capture = handle.layer_module(loss_layer)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)

@@ -79,7 +79,7 @@ def _attention_error(spec, err: Exception) -> ConfigError | None:
     """A one-line error when ``err`` is the model refusing ``spec.attn_implementation``."""
     name = getattr(spec, "attn_implementation", None)
     reason = first_line(err).split(". ")[0]
-    if name is None or "attention" not in reason.lower() and "attn" not in reason.lower():
+    if name is None or not any(word in reason.lower() for word in ("attention", "attn")):
         return None
     return ConfigError(f"model.attn_implementation={name!r} cannot be used ({reason}): "
                        "use eager, sdpa, or null for the default")
