@@ -160,7 +160,7 @@ def bench_command(args: argparse.Namespace) -> int:
         config.register()
         with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=[f"model={args.model}"])
-        handle = load_model(cfg.model, resolve_device(args.device))
+        handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
         rows.append(bench_targets(handle, cfg.dataset.path, args.batch,
                                   z_layer=max(cfg.model.edit_layers), repeat=args.repeat))
     for row in rows:

@@ -7,8 +7,10 @@ the key's full name. The root schema fixes the top-level sections.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import pkgutil
+import re
 from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,8 @@ class ModelConfig:
     """Architecture facts of one model; editors interpolate them."""
 
     name: str = MISSING
-    name_or_path: str = MISSING
+    name_or_path: str = MISSING  # hub id, local folder, or pkg:DIST (a GGUF inside a package)
+    gguf_file: str | None = None  # a .gguf file (path, or a name inside name_or_path)
     arch: str = MISSING  # gpt2 | gptj | llama | qwen2: selects the module templates' meaning
     dtype: str = "float32"  # float32 | bfloat16 | float16
     revision: str | None = None
@@ -50,6 +53,8 @@ class ModelConfig:
     single_layer: int = MISSING  # the layer edited by ROME and FT
     loss_layer: int = MISSING  # layer whose output feeds the target loss (usually the last)
     anchor_corpus: str = "wikitext"  # ordinary text for the anchor statistics
+    anchor_samples: int = 10000  # texts of anchor_corpus to read (stats.num_samples)
+    anchor_max_length: int = 128  # tokens per text (stats.max_length)
 
 
 @dataclass
@@ -89,8 +94,8 @@ class StatsConfig:
     """Anchor statistics E[k k^T] of each edited map's input over ordinary text."""
 
     corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
-    num_samples: int = 10000  # text samples (documents or lines)
-    max_length: int = 128  # tokens per sample
+    num_samples: int = "${model.anchor_samples}"  # type: ignore[assignment]  # texts
+    max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
     batch_size: int = 16
     precision: str = "float32"  # dtype of the cached C (sums are always float64)
 
@@ -184,10 +189,26 @@ def asset_path(name: str) -> str:
     return str(ASSETS_DIR / name)
 
 
+def folder_name(text: str, limit: int = 120) -> str:
+    """OmegaConf resolver ``${rlsedit.folder_name:TEXT}``: TEXT as one safe folder name.
+
+    Path separators become "_" (a value such as dataset.path=/data/cf.json must not nest
+    folders) and a name longer than ``limit`` keeps its start and gains a hash of the whole, so
+    distinct sweep jobs keep distinct folders within the file system's 255-byte limit.
+    """
+    name = re.sub(r"[/\\\0]", "_", str(text))
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    return name.encode()[: limit - 11].decode(errors="ignore") + "~" + digest
+
+
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("rlsedit.asset"):
         OmegaConf.register_new_resolver("rlsedit.asset", asset_path)
+    if not OmegaConf.has_resolver("rlsedit.folder_name"):
+        OmegaConf.register_new_resolver("rlsedit.folder_name", folder_name)
     if not OmegaConf.has_resolver("rlsedit.or"):  # first argument unless it is null/empty
         OmegaConf.register_new_resolver("rlsedit.or", lambda a, b: b if a in (None, "") else a)
     cs = ConfigStore.instance()

@@ -60,3 +60,29 @@ def test_summarize_reports_absent_not_zero():
                      "consistency": np.array([np.nan, np.nan])})
     assert out["efficacy"] == 75.0 and out["efficacy_ci95"] > 0
     assert out["consistency"] is None
+
+
+def test_records_without_generation_prompts_get_fluency_from_their_rewrites(shipped_handle):
+    """EasyEdit-layout records have no generation prompts: their texts are generated from the
+    rewrite and paraphrase prompts, and the figures say so."""
+    from dataclasses import replace
+
+    from omegaconf import OmegaConf
+
+    from rlsedit_cli.datasets.toy import load as load_toy
+    from rlsedit_cli.eval.counterfact import evaluate, fluency_prompts
+
+    from .conftest import TINY_BUNDLE
+
+    rome = load_toy(str(TINY_BUNDLE)).records[:3]
+    easyedit = [replace(r, generation_prompts=()) for r in rome]
+    assert fluency_prompts(rome[0]) == (rome[0].generation_prompts, "generation")
+    assert fluency_prompts(easyedit[0]) == ((easyedit[0].rewrite_prompt,
+                                             *easyedit[0].paraphrase_prompts), "rewrite")
+    cfg = OmegaConf.create({"batch_size": 8, "fluency": True, "generation_prompts": 2,
+                            "max_new_tokens": 8})
+    got = evaluate(shipped_handle, easyedit, None, cfg)
+    assert got["fluency"] > 0 and got["fluency_prompts"] == "rewrite"
+    assert evaluate(shipped_handle, rome, None, cfg)["fluency_prompts"] == "generation"
+    mixed = evaluate(shipped_handle, [rome[0], easyedit[1]], None, cfg)
+    assert mixed["fluency_prompts"] == "generation+rewrite"

@@ -24,7 +24,29 @@ def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
     assert len(rows) == 2 and {r.split("|")[1].strip() for r in rows} == {"none", "rlsedit"}
     for name in ("report.md", "retention.png", "metrics.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
-    assert "Efficacy" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Efficacy" in report and "Cost and general ability" in report
+    cost = next(line for line in report.splitlines() if line.startswith("| rlsedit |")
+                and "→" in line)  # the smoke task before -> after the stream
+    cells = [c.strip() for c in cost.strip("|").split("|")]
+    assert all(float(c) >= 0 for c in cells[4:9]) and cells[9].startswith("rlsedit_smoke ")
+
+
+def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path):
+    from rlsedit_cli.report.runs import Run
+    from rlsedit_cli.report.table import cost_table
+
+    rows = [{"edit_seconds": t, "seconds_targets": t - 1, "seconds_keys": 0.5,
+             "seconds_update": 0.25, "eval_seconds": 2.0} for t in (3.0, 5.0, 40.0)]
+    general = {"checkpoints": [{"edits": 0, "scores": {"rlsedit_wikitext": 21.5}},
+                               {"edits": 30, "scores": {"rlsedit_wikitext": 23.25}}]}
+    runs = [Run(path=tmp_path, summary={"editor": "memit", "model": "m", "general": general},
+                metrics=rows),
+            Run(path=tmp_path, summary={"editor": "ft", "model": "m"}, metrics=[{"x": 1}])]
+    lines = cost_table(runs).splitlines()
+    assert lines[2] == "| ft | m | - | 1 | - | - | - | - | - | - |"
+    assert lines[3] == ("| memit | m | - | 3 | 5.00 | 4.00 | 0.50 | 0.25 | 2.00 | "
+                        "rlsedit_wikitext 21.50 → 23.25 |")
 
 
 def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):

@@ -99,13 +99,14 @@ def test_interrupted_computation_resumes(handle, corpus, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         on_batch = args[-1]
 
-        def stop_after_two(state):
+        def stop_after_one_window(state):  # 20 of the 40 texts (4 batches of 5 per window)
             on_batch(state)
             calls["n"] += 1
-            if calls["n"] == 2:
+            if calls["n"] == 1:
+                assert state.samples == 20
                 raise KeyboardInterrupt
 
-        return real(*args[:-1], stop_after_two)
+        return real(*args[:-1], stop_after_one_window)
 
     monkeypatch.setattr(anchor_mod, "accumulate", interrupted)
     stats = AnchorStats(handle, tmp_path / "cache", str(corpus), 40, 16, 5)
@@ -138,3 +139,28 @@ def test_unreachable_hub_corpus_is_one_clear_line():
 def test_missing_corpus_file():
     with pytest.raises(DataError, match="does not exist"):
         iter_texts("/no/such/corpus.txt")
+
+
+def test_shipped_english_text_is_the_two_halves_of_wikitext2(tmp_path):
+    """assets/english holds what write_english makes of wikitext-2's test split: disjoint
+    halves of whole articles (anchor statistics never see the perplexity text)."""
+    import gzip
+    import json
+
+    from rlsedit_cli.config import ASSETS_DIR
+    from rlsedit_cli.stats.wikitext import articles, paragraphs, write_english
+
+    raw = shared("wikitext-2/wiki.test.raw")
+    counts = write_english(raw, tmp_path)
+    assert counts == {"articles": 62, "anchor_paragraphs": 1158, "heldout_pages": 31}
+    shipped = ASSETS_DIR / "english"
+    for name in ("anchor.txt.gz", "heldout.jsonl.gz"):
+        assert gzip.decompress((shipped / name).read_bytes()) == gzip.decompress(
+            (tmp_path / name).read_bytes()), name
+    pages = articles(raw.read_text(encoding="utf-8"))
+    held = [json.loads(line)["page"] for line in
+            gzip.decompress((shipped / "heldout.jsonl.gz").read_bytes()).decode().splitlines()]
+    anchor = gzip.decompress((shipped / "anchor.txt.gz").read_bytes()).decode().splitlines()
+    assert held == pages[1::2]  # the odd articles, raw
+    assert anchor == [p for page in pages[0::2] for p in paragraphs(page)]  # the even ones
+    assert " @-@ " not in " ".join(anchor) and " @-@ " in " ".join(held)  # detokenised vs raw

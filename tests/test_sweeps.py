@@ -12,7 +12,7 @@ import pytest
 from rlsedit_cli.cli import main
 from rlsedit_cli.config import conf_dir
 
-from .conftest import compose_cfg
+from .conftest import TINY_BUNDLE, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["logger=none", "eval=none", "stream.num_edits=10", "stream.batch_size=5",
@@ -40,12 +40,31 @@ def test_lam_mu_sweep_gives_one_folder_per_job_and_a_heat_map(tmp_path, capsys):
 
 
 def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path):
+    """Also: job folders stay single, bounded names when an override holds a long path."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    deep = tmp_path / ("a_long_folder_name_" * 6) / "bundle"
+    deep.parent.mkdir()
+    deep.symlink_to(TINY_BUNDLE)
     proc = rlsedit("run", "-m", "hydra/launcher=local", "editor.lam=0.5,2", *SMALL,
+                   f"dataset.path={deep}", "editor.target.early_stop_loss=0.05",
                    f"paths.output_dir={tmp_path}", f"paths.cache={tmp_path}/cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     summaries = list(tmp_path.glob("multirun/**/summary.json"))
     assert len(summaries) == 2
+    sweep = next(tmp_path.glob("multirun/rlsedit/gpt2_tiny/*/*"))
+    assert sorted(s.parent.parent for s in summaries) == [sweep, sweep]
+    names = sorted(s.parent.name for s in summaries)
+    assert all(len(n.encode()) <= 128 and "a_long_folder" not in n for n in names)
+    assert names[0] != names[1]  # paths are not part of job names; the swept value is
+
+
+def test_folder_names_are_safe_and_distinct():
+    from rlsedit_cli.config import folder_name
+
+    assert folder_name("editor.lam=0,editor.mu=0.5") == "editor.lam=0,editor.mu=0.5"
+    assert folder_name("dataset.path=/data/cf.json") == "dataset.path=_data_cf.json"
+    a, b = folder_name("x=" + "y" * 300 + "1"), folder_name("x=" + "y" * 300 + "2")
+    assert a != b and len(a.encode()) == len(b.encode()) <= 120 and "/" not in a
 
 
 def test_objective_is_the_harmonic_mean():

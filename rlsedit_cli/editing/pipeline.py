@@ -21,6 +21,7 @@ from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.editors.base import Editor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.progress import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +55,25 @@ class KeyValueEditor(Editor):
         return self.templates
 
     def edit(self, batch: list[Record]) -> dict[str, float]:
-        templates = self.context()
-        result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
+        clock = PhaseClock(self.handle.device)
+        with clock("templates"):
+            templates = self.context()
+        with clock("targets"):
+            result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
         stats = {"target_nll_before": float(result.init_loss.mean()),
                  "target_nll_after": float(result.final_loss.mean()),
                  "target_kl_after": float(result.final_kl.mean()),
                  "target_steps": float(result.steps.float().mean())}
         for i, layer in enumerate(self.layers):
-            K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)
+            with clock("keys"):
+                K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)
             R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
             R = R.to(self.handle.weight(layer).device)
-            stats |= self.update_layer(layer, K, R)
-        stats |= self.after_batch(batch)
-        return stats
+            with clock("update"):
+                stats |= self.update_layer(layer, K, R)
+        with clock("update"):
+            stats |= self.after_batch(batch)
+        return stats | clock.seconds()
 
     @abstractmethod
     def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:

@@ -126,13 +126,27 @@ def generate(handle: ModelHandle, prompts: list[str], max_new_tokens: int, batch
     return texts
 
 
+def fluency_prompts(record: Record) -> tuple[tuple[str, ...], str]:
+    """The prompts a record's texts are generated from, and which kind they are.
+
+    CounterFact's own generation prompts when the record has them ("generation"); otherwise
+    (the EasyEdit and zsRE layouts) its rewrite and paraphrase prompts ("rewrite").
+    """
+    if record.generation_prompts:
+        return record.generation_prompts, "generation"
+    return (record.rewrite_prompt, *record.paraphrase_prompts), "rewrite"
+
+
 def generation_metrics(handle: ModelHandle, records: list[Record], refs: References | None,
                        per_record: int, max_new_tokens: int, batch_size: int,
-                       ) -> dict[str, np.ndarray]:
-    """Fluency (n-gram entropy x100) and consistency (tf-idf cosine x100) per record."""
-    prompts, owner = [], []
+                       ) -> tuple[dict[str, np.ndarray], str]:
+    """Fluency (n-gram entropy x100) and consistency (tf-idf cosine x100) per record, and the
+    kind of prompts the texts came from ("generation", "rewrite" or "generation+rewrite")."""
+    prompts, owner, kinds = [], [], set()
     for i, r in enumerate(records):
-        for p in r.generation_prompts[:per_record]:
+        chosen, kind = fluency_prompts(r)
+        kinds.add(kind)
+        for p in chosen[:per_record]:
             prompts.append(p)
             owner.append(i)
     texts = generate(handle, prompts, max_new_tokens, batch_size) if prompts else []
@@ -148,7 +162,7 @@ def generation_metrics(handle: ModelHandle, records: list[Record], refs: Referen
             if ts and ref:
                 consistency[i] = 100 * tfidf_similarity(" ".join(ts), " ".join(ref),
                                                         refs.vocab, refs.idf)
-    return {"fluency": fluency, "consistency": consistency}
+    return {"fluency": fluency, "consistency": consistency}, "+".join(sorted(kinds))
 
 
 def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
@@ -178,7 +192,9 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     if not records:
         return {}
     per_record = probability_metrics(handle, records, cfg.batch_size, families)
+    kind = None
     if set(families) == set(FAMILIES) and cfg.fluency:
-        per_record |= generation_metrics(handle, records, refs, cfg.generation_prompts,
+        texts, kind = generation_metrics(handle, records, refs, cfg.generation_prompts,
                                          cfg.max_new_tokens, cfg.batch_size)
-    return summarize(per_record)
+        per_record |= texts
+    return summarize(per_record) | ({"fluency_prompts": kind} if kind else {})

@@ -19,6 +19,7 @@ from rlsedit_cli.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
 SMOKE_DATA = Path(__file__).resolve().parent / "tasks" / "rlsedit_smoke.jsonl"
+HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "assets" / "english" / "heldout.jsonl.gz"
 CODE_TASKS = ("humaneval", "mbpp")
 
 
@@ -39,7 +40,30 @@ def smoke_task() -> dict:
     }
 
 
-LOCAL_TASKS = {"rlsedit_smoke": smoke_task}
+def wikitext_task() -> dict:
+    """Perplexity on the held-out half of wikitext-2's test split (text the anchor statistics
+    never saw; assets/english), as lm-eval's ``wikitext`` task measures it: rolling
+    log-likelihood over whole detokenised articles, word and byte perplexity, bits per byte."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import (
+        process_results,
+        wikitext_detokenizer,
+    )
+
+    return {
+        "task": "rlsedit_wikitext",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(HELDOUT_TEXT)}},
+        "test_split": "test",
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": wikitext_detokenizer,
+        "process_results": process_results,
+        "metric_list": [{"metric": m, "higher_is_better": False}
+                        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
+    }
+
+
+LOCAL_TASKS = {"rlsedit_smoke": smoke_task, "rlsedit_wikitext": wikitext_task}
 
 
 @dataclass
@@ -52,8 +76,9 @@ class GeneralResult:
 
 
 def _main_metric(values: dict) -> tuple[str, float] | None:
-    for key in ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
-                "pass@1,create_test", "pass_at_1,none", "mcc,none", "f1,none"):
+    for key in ("acc,none", "word_perplexity,none", "exact_match,strict-match",
+                "exact_match,flexible-extract", "pass@1,create_test", "pass_at_1,none", "mcc,none",
+                "f1,none"):
         if key in values and isinstance(values[key], (int, float)):
             return key, float(values[key])
     for key, value in values.items():

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsedit_cli.config import conf_dir
 from rlsedit_cli.errors import ConfigError, ModelLoadError, first_line
+from rlsedit_cli.models.gguf import dequantised_folder, locate
 from rlsedit_cli.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,34 @@ def _attention_error(spec, err: Exception) -> ConfigError | None:
                        "use eager, sdpa, or null for the default")
 
 
-def load_model(spec, device: torch.device) -> ModelHandle:
-    """Load ``spec.name_or_path`` (a conf/model node) onto ``device`` and check its templates."""
+def _source(spec, cache: str | Path | None) -> str:
+    """What from_pretrained reads: ``name_or_path``, or the cached float32 copy of a GGUF file."""
     name = str(spec.name_or_path)
+    gguf_file = getattr(spec, "gguf_file", None)
+    if not gguf_file:
+        return name
+    if cache is None:
+        raise ConfigError("a GGUF model needs a cache folder for its de-quantised copy: set "
+                          "paths.cache")
+    return str(dequantised_folder(locate(name, str(gguf_file), spec.revision), cache))
+
+
+def load_model(spec, device: torch.device, cache: str | Path | None = None) -> ModelHandle:
+    """Load a conf/model node's model onto ``device`` and check its templates.
+
+    Args:
+        cache: folder for derived files (``paths.cache``); GGUF models keep their de-quantised
+            float32 copy there.
+    """
     if spec.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={spec.dtype!r} is not one of {sorted(DTYPES)}")
+    name = _source(spec, cache)
     is_local = Path(name).expanduser().exists()
     if name.startswith(("/", "./", "~")) and not is_local:
         raise ModelLoadError(f"model.name_or_path={name} does not exist: point it at a model "
                              "folder")
-    kwargs = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    revision = None if getattr(spec, "gguf_file", None) else spec.revision
+    kwargs = {"revision": revision, "trust_remote_code": spec.trust_remote_code}
     try:
         tok = AutoTokenizer.from_pretrained(name, **kwargs)
         attention = getattr(spec, "attn_implementation", None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rlsedit_cli.report.plots import all_plots
 from rlsedit_cli.report.runs import find_runs
-from rlsedit_cli.report.table import markdown_table
+from rlsedit_cli.report.table import cost_table, markdown_table
 
 
 def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficacy") -> dict:
@@ -16,7 +16,9 @@ def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficac
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)
     plots = all_plots(runs, out, metric)
-    lines = [f"# rlsedit report: {len(runs)} runs", "", table]
+    lines = [f"# rlsedit report: {len(runs)} runs", "", table, "## Cost and general ability",
+             "", "Median seconds per batch; general ability before → after the stream.", "",
+             cost_table(runs)]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"runs": len(runs), "table": table, "plots": [str(p) for p in plots],

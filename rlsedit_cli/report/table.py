@@ -1,6 +1,9 @@
-"""The paper's Table 1 as markdown: one row per editor / model / setting."""
+"""The paper's Table 1 as markdown (one row per editor / model / setting), and a table of what
+each run cost per batch and what it did to general ability."""
 
 from __future__ import annotations
+
+from statistics import median
 
 from rlsedit_cli.report.runs import Run
 
@@ -27,5 +30,43 @@ def markdown_table(runs: list[Run]) -> str:
                str(s.get("num_edits", "?")), str(s.get("batch_size", "?")),
                *[cell(s, m) for m in METRICS],
                f"{s['edit_seconds']:.1f}" if s.get("edit_seconds") is not None else "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+PHASES = ("targets", "keys", "update")  # the key-value editors' phases (seconds_<phase>)
+
+
+def _median(rows: list[dict], key: str) -> str:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return f"{median(values):.2f}" if values else "-"
+
+
+def _general(summary: dict) -> str:
+    """``task before -> after`` for each lm-eval task measured before and after the stream."""
+    points = (summary.get("general") or {}).get("checkpoints") or []
+    if not points:
+        return "-"
+    first, last = points[0], points[-1]
+    parts = []
+    for task, after in sorted(last.get("scores", {}).items()):
+        before = first.get("scores", {}).get(task) if first is not last else None
+        shown = f"{before:.2f} → {after:.2f}" if before is not None else f"{after:.2f}"
+        parts.append(f"{task} {shown}")
+    return "; ".join(parts) or "-"
+
+
+def cost_table(runs: list[Run]) -> str:
+    """Median seconds per batch (the edit, its phases, the measurements after it) and general
+    ability before and after the stream (lm-eval's main score per task)."""
+    head = ["Method", "Model", "Setting", "Batches", "Edit s / batch",
+            *[f"{p.capitalize()} s" for p in PHASES], "Eval s / batch", "General ability"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
+                                          r.setting)):
+        s, rows = run.summary, run.metrics
+        row = [s.get("editor", "?"), s.get("model", "?"), run.setting or "-", str(len(rows)),
+               _median(rows, "edit_seconds"), *[_median(rows, f"seconds_{p}") for p in PHASES],
+               _median(rows, "eval_seconds"), _general(s)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -62,7 +62,8 @@ class Measurer:
             ret = self._timed(evaluate, self.handle, measured, self.refs, cfg)
             self.folder.append_csv("retention.csv", {"batch": index, "edits": done,
                                                      "measured": len(measured), **ret})
-            row["retention"] = {k: v for k, v in ret.items() if not k.endswith("_ci95")}
+            row["retention"] = {k: v for k, v in ret.items()
+                                if not k.endswith("_ci95") and k != "fluency_prompts"}
         step = cfg.every_edits
         if cfg.tasks and (last or (step > 0 and done // step > (done - len(batch)) // step)):
             row["general"] = self._timed(self.general_checkpoint, done)

@@ -104,7 +104,7 @@ class Runner:
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
         transformers.set_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.handle = load_model(cfg.model, self.device)
+        self.handle = load_model(cfg.model, self.device, cfg.paths.cache)
         self.dataset = build(cfg.dataset)
         self.batches = make_stream(self.dataset.records, **cfg.stream)
         self.edited = [r for b in self.batches for r in b]
@@ -152,9 +152,11 @@ class Runner:
                 dt = time.perf_counter() - t0
                 edit_seconds += dt
                 done += len(batch)
+                measured_before = measure.seconds
                 row = {"batch": i, "edits": done, "edit_seconds": round(dt, 4),
                        "memory_mb": memory_mb(self.device),
                        **measure.after_batch(i, last, batch, done), **stats}
+                row["eval_seconds"] = round(measure.seconds - measured_before, 4)
                 folder.append_jsonl("metrics.jsonl", row)
                 tracker.log(row, step=done)
                 every = cfg.checkpoint.every

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlsedit_cli.files import file_sha256
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
 from rlsedit_cli.stats.corpus import corpus_id, iter_texts
@@ -26,14 +27,6 @@ from rlsedit_cli.stats.moments import MomentState, accumulate
 
 log = logging.getLogger(__name__)
 SAVE_PARTIAL_EVERY_S = 60.0
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -91,7 +84,7 @@ class AnchorStats:
         if not path.is_file() or not meta_path.is_file():
             return None
         meta = json.loads(meta_path.read_text())
-        if meta.get("sha256") != _sha256(path) or meta.get("key") != self._key(layer):
+        if meta.get("sha256") != file_sha256(path) or meta.get("key") != self._key(layer):
             log.warning("anchor statistics %s fail their checksum: recomputing", path.name)
             return None
         return load_file(path)["moment"]
@@ -103,7 +96,7 @@ class AnchorStats:
         dtype = getattr(torch, self.precision)
         save_file({"moment": moment.to(dtype).cpu().contiguous()}, tmp)
         os.replace(tmp, path)
-        meta = {"key": self._key(layer), "sha256": _sha256(path), "tokens": state.tokens,
+        meta = {"key": self._key(layer), "sha256": file_sha256(path), "tokens": state.tokens,
                 "samples": state.samples}
         meta_tmp = path.with_suffix(".json.tmp")
         meta_tmp.write_text(json.dumps(meta, indent=2))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 from rlsedit_cli.errors import DataError, first_line
+from rlsedit_cli.files import file_sha256
 
 HUB_CORPORA = {  # alias -> (dataset, config, split, text field)
     "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1", "train", "text"),
@@ -85,8 +85,4 @@ def corpus_id(corpus: str) -> str:
     path = Path(corpus).expanduser()
     if not path.is_file():
         return corpus
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{path.name}:{digest.hexdigest()[:16]}"
+    return f"{path.name}:{file_sha256(path)[:16]}"

@@ -1,7 +1,8 @@
 """Streamed second moments E[k k^T] of edited maps' inputs over a corpus.
 
-One pass serves every edited layer: forward pre-hooks on the edited maps collect their inputs at
-the non-padding tokens, ``X^T X`` of each batch is added to a float64 sum, and the forward stops
+One pass serves every edited layer: texts are read a few batches at a time and sorted by length
+(so that batches hold little padding), forward pre-hooks on the edited maps collect their inputs
+at the non-padding tokens, ``X^T X`` of each batch is added to a float64 sum, and the forward stops
 after the highest edited map (the layers above it cannot change its inputs). Memory holds one
 batch of activations and one d_in x d_in sum per layer, never the keys of the whole corpus.
 """
@@ -14,8 +15,11 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+
+SORT_WINDOW = 4  # batches of texts read at once and sorted by length before batching
 
 
 @dataclass
@@ -39,7 +43,8 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
 
     Args:
         texts: the corpus in a fixed order; the first ``state.samples`` texts are skipped.
-        on_batch: called after every batch (e.g. to save a resumable partial state).
+        on_batch: called after every window of ``SORT_WINDOW`` batches, with every text read so
+            far counted (e.g. to save a resumable partial state).
     """
     state = state or MomentState()
     tok, model = handle.tok, handle.model
@@ -67,24 +72,30 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
                for layer in layers]
     try:
         while remaining > 0:
-            chunk = list(islice(stream, min(batch_size, remaining)))
-            if not chunk:
+            window = list(islice(stream, min(batch_size * SORT_WINDOW, remaining)))
+            if not window:
                 break
-            enc = tok(chunk, return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_length)
-            mask_ref["mask"] = enc["attention_mask"].bool()
-            acc.clear()
-            with contextlib.suppress(StopForwardError):
-                model(input_ids=enc["input_ids"].to(handle.device),
-                      attention_mask=enc["attention_mask"].to(handle.device))
-            for layer, gram in acc.items():
-                if layer in state.sums:
-                    state.sums[layer] += gram.to(state.sums[layer].device)
-                else:
-                    state.sums[layer] = gram
-            state.tokens += int(mask_ref["mask"].sum())
-            state.samples += len(chunk)
-            remaining -= len(chunk)
+            ids = tok(window, truncation=True, max_length=max_length)["input_ids"]
+            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
+            for start in range(0, len(order), batch_size):
+                batch = [torch.tensor(ids[i]) for i in order[start : start + batch_size]]
+                input_ids = pad_sequence(batch, batch_first=True,
+                                         padding_value=tok.pad_token_id)  # (b, longest)
+                lengths = torch.tensor([len(x) for x in batch])
+                mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+                mask_ref["mask"] = mask
+                acc.clear()
+                with contextlib.suppress(StopForwardError):
+                    model(input_ids=input_ids.to(handle.device),
+                          attention_mask=mask.long().to(handle.device))
+                for layer, gram in acc.items():
+                    if layer in state.sums:
+                        state.sums[layer] += gram.to(state.sums[layer].device)
+                    else:
+                        state.sums[layer] = gram
+                state.tokens += int(mask_ref["mask"].sum())
+            state.samples += len(window)
+            remaining -= len(window)
             if on_batch is not None:
                 on_batch(state)
     finally:
