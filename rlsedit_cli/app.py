@@ -20,8 +20,10 @@ def main(cfg: DictConfig) -> float | None:
     """Run one job; return the sweep objective (``None`` when the config names none)."""
     from rlsedit_cli.runner.run import run
 
+    hydra_cfg = HydraConfig.get()
     try:
-        summary = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+        config.log_composition(dict(hydra_cfg.runtime.choices), cfg.editor.name)
+        summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except RlseditError as e:
         log.error("error: %s", e)
         raise SystemExit(2) from None

@@ -14,7 +14,7 @@ import sys
 
 log = logging.getLogger("rlsedit")
 
-GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "editor_model",
+GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "target", "editor_model",
           "hydra/launcher", "hydra/sweeper")
 
 

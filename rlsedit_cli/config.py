@@ -8,16 +8,16 @@ the key's full name. The root schema fixes the top-level sections.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import pkgutil
+import logging
 import re
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR / "assets"
 
@@ -49,6 +49,8 @@ class ModelConfig:
     weight_transposed: bool = False  # True for GPT-2's Conv1D, which stores W as (d_in, d_out)
     ln_f: str = MISSING
     lm_head: str = MISSING
+    mlp_out_is_residual: bool = MISSING  # the edited map's output is added to the stream as is
+    logits_are_head_of_norm: bool = MISSING  # logits = lm_head(ln_f(h)), nothing after
     edit_layers: list[int] = MISSING  # layers edited by MEMIT-style editors
     single_layer: int = MISSING  # the layer edited by ROME and FT
     loss_layer: int = MISSING  # layer whose output feeds the target loss (usually the last)
@@ -59,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class TargetConfig:
-    """Target-value optimisation (DESIGN.md section 4), shared by the key-value editors."""
+    """Target-value optimisation (docs/design.md section 4), shared by the key-value editors."""
 
     steps: int = 25
     lr: float = 0.5
@@ -104,8 +106,8 @@ class StatsConfig:
 class DatasetConfig:
     _target_: str = MISSING
     name: str = MISSING
-    path: str | None = None
-    skip_invalid: bool = False
+    path: str | None = MISSING
+    skip_invalid: bool = MISSING
 
 
 @dataclass
@@ -121,7 +123,7 @@ class EvalConfig:
     retention_edits: int = 100  # the first edits of the stream, re-measured ...
     retention_every: int = 5  # ... every this many batches (0: never)
     tasks: list[str] = field(default_factory=list)  # lm-eval tasks (general ability)
-    every_edits: int = 0  # lm-eval checkpoint period in edits (0: only at the end, if tasks)
+    every_edits: int = 0  # general ability every this many edits (0: at the end only, if tasks)
     limit: int | None = None
     num_fewshot: int | None = None
     lm_batch_size: int = 8
@@ -149,7 +151,7 @@ class WandbConfig(LoggerConfig):
 
 @dataclass
 class NoLoggerConfig(LoggerConfig):
-    _target_: str = "rlsedit_cli.loggers.base.NullLogger"
+    _target_: str = "rlsedit_cli.loggers.base.Tracker"
     name: str = "none"
 
 
@@ -203,6 +205,25 @@ def folder_name(text: str, limit: int = 120) -> str:
     return name.encode()[: limit - 11].decode(errors="ignore") + "~" + digest
 
 
+def log_composition(choices: dict[str, str], editor: str) -> None:
+    """Log which files of conf/ made the run; warn when the editor has no settings for the model.
+
+    ``choices`` is Hydra's group -> chosen option (``hydra.runtime.choices``).
+    """
+    conf, model = conf_dir(), choices.get("model")
+    files = [f"{group}/{option}.yaml" for group, option in choices.items()
+             if option and not group.startswith("hydra") and (conf / group).is_dir()
+             and (conf / group / f"{option}.yaml").is_file()]
+    targets = f"target/{model}.yaml"
+    if editor in ("rlsedit", "memit", "alphaedit") and (conf / targets).is_file():
+        files.append(targets)
+    log.info("composed from conf/: %s", ", ".join(files))
+    if editor != "none" and not (conf / "editor_model" / f"{editor}_{model}.yaml").is_file():
+        log.warning("no conf/editor_model/%s_%s.yaml: %s runs on the values of "
+                    "conf/editor/%s.yaml, which were not chosen for %s; write that file to set "
+                    "them", editor, model, editor, editor, model)
+
+
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("rlsedit.asset"):
@@ -217,23 +238,9 @@ def register() -> None:
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
     cs.store(group="logger", name="wandb_schema", node=WandbConfig)
     cs.store(group="logger", name="none_schema", node=NoLoggerConfig)
-    for group, package, base in (("editor", "rlsedit_cli.editors", EditorConfig),
-                                 ("dataset", "rlsedit_cli.datasets", DatasetConfig)):
-        for name, node in schemas(package, base).items():
+    from rlsedit_cli.datasets.schema import SCHEMAS as DATASETS  # light: no torch, no editor
+    from rlsedit_cli.editors.schema import SCHEMAS as EDITORS
+
+    for group, schemas in (("editor", EDITORS), ("dataset", DATASETS)):
+        for name, node in schemas.items():
             cs.store(group=group, name=f"{name}_schema", node=node)
-
-
-def schemas(package: str, base: type) -> dict[str, type]:
-    """module name -> the config dataclass (a subclass of ``base``) it defines, over ``package``.
-
-    Adding an editor or a dataset is adding a module with its config class and a YAML file.
-    """
-    module_root = importlib.import_module(package)
-    out = {}
-    for info in pkgutil.iter_modules(module_root.__path__):
-        module = importlib.import_module(f"{package}.{info.name}")
-        for obj in vars(module).values():
-            if (isinstance(obj, type) and is_dataclass(obj) and issubclass(obj, base)
-                    and obj is not base and obj.__module__ == module.__name__):
-                out[info.name] = obj
-    return out

@@ -102,3 +102,18 @@ def shared(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not available")
     return path
+
+
+def rls_closed_form(W0, anchor_moment, lam, mu, n_anchor, Ks, Vs) -> torch.Tensor:
+    """The minimiser of RLSEdit's objective over all batches at once, by a route that shares
+    nothing with ops/rls.py: ONE least-squares problem min_W ||W X - Y||_F^2 whose columns are
+    sqrt(lam) I (the pull to W0), sqrt(mu n_anchor) C^{1/2} (the anchor keys) and every batch's
+    keys, solved by torch.linalg.lstsq. (d_out, d_in) float64."""
+    W0, C = W0.double(), anchor_moment.double()
+    evals, evecs = torch.linalg.eigh(0.5 * (C + C.mT))
+    root = evecs * evals.clamp_min(0).sqrt()  # C = root root^T
+    X = torch.cat([lam ** 0.5 * torch.eye(W0.shape[1], dtype=torch.float64),
+                   (mu * n_anchor) ** 0.5 * root, *(K.double() for K in Ks)], 1)
+    Y = torch.cat([lam ** 0.5 * W0, (mu * n_anchor) ** 0.5 * W0 @ root,
+                   *(V.double() for V in Vs)], 1)
+    return torch.linalg.lstsq(X.mT, Y.mT).solution.mT

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rlsedit_cli.bench.targets import bench_targets
+from rlsedit_cli.bench.update import rls_step_flops
 from rlsedit_cli.cli import main
 
 from .conftest import TINY_BUNDLE
@@ -16,7 +19,11 @@ def test_bench_update_prints_one_line_per_editor(capsys, tmp_path):
                  "--batches", "4", "--device", "cpu", "--out", str(out)]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert [x["editor"] for x in lines] == ["rlsedit", "alphaedit", "memit"]
-    assert all(x["median_ms"] > 0 for x in lines)
+    assert all(x["last_batch_residual"] < 0.9 for x in lines)  # each really updates W
+    rls = lines[0]
+    flops = rls_step_flops(48, 16, 4)
+    assert rls["gflops"] == pytest.approx(flops / (rls["median_ms"] / 1e3) / 1e9, rel=0.02,
+                                          abs=0.01)
     assert out.read_text().count("\n") == 3
 
 

@@ -46,14 +46,18 @@ def test_wrong_type_fails_with_key_name():
 
 
 def test_misspelt_key_in_a_yaml_file_fails(tmp_path):
-    bad = config.conf_dir() / "model" / "_typo_test.yaml"
-    bad.write_text("defaults:\n  - model_schema\n  - _self_\nnum_layerz: 3\n")
-    try:
-        with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
-            compose_cfg(["model=_typo_test"])
-        assert "num_layerz" in one_line(err.value)
-    finally:
-        bad.unlink()
+    """A user's own model file with a typo, in a copy of the configs (conf/ is not touched)."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    conf = shutil.copytree(config.conf_dir(), tmp_path / "conf")
+    (conf / "model" / "typo.yaml").write_text(
+        "defaults:\n  - model_schema\n  - _self_\nnum_layerz: 3\n")
+    with (pytest.raises((ConfigCompositionException, ConfigKeyError)) as err,
+          initialize_config_dir(config_dir=str(conf), version_base="1.3")):
+        compose("config", overrides=["model=typo"])
+    assert "num_layerz" in one_line(err.value)
 
 
 def test_cli_run_cfg_job_prints_config(capsys):
@@ -95,3 +99,59 @@ def test_console_script_help():
     assert "run" in out and "toy" in out and "ls" in out
     out = subprocess.run([exe, "run", "--help"], capture_output=True, text=True, check=True).stdout
     assert "rlsedit run" in out and "== Config groups ==" in out
+
+
+def test_a_misspelt_objective_fails_before_any_edit(make_cfg):
+    from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.runner.run import run
+
+    cfg = make_cfg("objective=efficasy", "stream.num_edits=2", "stream.batch_size=2")
+    with pytest.raises(ConfigError, match="objective='efficasy' is not one of hmean, efficacy"):
+        run(cfg)
+    assert not (Path(cfg.paths.run_dir) / "metrics.jsonl").exists()
+
+
+def test_composing_a_config_imports_no_torch_and_no_editor():
+    """Schemas are registered from light modules: `rlsedit ls` and `--cfg job` stay fast and a
+    broken editor module cannot break another editor's config."""
+    code = ("import sys; from rlsedit_cli.cli import main; main(['run', '--cfg', 'job', "
+            "'editor=memit']); heavy = [m for m in ('torch', 'transformers', "
+            "'rlsedit_cli.editors.memit', 'rlsedit_cli.editors.rlsedit') if m in sys.modules]; "
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert "HEAVY []" in out and "name: memit" in out
+
+
+def test_models_share_their_target_settings_across_editors():
+    """conf/target/MODEL.yaml is the one place of a model's target optimisation for MEMIT,
+    AlphaEdit and RLSEdit; an editor_model file or the command line still overrides one key."""
+    targets = {e: compose_cfg([f"editor={e}", "model=llama3_8b"]).editor.target
+               for e in ("memit", "alphaedit", "rlsedit")}
+    assert targets["memit"] == targets["alphaedit"] == targets["rlsedit"]
+    assert targets["memit"].lr == 0.1 and targets["memit"].steps == 25
+    assert compose_cfg(["editor=memit", "model=smollm2_135m"]).editor.target.lr == 0.5
+    one = compose_cfg(["editor=memit", "model=llama3_8b", "editor.target.lr=0.3"]).editor.target
+    assert one.lr == 0.3 and one.steps == 25 and one.clamp_norm_factor == 0.75
+
+
+def test_a_model_without_settings_is_named(tmp_path, caplog):
+    """A model with no conf/target or conf/editor_model file: the run says so, in one line."""
+    import logging
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.runner.run import check_config
+
+    conf = shutil.copytree(config.conf_dir(), tmp_path / "conf")
+    (conf / "target" / "gpt2_tiny.yaml").unlink()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["editor=memit", "model=gpt2_tiny"])
+    with pytest.raises(ConfigError, match="editor.target is not set for model gpt2_tiny: add "
+                                          "conf/target/gpt2_tiny.yaml"):
+        check_config(cfg)
+    with caplog.at_level(logging.INFO):
+        config.log_composition({"model": "mine", "editor": "memit", "dataset": "toy"}, "memit")
+    assert "composed from conf/: editor/memit.yaml, dataset/toy.yaml" in caplog.text
+    assert "no conf/editor_model/memit_mine.yaml: memit runs on the values of" in caplog.text

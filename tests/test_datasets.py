@@ -105,7 +105,8 @@ def test_malformed_and_missing_files(tmp_path):
 def test_counterfact_without_path_offline_says_how(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="dataset.path=/path/to/counterfact.json"):
-        counterfact.load(path=None, url=counterfact.CounterFactConfig.url, cache=str(tmp_path))
+        counterfact.load(path=None, url=f"{counterfact.ROME_DATA}/counterfact.json",
+                         cache=str(tmp_path))
 
 
 def test_stream_is_deterministic_and_checked():

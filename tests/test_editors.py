@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,17 +12,17 @@ import torch
 
 from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.toy import load as load_toy
-from rlsedit_cli.editing.targets import optimise_targets
+from rlsedit_cli.editing.reference import plain_target_loss
+from rlsedit_cli.editing.targets import TargetLoss, kl_divergence, optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.editors import rlsedit as rlsedit_mod
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.eval.counterfact import probability_metrics
 from rlsedit_cli.models.loader import load_model
-from rlsedit_cli.ops.rls import rls_closed_form
 from rlsedit_cli.runner.run import run
 from rlsedit_cli.stats.anchor import AnchorStats
 
-from .conftest import ARCHS, TINY_BUNDLE, compose_cfg, shared, tiny_overrides
+from .conftest import ARCHS, TINY_BUNDLE, compose_cfg, rls_closed_form, shared, tiny_overrides
 
 EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft"]
 # hyper-parameters for random 2-layer models (the published ones are for real models)
@@ -43,7 +45,7 @@ def build_editor(cfg, handle, tmp_path):
     from hydra.utils import instantiate
 
     stats = AnchorStats(handle, tmp_path / "cache", cfg.stats.corpus, 300, 32, 32)
-    return instantiate(cfg.editor, _partial_=True, _convert_="all")(handle=handle, stats=stats)
+    return instantiate(cfg.editor, _partial_=True, _convert_="all")(handle=handle, anchor=stats)
 
 
 def efficacy(handle, records) -> float:
@@ -153,49 +155,31 @@ def test_hundred_edits_on_the_shipped_model(editor, make_cfg):
 
 @pytest.mark.parametrize("editor", EDITORS)
 def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
-    summary = run(make_cfg(f"editor={editor}", "stream.num_edits=4", "stream.batch_size=2",
-                           "eval.generation_prompts=1", "eval.max_new_tokens=10"))
-    assert summary["editor"] == editor and summary["efficacy"] is not None
+    """The default run (toy model, smoke general-ability task) end to end: the edits take, the
+    neighbours of the edited facts keep (FT, unconstrained, is known not to), every file is
+    written."""
+    cfg = make_cfg(f"editor={editor}", "stream.num_edits=4", "stream.batch_size=2",
+                   "eval.generation_prompts=1", "eval.max_new_tokens=10")
+    summary = run(cfg)
+    pre = summary["pre"]
+    assert summary["editor"] == editor and pre["efficacy"] == 0.0
+    assert summary["efficacy"] == 100.0 and summary["generalization"] >= 75.0
+    if editor != "ft":
+        assert summary["specificity"] >= pre["specificity"] - 15.0
+    assert summary["fluency"] > 0 and summary["general"]["rlsedit_smoke"] > 0
+    folder = Path(cfg.paths.run_dir)
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == [0, 1] and rows[-1]["edits"] == 4
+    assert (folder / "retention.csv").read_text().count("\n") >= 2
+    assert any(p.stat().st_size > 0 for p in (folder / "plots").glob("*.png"))
 
 
 def plain_forward_with_delta(handle, batch, templates, z_layer, delta):
-    """(NLL, KL) per request from full forwards, delta added after block z_layer at the
-    subject's last token (the quantities the optimisation reports at its last step)."""
-    from rlsedit_cli.editing.targets import KL_PROMPT
-    from rlsedit_cli.models.tokens import encode_prompt, encode_target, subject_last_index
-
-    def logprobs(template, subject, extra, d):
-        ids = encode_prompt(handle.tok, template.format(subject)) + extra
-        at = subject_last_index(handle.tok, template, subject)
-
-        def add(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            hidden = hidden.clone()
-            hidden[0, at] += d.to(hidden)
-            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-        hook = handle.layer_module(z_layer).register_forward_hook(add)
-        try:
-            ids = torch.tensor([ids], device=handle.device)
-            return handle.model(input_ids=ids).logits[0].float().log_softmax(-1)
-        finally:
-            hook.remove()
-
-    nll, kl = [], []
+    """(NLL, KL to the unedited model) per request, by the loss's plain definition."""
     with torch.no_grad():
-        for r, d in zip(batch, delta):
-            t_ids = encode_target(handle.tok, r.target_new)
-            per_ctx = []
-            for ctx in templates:
-                logp = logprobs(ctx.format(r.prompt), r.subject, t_ids[:-1], d)
-                start = logp.shape[0] - len(t_ids)
-                per_ctx.append(-sum(float(logp[start + j, t]) for j, t in enumerate(t_ids))
-                               / len(t_ids))
-            nll.append(sum(per_ctx) / len(per_ctx))
-            now = logprobs(KL_PROMPT, r.subject, [], d)[-1]
-            init = logprobs(KL_PROMPT, r.subject, [], torch.zeros_like(d))[-1]
-            kl.append(float((now.exp() * (now - init)).sum()))
-    return torch.tensor(nll), torch.tensor(kl)
+        nll, logp = plain_target_loss(handle, batch, templates, z_layer, delta)
+        init = plain_target_loss(handle, batch, ["{}"], z_layer, torch.zeros_like(delta))[1]
+    return nll, kl_divergence(logp, init)
 
 
 def plain_forward_loss(handle, batch, templates) -> torch.Tensor:
@@ -209,16 +193,22 @@ CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_cached_prefix_gives_the_plain_forward_loss(arch, tiny_models, toy_records):
-    """The optimisation runs the prefix once into a key/value cache and replays the blocks up
-    to z_layer: its loss before any step must equal a plain full forward's on every
-    architecture (subjects at the start and inside the prompt, uneven context lengths)."""
+def test_fast_target_loss_equals_its_plain_definition(arch, tiny_models, toy_records):
+    """TargetLoss (cached prefixes, replayed blocks, MLPs cut to the positions that count)
+    against editing/reference.py, at delta 0 and then at two deltas on replayed blocks."""
     cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
     handle = load_model(cfg.model, torch.device("cpu"))
     batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
-    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
-    got = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg).init_loss
-    assert torch.allclose(got, plain_forward_loss(handle, batch, CONTEXTS), rtol=1e-4, atol=1e-4)
+    fast = TargetLoss(handle, batch, CONTEXTS, 0, 2)
+    torch.manual_seed(0)
+    d_model = handle.weight_shape(0)[0]
+    with torch.no_grad():
+        for scale in (0.0, 1.0, 3.0):
+            delta = scale * torch.randn(len(batch), d_model)
+            nll, logp = fast(delta)
+            ref_nll, ref_logp = plain_target_loss(handle, batch, CONTEXTS, 0, delta)
+            assert torch.allclose(nll, ref_nll, rtol=1e-4, atol=1e-4), scale
+            assert torch.allclose(logp, ref_logp, rtol=1e-4, atol=1e-4), scale
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -300,3 +290,27 @@ def test_default_run_on_cuda_edits(make_cfg):
     summary = run(make_cfg("device=cuda", "eval=none", "stream.num_edits=40",
                            "stream.batch_size=10"))
     assert summary["device"].startswith("cuda") and summary["efficacy"] >= 85
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_each_layer_writes_what_the_layers_below_left(arch, tiny_models, toy_records):
+    """Layer by layer, the residual is z minus the hidden state read AFTER the lower layers were
+    written: with near-exact least squares (lam tiny, mu 0) and the plain prompt only, the last
+    edited layer then lands the hidden state on z. A stale h (read once, before any layer was
+    written) would overshoot by the lower layers' effect."""
+    from rlsedit_cli.editing.keys import keys_and_hidden
+    from rlsedit_cli.editors.rlsedit import RLSEdit
+
+    cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    batch = toy_records[:3]
+    target = TargetConfig(steps=10, lr=0.5, loss_layer=2, early_stop_loss=0.0,
+                          context_templates=[])
+    z = optimise_targets(handle, batch, ["{}"], 1, target).z
+    h_before = keys_and_hidden(handle, batch, ["{}"], 1, 1)[1]
+    editor = RLSEdit(handle, None, layers=[0, 1], lam=1e-9, mu=0.0, n_anchor=0.0,
+                     precision="float64", report_deviation=False, target=target)
+    editor.edit(batch)
+    h_after = keys_and_hidden(handle, batch, ["{}"], 1, 1)[1]
+    assert (z - h_before).norm() > 0.1
+    assert torch.allclose(h_after, z, atol=1e-3 * float(z.norm(dim=-1).max()))

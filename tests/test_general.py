@@ -11,14 +11,14 @@ from rlsedit_cli.eval import general
 from rlsedit_cli.runner.run import run
 
 
-def test_smoke_suite_runs_at_checkpoints_on_the_edited_model(make_cfg, tmp_path):
+def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_path):
     summary = run(make_cfg("editor=rlsedit", "eval=smoke", "eval.every_edits=10",
                            "stream.num_edits=20", "stream.batch_size=10", "eval.fluency=false",
                            "eval.limit=40"))
-    checkpoints = summary["general"]["checkpoints"]
-    assert [c["edits"] for c in checkpoints] == [0, 10, 20]
-    assert all(0.0 <= c["scores"]["rlsedit_smoke"] <= 1.0 for c in checkpoints)
-    assert checkpoints[0]["scores"]["rlsedit_smoke"] >= 0.8  # the tiny model knows its facts
+    points = summary["general"]["points"]
+    assert [c["edits"] for c in points] == [0, 10, 20]
+    assert all(0.0 <= c["scores"]["rlsedit_smoke"] <= 1.0 for c in points)
+    assert points[0]["scores"]["rlsedit_smoke"] >= 0.8  # the tiny model knows its facts
     folder = tmp_path / "run"
     assert (folder / "general.csv").read_text().count("rlsedit_smoke") == 3
     assert (folder / "plots" / "general.png").stat().st_size > 0
@@ -67,7 +67,7 @@ def test_local_tasks_do_not_index_the_builtin_ones(shipped_handle, monkeypatch):
 
 def test_smoke_data_is_what_the_generator_writes(tmp_path):
     from rlsedit_cli.datasets.records import parse_rome
-    from rlsedit_cli.toy.world import build_world
+    from rlsedit_cli.datasets.world import build_world
 
     records = [parse_rome(r) for r in build_world(3000, 0).records]
     general.write_smoke_data(records, tmp_path / "smoke.jsonl")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from rlsedit_cli.datasets.references import tfidf_statistics
 from rlsedit_cli.eval.counterfact import summarize
 from rlsedit_cli.eval.metrics import (
     mean_ci,
@@ -14,7 +15,6 @@ from rlsedit_cli.eval.metrics import (
     prefers,
     prob_gap,
     tfidf_similarity,
-    tfidf_statistics,
 )
 
 
@@ -86,3 +86,24 @@ def test_records_without_generation_prompts_get_fluency_from_their_rewrites(ship
     assert evaluate(shipped_handle, rome, None, cfg)["fluency_prompts"] == "generation"
     mixed = evaluate(shipped_handle, [rome[0], easyedit[1]], None, cfg)
     assert mixed["fluency_prompts"] == "generation+rewrite"
+
+
+def test_each_record_averages_its_prompts(shipped_handle):
+    """A record whose two paraphrases disagree scores 50 on generalization (the mean over its
+    prompts, as ROME's code computes it), not 100 ("any prompt") nor 0 ("every prompt")."""
+    from dataclasses import replace
+
+    from rlsedit_cli.datasets.toy import load as load_toy
+    from rlsedit_cli.eval.counterfact import probability_metrics
+
+    from .conftest import TINY_BUNDLE
+
+    records = load_toy(str(TINY_BUNDLE)).records
+    a = records[0]
+    b = next(r for r in records if r.target_true != a.target_true)
+    # the model knows both facts: a's prompt prefers a's true object, b's prompt prefers b's
+    mixed = replace(a, target_new=b.target_true,
+                    paraphrase_prompts=(a.rewrite_prompt, b.rewrite_prompt))
+    got = probability_metrics(shipped_handle, [mixed], batch_size=8)
+    assert got["efficacy"][0] == 0.0  # the rewrite prompt is a's: the true object wins
+    assert got["generalization"][0] == 0.5

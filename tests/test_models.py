@@ -84,3 +84,44 @@ def test_unusable_attention_kernel_is_a_config_error(arch, kernel, tiny_models):
     msg = str(err.value)
     assert f"model.attn_implementation={kernel!r}" in msg and "eager" in msg
     assert "\n" not in msg
+
+
+@pytest.mark.parametrize("feature", ["post_feedforward_norm", "logit_softcapping"])
+def test_a_model_the_pipeline_cannot_edit_is_refused(feature, tmp_path):
+    """Gemma-2 normalises the MLP output before the residual sum and soft-caps its logits: the
+    target loss would differ from the model's own, so the loader refuses it, in one line."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from .conftest import TINY_BUNDLE
+
+    tok = AutoTokenizer.from_pretrained(TINY_BUNDLE)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, initializer_range=0.1,
+        final_logit_softcapping=1.0 if feature == "logit_softcapping" else None,
+        pad_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id)
+    model = transformers.Gemma2ForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    spec = compose_cfg([*tiny_overrides("llama", tmp_path / "gemma2"), "model.arch=gemma2"]).model
+    if feature == "post_feedforward_norm":
+        with pytest.raises(ModelLoadError, match="does not reach the residual stream as it is"):
+            load_model(spec, torch.device("cpu"))
+        return
+    from rlsedit_cli.models.facts import check_facts
+    from rlsedit_cli.models.handle import ModelHandle
+
+    for layer in model.model.layers:  # the MLP's norm taken out: only the capping is left
+        layer.post_feedforward_layernorm = torch.nn.Identity()
+    with pytest.raises(ModelLoadError, match=r"logits are not lm_head\(model.norm\(h\)\)"):
+        check_facts(ModelHandle(model=model.eval(), tok=tok, spec=spec))
+
+
+def test_a_model_declared_unfit_is_refused(tiny_models):
+    spec = compose_cfg([*tiny_overrides("llama", tiny_models["llama"]),
+                        "model.logits_are_head_of_norm=false"]).model
+    with pytest.raises(ModelLoadError, match="declares logits_are_head_of_norm: false"):
+        load_model(spec, torch.device("cpu"))

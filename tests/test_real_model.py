@@ -141,7 +141,7 @@ def test_every_editor_makes_real_counterfact_edits(editor, smollm2, real_cache, 
     saved = {layer: smollm2.weight(layer).detach().clone() for layer in layers}
     try:
         built = instantiate(cfg.editor, _partial_=True, _convert_="all")(handle=smollm2,
-                                                                        stats=stats)
+                                                                        anchor=stats)
         built.edit(batch)
         assert sum(prefers_new(smollm2, batch)) >= 4, editor  # the edited facts hold
         assert not any(prefers_new(smollm2, known)), editor  # unrelated facts stay

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from rlsedit_cli.config import ASSETS_DIR
-from rlsedit_cli.editing import pipeline
+from rlsedit_cli.editors import base as editor_base
 from rlsedit_cli.errors import NumericalError
 from rlsedit_cli.runner.run import run
 
@@ -86,13 +86,13 @@ def test_bad_input_is_one_clear_line(case, tmp_path, bad_records):
 
 
 def test_nan_keys_stop_the_run_with_a_clear_error(make_cfg, monkeypatch):
-    real = pipeline.keys_and_hidden
+    real = editor_base.keys_and_hidden
 
     def nan_keys(*args, **kwargs):
         K, h = real(*args, **kwargs)
         return K * float("nan"), h
 
-    monkeypatch.setattr(pipeline, "keys_and_hidden", nan_keys)
+    monkeypatch.setattr(editor_base, "keys_and_hidden", nan_keys)
     with pytest.raises(NumericalError, match="edit keys K holds NaN or inf.*model.dtype=float32"):
         run(make_cfg("editor=rlsedit", *BASE))
 

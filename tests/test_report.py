@@ -38,7 +38,7 @@ def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path)
 
     rows = [{"edit_seconds": t, "seconds_targets": t - 1, "seconds_keys": 0.5,
              "seconds_update": 0.25, "eval_seconds": 2.0} for t in (3.0, 5.0, 40.0)]
-    general = {"checkpoints": [{"edits": 0, "scores": {"rlsedit_wikitext": 21.5}},
+    general = {"points": [{"edits": 0, "scores": {"rlsedit_wikitext": 21.5}},
                                {"edits": 30, "scores": {"rlsedit_wikitext": 23.25}}]}
     runs = [Run(path=tmp_path, summary={"editor": "memit", "model": "m", "general": general},
                 metrics=rows),

@@ -119,3 +119,38 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         checkpoint.save(tmp_path, {"next_batch": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.NAME]
     assert checkpoint.load(tmp_path)["next_batch"] == 1
+
+
+def test_resume_rewinds_the_line_files_and_the_measurements(tmp_path, monkeypatch):
+    """Stopped after batch 3's rows were written but with the last checkpoint after batch 1,
+    the resumed run drops those rows (metrics, retention, general ability) and restores what was
+    measured before the checkpoint: every file and the summary's general-ability history end as
+    in a run that never stopped."""
+    from rlsedit_cli.runner.folder import RunFolder
+
+    from .conftest import compose_cfg
+
+    args = [*RUN, "eval=smoke", "eval.every_edits=10", "eval.limit=4", "checkpoint.every=2"]
+    whole = compose_cfg(args, tmp_path / "whole")
+    ref = run(whole)
+    real_append = RunFolder.append_jsonl
+
+    def stop_after_batch_3(self, name, row):
+        real_append(self, name, row)
+        if row.get("batch") == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "append_jsonl", stop_after_batch_3)
+    cut = compose_cfg(args, tmp_path / "cut")
+    with pytest.raises(KeyboardInterrupt):
+        run(cut)
+    folder = tmp_path / "cut"
+    assert checkpoint.load(folder)["next_batch"] == 2
+    monkeypatch.setattr(RunFolder, "append_jsonl", real_append)
+    done = run(compose_cfg([*args, f"resume={folder}"], tmp_path / "cut"))
+    for name in ("retention.csv", "general.csv"):
+        assert (folder / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["batch"] for r in rows] == list(range(6))
+    assert [c["edits"] for c in done["general"]["points"]] == [0, 10, 20, 30]
+    assert done["general"]["points"] == ref["general"]["points"]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from rlsedit_cli.errors import NumericalError
-from rlsedit_cli.ops.rls import rls_closed_form, rls_from_normal, rls_init, rls_step
+from rlsedit_cli.ops.rls import rls_from_normal, rls_init, rls_step
+
+from .conftest import rls_closed_form
 
 D_OUT, D_IN = 12, 24
 

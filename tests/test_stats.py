@@ -164,3 +164,40 @@ def test_shipped_english_text_is_the_two_halves_of_wikitext2(tmp_path):
     assert held == pages[1::2]  # the odd articles, raw
     assert anchor == [p for page in pages[0::2] for p in paragraphs(page)]  # the even ones
     assert " @-@ " not in " ".join(anchor) and " @-@ " in " ".join(held)  # detokenised vs raw
+
+
+TWO_JOBS = """
+import hashlib, logging, sys
+import torch
+torch.set_num_threads(1)
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+from tests.conftest import compose_cfg
+from rlsedit_cli.models.loader import load_model
+from rlsedit_cli.stats.anchor import AnchorStats
+cfg = compose_cfg([])
+handle = load_model(cfg.model, torch.device("cpu"))
+C = AnchorStats(handle, sys.argv[1], cfg.model.anchor_corpus, 400, 64, 16).moments([0, 1])
+print("C", hashlib.sha256(C[0].numpy().tobytes() + C[1].numpy().tobytes()).hexdigest())
+"""
+
+
+def test_two_jobs_on_one_fresh_cache_compute_the_statistics_once(tmp_path):
+    """Two processes (a sweep's jobs) share paths.cache: one computes, the other waits for it
+    and reads its files; both get the same C and neither crashes on the other's files."""
+    import subprocess
+    import sys
+
+    from .conftest import TINY_BUNDLE
+
+    root = TINY_BUNDLE.parents[2]  # the checkout, so that `tests.conftest` imports
+    jobs = [subprocess.Popen([sys.executable, "-c", TWO_JOBS, str(tmp_path / "cache")],
+                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outs = [job.communicate(timeout=600) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    logs = outs[0][1] + outs[1][1]
+    assert logs.count("computing anchor statistics") == 1
+    assert logs.count("computed by another process") + logs.count("from cache") == 2
+    sums = {line for out, _ in outs for line in out.splitlines() if line.startswith("C ")}
+    assert len(sums) == 1
+    assert not list((tmp_path / "cache").rglob("*.tmp"))

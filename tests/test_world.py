@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rlsedit_cli.datasets.records import parse_rome
+from rlsedit_cli.datasets.world import build_world, training_sentences
 from rlsedit_cli.errors import DataError
-from rlsedit_cli.toy.world import build_world, training_sentences
 
 
 @pytest.fixture(scope="module")

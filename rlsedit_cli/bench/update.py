@@ -55,6 +55,7 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
     dt = getattr(torch, dtype)
     g = torch.Generator(device="cpu").manual_seed(seed)
     X = torch.randn(d_in, 2 * d_in, generator=g, dtype=dt) / (2 * d_in) ** 0.5
+    X[-(d_in // 4):] *= 0.05  # a quarter of the directions rarely used: AlphaEdit's null space
     C = (X @ X.T).to(dev)  # (d_in, d_in), a full-rank anchor moment
     W0 = torch.randn(d_out, d_in, generator=g, dtype=dt).to(dev) * 0.02
     stream = [(torch.randn(d_in, u, generator=g, dtype=dt).to(dev),
@@ -98,6 +99,8 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
                "median_ms": round(med, 3), "slope_ms_per_batch": round(s, 4),
                "slope_se": round(se, 4), "first_ms": round(times[0], 3),
                "last_ms": round(times[-1], 3)}
+        K, V = stream[-1]  # how well the last batch is written: 1.0 would be not at all
+        row["last_batch_residual"] = round(float((W @ K - V).norm() / (W0 @ K - V).norm()), 6)
         if editor == "rlsedit":
             row["gflops"] = round(rls_step_flops(d_in, d_out, u) / (med / 1e3) / 1e9, 2)
         results.append(row)

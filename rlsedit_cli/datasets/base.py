@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 
 from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.references import References
 from rlsedit_cli.errors import DataError
-from rlsedit_cli.eval.counterfact import References
 
 log = logging.getLogger(__name__)
 

@@ -5,28 +5,15 @@ consistency metric when available."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
-from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.download import cached_file
 from rlsedit_cli.datasets.records import parse_all, parse_rome, read_json_records
+from rlsedit_cli.datasets.references import References
 from rlsedit_cli.errors import first_line
-from rlsedit_cli.eval.counterfact import References
 
 log = logging.getLogger(__name__)
 ROME_DATA = "https://rome.baulab.info/data/dsets"
-
-
-@dataclass
-class CounterFactConfig(DatasetConfig):
-    _target_: str = "rlsedit_cli.datasets.counterfact.load"
-    name: str = "counterfact"
-    url: str = f"{ROME_DATA}/counterfact.json"  # used when path is null
-    snippets: str | None = None  # attribute_snippets.json (null: download, "none": skip)
-    idf: str | None = None  # idf.npy
-    vocab: str | None = None  # tfidf_vocab.json
-    cache: str = "${paths.cache}"
 
 
 def _reference_file(given: str | None, name: str, cache: str, key: str) -> str | None:

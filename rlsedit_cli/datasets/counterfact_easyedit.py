@@ -4,9 +4,6 @@ the "{}" template; the locality prompt becomes a neighbourhood prompt."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.records import (
     Record,
@@ -17,12 +14,6 @@ from rlsedit_cli.datasets.records import (
     subject_template,
 )
 from rlsedit_cli.errors import DataError
-
-
-@dataclass
-class CounterFactEasyEditConfig(DatasetConfig):
-    _target_: str = "rlsedit_cli.datasets.counterfact_easyedit.load"
-    name: str = "counterfact_easyedit"
 
 
 def parse_easyedit(raw: dict) -> Record:

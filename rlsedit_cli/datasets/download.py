@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 from rlsedit_cli.errors import DataError
+from rlsedit_cli.files import replaced_atomically
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +28,12 @@ def cached_file(url: str, cache_dir: str | Path, what: str, key: str, timeout: f
         raise DataError(f"{what} is not cached and HF_DATASETS_OFFLINE is set: download {url} "
                         f"and set {key}=/path/to/{dest.name}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
     log.info("downloading %s to %s", url, dest)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as f:
+        with (replaced_atomically(dest) as tmp, urllib.request.urlopen(url, timeout=timeout)
+              as response, open(tmp, "wb") as f):
             shutil.copyfileobj(response, f)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise DataError(f"cannot download {what} from {url} ({e}): download it where there is a "
                         f"network and set {key}=/path/to/{dest.name}") from e
-    os.replace(tmp, dest)
     return dest

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.records import parse_all, parse_rome, read_json_records
+from rlsedit_cli.datasets.references import References
+from rlsedit_cli.datasets.world import build_world
 from rlsedit_cli.errors import DataError
-from rlsedit_cli.eval.counterfact import References
-from rlsedit_cli.toy.world import build_world
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ToyConfig(DatasetConfig):
-    _target_: str = "rlsedit_cli.datasets.toy.load"
-    name: str = "toy"
-    num_subjects: int | None = None  # a world of another size (stress tests; facts not known)
-    world_seed: int = 0
 
 
 def load(path: str, name: str = "toy", skip_invalid: bool = False,

@@ -3,9 +3,6 @@ e.g. ../shared/data/zsre/zsre_mend_train-1k.json. Records are numbered as they c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from rlsedit_cli.config import DatasetConfig
 from rlsedit_cli.datasets.base import EditDataset
 from rlsedit_cli.datasets.records import (
     Record,
@@ -16,12 +13,6 @@ from rlsedit_cli.datasets.records import (
     subject_template,
 )
 from rlsedit_cli.errors import DataError
-
-
-@dataclass
-class ZsREConfig(DatasetConfig):
-    _target_: str = "rlsedit_cli.datasets.zsre.load"
-    name: str = "zsre"
 
 
 def parse_zsre(raw: dict) -> Record:

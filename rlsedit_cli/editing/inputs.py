@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
-from rlsedit_cli.models.tokens import encode_prompt, subject_last_index
+from rlsedit_cli.models.tokens import encode_prompt, pad, subject_last_index
 
 Item = tuple[str, str, list[int], int]  # (template with "{}", subject, ids after the prompt, owner)
 
@@ -52,22 +52,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, T) ids and mask of ``seqs`` padded on the left or the right."""
-    width = max(map(len, seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        cols = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, cols] = torch.tensor(s, dtype=torch.long)
-        mask[i, cols] = 1
-    return ids, mask
-
-
 def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     """Left-padded rows for ``items``."""
     seqs, lookups = _encode(handle, items)
-    ids, mask = _pad(seqs, handle.tok.pad_token_id, left=True)
+    ids, mask = pad(seqs, handle.tok.pad_token_id, left=True)
     width = ids.shape[1]
     lengths = torch.tensor([len(s) for s in seqs])
     dev = handle.device
@@ -115,9 +103,9 @@ class SplitRows:
 def build_split_rows(handle: ModelHandle, items: list[Item]) -> SplitRows:
     """:class:`SplitRows` for ``items``."""
     seqs, lookups = _encode(handle, items)
-    pad = handle.tok.pad_token_id
-    prefix_ids, prefix_mask = _pad([s[:k] for s, k in zip(seqs, lookups)], pad, left=True)
-    suffix_ids, suffix_mask = _pad([s[k:] for s, k in zip(seqs, lookups)], pad, left=False)
+    pad_id = handle.tok.pad_token_id
+    prefix_ids, prefix_mask = pad([s[:k] for s, k in zip(seqs, lookups)], pad_id, left=True)
+    suffix_ids, suffix_mask = pad([s[k:] for s, k in zip(seqs, lookups)], pad_id)
     lookup = torch.tensor(lookups)
     suffix_pos = lookup[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
     dev = handle.device
@@ -145,16 +133,6 @@ def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int):
     kv = [(layer.keys, layer.values) if i <= stop_layer else (None, None)
           for i, layer in enumerate(cache.layers)]
     return lambda: DynamicCache(kv, config=config)
-
-
-def block_hidden(output) -> torch.Tensor:
-    """The hidden states of a block's output (a tensor, or a tuple starting with one)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-def with_hidden(output, hidden: torch.Tensor):
-    """A block's output with its hidden states replaced."""
-    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
 @contextmanager

@@ -1,12 +1,13 @@
-"""Keys of the edited map and current hidden states at the subject's last token (DESIGN.md 4.3)."""
+"""Keys of the edited map and current hidden states at the subject's last token
+(docs/design.md section 4.3)."""
 
 from __future__ import annotations
 
 import torch
 
 from rlsedit_cli.datasets.records import Record
-from rlsedit_cli.editing.inputs import block_hidden, build_rows, forward_until
-from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.editing.inputs import build_rows, forward_until
+from rlsedit_cli.models.handle import ModelHandle, block_hidden
 
 
 @torch.no_grad()

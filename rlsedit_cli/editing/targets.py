@@ -1,4 +1,5 @@
-"""Batched target-value optimisation (DESIGN.md section 4.2), shared by the key-value editors.
+"""Batched target-value optimisation (docs/design.md section 4.2), shared by the key-value
+editors.
 
 For each request i an additive delta_i (d_model) is added to the residual stream after block
 ``z_layer`` at the subject's last token, in every context-prefixed rewrite prompt and in the KL
@@ -28,18 +29,15 @@ import torch
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.inputs import (
     SplitRows,
-    block_hidden,
     build_split_rows,
     forward_until,
     mlp_only_at,
     prefix_cache,
     replay_blocks,
-    with_hidden,
 )
-from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.editing.reference import KL_PROMPT
+from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
 from rlsedit_cli.models.tokens import encode_target
-
-KL_PROMPT = "{} is a"
 
 
 @dataclass
@@ -86,6 +84,86 @@ def _logits(handle: ModelHandle, hidden: torch.Tensor) -> torch.Tensor:
     return head(ln_f(hidden)).float()
 
 
+def kl_divergence(logp: torch.Tensor, logp_init: torch.Tensor) -> torch.Tensor:
+    """KL(p || p_init) per row of log-probabilities (n, vocab) -> (n,)."""
+    return (logp.exp() * (logp - logp_init)).sum(-1)
+
+
+class TargetLoss:
+    """The target loss of a chunk of requests as a function of their deltas, computed fast.
+
+    Calling it with delta (n, d_model) runs one forward pass of the rows' suffixes from block
+    ``z_layer`` on and returns, per request, the mean target NLL over its prompts (n,) and the
+    log-probabilities after the KL prompt (n, vocab). It equals
+    :func:`rlsedit_cli.editing.reference.plain_target_loss` (the readable definition; tests hold
+    the two equal on every architecture). ``h_init`` (n, d_model), the unedited residual stream
+    after ``z_layer`` at the subject's last token of each plain prompt, is set by the first call.
+    """
+
+    def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
+                 z_layer: int, loss_layer: int) -> None:
+        self.handle, self.z_layer = handle, z_layer
+        self.loss_layer = max(loss_layer, z_layer)
+        n, n_ctx = len(requests), len(templates)
+        self.n, self.n_ctx = n, n_ctx
+        n_rewrite = n * n_ctx
+        rows, targets = _rows(handle, requests, templates)
+        self.rows = rows
+        self.new_cache = prefix_cache(handle, rows, self.loss_layer)
+        dev = rows.mask.device  # index tensors, made once; the .to()s below only cross GPUs
+        self.t_row, self.t_col, self.t_tok = (x.to(dev) for x in _target_index(rows, targets))
+        self.t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32, device=dev)
+        self.kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=dev)
+        self.kl_col = rows.suffix_len[self.kl_rows] - 1
+        self.needed = (torch.cat([self.t_row, self.kl_rows]),
+                       torch.cat([self.t_col, self.kl_col]))  # positions the loss reads
+        self.real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # tokens, not padding
+        self.first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev)  # the "{}" contexts
+        self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
+        self.h_init: torch.Tensor | None = None
+
+    def _hidden(self, delta: torch.Tensor) -> torch.Tensor:
+        """Block ``loss_layer``'s output (N, S, d_model), exact at ``self.needed`` only."""
+        handle, found = self.handle, {}
+        owner = self.rows.owner.to(delta.device)
+
+        def add_delta(module, args, output):
+            hidden = block_hidden(output)  # (N, S, d_model)
+            if self.z_out is None:
+                self.z_out = output
+                self.h_init = hidden[self.first_rows.to(hidden.device), 0].detach().float()
+            moved = hidden[:, :1] + delta[owner].to(hidden)[:, None]  # column 0: subject's last
+            return with_hidden(output, torch.cat([moved, hidden[:, 1:]], 1))
+
+        def keep(module, args, output):
+            found["out"] = block_hidden(output)
+
+        with ExitStack() as patches:
+            if self.z_out is not None:
+                patches.enter_context(replay_blocks(handle, self.z_layer, self.z_out))
+            for layer in range(self.z_layer + 1, self.loss_layer):  # not on the right padding
+                patches.enter_context(mlp_only_at(handle, layer, *self.real))
+            if self.loss_layer > self.z_layer:  # its output is read only where the loss reads
+                patches.enter_context(mlp_only_at(handle, self.loss_layer, *self.needed))
+            forward_until(handle, self.rows.suffix_inputs(self.new_cache()), self.loss_layer,
+                          [(handle.layer_module(self.z_layer), "post", add_delta),
+                           (handle.layer_module(self.loss_layer), "post", keep)])
+        return found["out"]
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._hidden(delta)
+        dev = out.device
+        logits = _logits(self.handle, out[self.t_row.to(dev), self.t_col.to(dev)])  # (n_tok, V)
+        dev = logits.device  # the LM head's device
+        tok_nll = torch.nn.functional.cross_entropy(logits, self.t_tok.to(dev), reduction="none")
+        row_nll = torch.zeros(self.n * self.n_ctx, device=dev).index_add(
+            0, self.t_row.to(dev), tok_nll)
+        nll = (row_nll / self.t_len.to(dev)).view(self.n, self.n_ctx).mean(1)  # (n,)
+        kl_at = (self.kl_rows.to(out.device), self.kl_col.to(out.device))
+        kl_logp = _logits(self.handle, out[kl_at]).log_softmax(-1)  # (n, vocab)
+        return nll.to(delta.device), kl_logp.to(delta.device)
+
+
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
                      z_layer: int, cfg) -> TargetResult:
     """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``)."""
@@ -97,70 +175,25 @@ def optimise_targets(handle: ModelHandle, requests: list[Record], templates: lis
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
                     z_layer: int, cfg) -> TargetResult:
-    n, n_ctx = len(requests), len(templates)
-    n_rewrite = n * n_ctx
-    rows, targets = _rows(handle, requests, templates)
-    loss_layer = max(int(cfg.loss_layer), z_layer)
-    new_cache = prefix_cache(handle, rows, loss_layer)
-    dev0 = rows.mask.device  # index tensors, made once; the .to()s below only cross GPUs
-    t_row, t_col, t_tok = (x.to(dev0) for x in _target_index(rows, targets))
-    t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32, device=dev0)
-    kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=dev0)
-    kl_col = rows.suffix_len[kl_rows] - 1
-    needed = (torch.cat([t_row, kl_rows]), torch.cat([t_col, kl_col]))  # distinct positions
-    real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # suffix tokens, not padding
-    first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev0)  # the plain "{}" contexts
-    inject = handle.layer_module(z_layer)
-    capture = handle.layer_module(loss_layer)
+    """Adam on the deltas of one chunk; each request stops on its own (see module doc)."""
+    target_loss = TargetLoss(handle, requests, templates, z_layer, int(cfg.loss_layer))
+    n = len(requests)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)
     d_model = handle.weight_shape(z_layer)[0]
     delta = torch.zeros(n, d_model, device=z_device, dtype=torch.float32, requires_grad=True)
-    owner = rows.owner.to(z_device)
-    state: dict = {}
-
-    def add_delta(module, args, output):
-        hidden = block_hidden(output)  # (N, S, d_model)
-        if "z_out" not in state:
-            state["z_out"] = output  # blocks 0..z_layer replay it from the next step on
-            state["h_init"] = hidden[first_rows.to(hidden.device), 0].detach().float()
-        moved = hidden[:, :1] + delta[owner].to(hidden)[:, None]
-        return with_hidden(output, torch.cat([moved, hidden[:, 1:]], 1))
-
-    def keep(module, args, output):
-        state["out"] = block_hidden(output)
-
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     active = torch.ones(n, dtype=torch.bool, device=z_device)
     steps = torch.zeros(n, dtype=torch.long, device=z_device)
     init_loss = final_loss = final_kl = kl_init = None
     with torch.enable_grad():
         for it in range(int(cfg.steps)):
-            with ExitStack() as patches:
-                if "z_out" in state:
-                    patches.enter_context(replay_blocks(handle, z_layer, state["z_out"]))
-                for layer in range(z_layer + 1, loss_layer):  # not on the right padding
-                    patches.enter_context(mlp_only_at(handle, layer, *real))
-                if loss_layer > z_layer:  # block loss_layer's output is read only at `needed`
-                    patches.enter_context(mlp_only_at(handle, loss_layer, *needed))
-                forward_until(handle, rows.suffix_inputs(new_cache()), loss_layer,
-                              [(inject, "post", add_delta), (capture, "post", keep)])
-            out = state["out"]
-            dev = out.device
-            logits = _logits(handle, out[t_row.to(dev), t_col.to(dev)])  # (n_tok, vocab)
-            dev = logits.device  # the LM head's device
-            tok_nll = torch.nn.functional.cross_entropy(logits, t_tok.to(dev), reduction="none")
-            row_nll = torch.zeros(n_rewrite, device=dev).index_add(0, t_row.to(dev), tok_nll)
-            nll = (row_nll / t_len.to(dev)).view(n, n_ctx).mean(1).to(z_device)  # (n,)
-            kl_at = (kl_rows.to(out.device), kl_col.to(out.device))
-            kl_logp = _logits(handle, out[kl_at]).log_softmax(-1)  # (n, vocab)
+            nll, kl_logp = target_loss(delta)  # (n,), (n, vocab)
             if kl_init is None:
-                kl_init = kl_logp.detach()  # (n, vocab)
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1).to(z_device)  # KL(now||init)
-            h_norm = state["h_init"].to(z_device).norm(dim=-1)
-            decay = cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
-            loss = nll + cfg.kl_factor * kl + decay  # (n,)
-            if init_loss is None:
+                kl_init = kl_logp.detach()
                 init_loss = nll.detach()
+            kl = kl_divergence(kl_logp, kl_init)
+            h_norm = target_loss.h_init.to(z_device).norm(dim=-1)  # (n,)
+            loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
             final_loss, final_kl = nll.detach(), kl.detach()
             active &= loss.detach() >= cfg.early_stop_loss
             if not bool(active.any()) or it == int(cfg.steps) - 1:
@@ -173,8 +206,7 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
                 delta[~active] = frozen
                 steps += active.long()
                 max_norm = cfg.clamp_norm_factor * h_norm
-                scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-                delta.mul_(scale[:, None])
-    z = state["h_init"].to(z_device) + delta.detach()
+                delta.mul_((max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)[:, None])
+    z = target_loss.h_init.to(z_device) + delta.detach()
     return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, final_kl=final_kl,
                         steps=steps)

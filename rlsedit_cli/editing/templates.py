@@ -9,6 +9,7 @@ import torch
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt
 
+log = logging.getLogger(__name__)
 STARTERS = ("The", "Therefore", "Because", "I", "You")
 
 
@@ -53,3 +54,18 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> 
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
     return out
+
+
+class ContextTemplates:
+    """The context templates of one editor: sampled once, from the unedited model, on first use
+    (so a resumed run reuses the ones it saved rather than sampling from the edited model)."""
+
+    def __init__(self, handle: ModelHandle, spec: list[list[int]], seed: int) -> None:
+        self.handle, self.spec, self.seed = handle, spec, seed
+        self.texts: list[str] | None = None
+
+    def get(self) -> list[str]:
+        if self.texts is None:
+            self.texts = context_templates(self.handle, self.spec, self.seed)
+            log.info("%d context templates, e.g. %r", len(self.texts), self.texts[-1])
+        return self.texts

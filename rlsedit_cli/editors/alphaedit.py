@@ -3,38 +3,23 @@ all earlier batches kept in the solve (a d_in x d_in solve every batch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
-from omegaconf import II
 
-from rlsedit_cli.config import EditorConfig, TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import keys_and_hidden
-from rlsedit_cli.editing.pipeline import KeyValueEditor
+from rlsedit_cli.editors.base import KeyValueEditor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.baselines import alphaedit_delta, nullspace_projector
 
 
-@dataclass
-class AlphaEditConfig(EditorConfig):
-    _target_: str = "rlsedit_cli.editors.alphaedit.AlphaEdit"
-    name: str = "alphaedit"
-    layers: list[int] = II("model.edit_layers")
-    threshold: float = 2e-2  # eigenvalues of C below it span the null space
-    l2: float = 10.0
-    target: TargetConfig = field(default_factory=TargetConfig)
-    seed: int = II("seed")
-
-
 class AlphaEdit(KeyValueEditor):
-    def __init__(self, handle, stats=None, *, name: str = "alphaedit", layers: list[int],
+    def __init__(self, handle, anchor=None, *, name: str = "alphaedit", layers: list[int],
                  threshold: float, l2: float, target: dict | None = None, seed: int = 0) -> None:
-        super().__init__(handle, layers, target or {}, seed, name)
+        super().__init__(handle, layers, target, seed, name)
         if not threshold > 0 or not l2 >= 0:
             raise ConfigError(f"editor.threshold={threshold} must be > 0 and editor.l2={l2} >= 0")
         self.l2 = float(l2)
-        C = stats.moments(self.layers)
+        C = anchor.moments(self.layers)
         self.Pi = {layer: nullspace_projector(C[layer].float(), threshold) for layer in self.layers}
         self.past = {layer: torch.zeros_like(self.Pi[layer]) for layer in self.layers}
         self.null_dim = {layer: int(torch.trace(self.Pi[layer]).round()) for layer in self.layers}
@@ -48,7 +33,7 @@ class AlphaEdit(KeyValueEditor):
     def after_batch(self, batch: list[Record]) -> dict[str, float]:
         """Accumulate the batch's keys, recomputed on the edited model (as AlphaEdit does)."""
         for layer in self.layers:
-            K, _ = keys_and_hidden(self.handle, batch, self.context(), layer, self.z_layer)
+            K, _ = keys_and_hidden(self.handle, batch, self.templates.get(), layer, self.z_layer)
             self.past[layer] += K @ K.T
         return {}
 

@@ -1,10 +1,30 @@
-"""The interface every editor implements."""
+"""The interface every editor implements, and the key-value pipeline of MEMIT-style editors.
+
+One batch of a :class:`KeyValueEditor` (RLSEdit, AlphaEdit, MEMIT), top-down:
+
+1. context templates, sampled once (editing/templates.py);
+2. the target hidden states z after the last edited layer, optimised for the whole batch at
+   once (editing/targets.py; its loss is defined plainly in editing/reference.py);
+3. for each edited layer, lowest first: the keys K of its MLP output map and the current hidden
+   states h after the last edited layer, re-read after the layers below were written
+   (editing/keys.py); the residual R = (z - h) / (layers left); the editor's own rule
+   :meth:`KeyValueEditor.update_layer` writes it (the mathematics is in ops/).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
+
+from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.editing.keys import keys_and_hidden
+from rlsedit_cli.editing.targets import optimise_targets
+from rlsedit_cli.editing.templates import ContextTemplates
+from rlsedit_cli.errors import ConfigError
+from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.progress import PhaseClock
 
 
 class Editor(ABC):
@@ -32,3 +52,68 @@ class Editor(ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
         del state
+
+
+def target_config(target: dict | TargetConfig | None) -> TargetConfig:
+    """The editor's ``target`` section as a :class:`TargetConfig`."""
+    return target if isinstance(target, TargetConfig) else TargetConfig(**(target or {}))
+
+
+def target_stats(result) -> dict[str, float]:
+    """What the target optimisation reports per batch (means over the requests)."""
+    return {"target_nll_before": float(result.init_loss.mean()),
+            "target_nll_after": float(result.final_loss.mean()),
+            "target_kl_after": float(result.final_kl.mean()),
+            "target_steps": float(result.steps.float().mean())}
+
+
+class KeyValueEditor(Editor):
+    """An editor that writes (keys -> target values) into the MLP output maps of ``layers``."""
+
+    def __init__(self, handle: ModelHandle, layers: list[int], target: dict | None, seed: int,
+                 name: str) -> None:
+        if not layers:
+            raise ConfigError(f"editor.layers is empty: give {name} at least one layer")
+        handle.check_layers(layers, "editor.layers")
+        self.handle = handle
+        self.name = name
+        self.layers = sorted(int(layer) for layer in layers)
+        self.z_layer = self.layers[-1]
+        self.target = target_config(target)
+        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed))
+
+    @property
+    def edited_layers(self) -> list[int]:
+        return self.layers
+
+    def edit(self, batch: list[Record]) -> dict[str, float]:
+        clock = PhaseClock(self.handle.device)
+        with clock("templates"):
+            templates = self.templates.get()
+        with clock("targets"):
+            result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
+        stats = target_stats(result)
+        for i, layer in enumerate(self.layers):
+            with clock("keys"):  # h is read again: the layers below have just been written
+                K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)
+            R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
+            R = R.to(self.handle.weight(layer).device)
+            with clock("update"):
+                stats |= self.update_layer(layer, K, R)
+        with clock("update"):
+            stats |= self.after_batch(batch)
+        return stats | clock.seconds()
+
+    @abstractmethod
+    def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:
+        """Write the batch into ``layer``: K (d_in, n) keys, R (d_out, n) wanted output change."""
+
+    def after_batch(self, batch: list[Record]) -> dict[str, float]:
+        """Hook after all layers are written (e.g. AlphaEdit accumulates the edited keys)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"templates": self.templates.texts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.templates.texts = state.get("templates")

@@ -8,31 +8,16 @@ fine-tunes without the constraint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from omegaconf import II
 
-from rlsedit_cli.config import EditorConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editors.base import Editor
 from rlsedit_cli.errors import ConfigError
-from rlsedit_cli.eval.scoring import pad_right
-from rlsedit_cli.models.tokens import encode_prompt, encode_target
-
-
-@dataclass
-class FTConfig(EditorConfig):
-    _target_: str = "rlsedit_cli.editors.ft.FT"
-    name: str = "ft"
-    layer: int = II("model.single_layer")
-    steps: int = 25
-    lr: float = 5e-4
-    norm_constraint: float | None = 5e-4
+from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
 
 
 class FT(Editor):
-    def __init__(self, handle, stats=None, *, name: str = "ft", layer: int, steps: int, lr: float,
+    def __init__(self, handle, anchor=None, *, name: str = "ft", layer: int, steps: int, lr: float,
                  norm_constraint: float | None) -> None:
         handle.check_layers([layer], "editor.layer")
         if steps < 1 or not lr > 0:
@@ -53,7 +38,7 @@ class FT(Editor):
             p, t = encode_prompt(tok, r.rewrite_prompt), encode_target(tok, r.target_new)
             seqs.append(p + t)
             spans.append((len(p), len(t)))
-        ids, mask = pad_right(seqs, tok.pad_token_id, self.handle.device)
+        ids, mask = pad(seqs, tok.pad_token_id, device=self.handle.device)
         labels = torch.full_like(ids, -100)
         for i, (p_len, t_len) in enumerate(spans):
             labels[i, p_len : p_len + t_len] = ids[i, p_len : p_len + t_len]

@@ -1,4 +1,5 @@
-"""RLSEdit: every edit of the stream in one regularised least-squares objective (DESIGN.md 2-3).
+"""RLSEdit: every edit of the stream in one regularised least-squares objective
+(docs/design.md sections 2-3).
 
 Per edited layer the editor carries P_t = A_t^{-1} and a master copy of W_t in ``precision``
 across the WHOLE stream (never reset, unless ``reset_each_batch`` asks for the published code's
@@ -10,40 +11,22 @@ weights receive W_t cast to their dtype. Per batch it reports the terms of the p
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
-from omegaconf import II
 
-from rlsedit_cli.config import EditorConfig, TargetConfig
-from rlsedit_cli.editing.pipeline import KeyValueEditor
+from rlsedit_cli.editors.base import KeyValueEditor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.rls import rls_from_normal, rls_init, rls_step
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RLSEditConfig(EditorConfig):
-    _target_: str = "rlsedit_cli.editors.rlsedit.RLSEdit"
-    name: str = "rlsedit"
-    layers: list[int] = II("model.edit_layers")
-    lam: float = 1.0  # weight of ||W - W_0||^2
-    mu: float = 1.0  # weight of ||W K_0 - W_0 K_0||^2
-    n_anchor: float = 15000.0  # K_0 K_0^T = n_anchor * E[k k^T]
-    precision: str = "float32"  # of P and the master weights: float32 | float64
-    reset_each_batch: bool = False  # the published code's behaviour (P_0 every batch)
-    report_deviation: bool = True  # Theorem 4.1 terms per batch (keeps C in memory)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    seed: int = II("seed")
-
-
 class RLSEdit(KeyValueEditor):
-    def __init__(self, handle, stats=None, *, name: str = "rlsedit", layers: list[int],
+    def __init__(self, handle, anchor=None, *, name: str = "rlsedit", layers: list[int],
                  lam: float, mu: float, n_anchor: float, precision: str = "float32",
                  reset_each_batch: bool = False, report_deviation: bool = True,
                  target: dict | None = None, seed: int = 0) -> None:
-        super().__init__(handle, layers, target or {}, seed, name)
+        super().__init__(handle, layers, target, seed, name)
         for key, value in (("lam", lam), ("mu", mu), ("n_anchor", n_anchor)):
             if not value >= 0:  # also catches NaN
                 raise ConfigError(f"editor.{key}={value} must be a non-negative number")
@@ -57,7 +40,7 @@ class RLSEdit(KeyValueEditor):
             log.warning("editor.reset_each_batch=true: P is rebuilt every batch as in the "
                         "paper's published code; earlier batches leave the objective")
         need_c = (self.mu > 0 and self.n_anchor > 0) or report_deviation
-        C = stats.moments(self.layers) if need_c else {}
+        C = anchor.moments(self.layers) if need_c else {}
         self.C = {layer: C[layer].to(self.dtype) for layer in C} if report_deviation else {}
         self.W0, self.W, self.P, self.P0, self.normal = {}, {}, {}, {}, {}
         for layer in self.layers:

@@ -2,55 +2,55 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import torch
-from omegaconf import II
-
-from rlsedit_cli.config import EditorConfig, TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import keys_and_hidden
-from rlsedit_cli.editing.pipeline import KeyValueEditor
 from rlsedit_cli.editing.targets import optimise_targets
+from rlsedit_cli.editing.templates import ContextTemplates
+from rlsedit_cli.editors.base import Editor, target_config, target_stats
 from rlsedit_cli.ops.baselines import rome_delta
 from rlsedit_cli.ops.rls import spd_inverse
+from rlsedit_cli.progress import PhaseClock
 
 
-@dataclass
-class ROMEConfig(EditorConfig):
-    _target_: str = "rlsedit_cli.editors.rome.ROME"
-    name: str = "rome"
-    layer: int = II("model.single_layer")
-    target: TargetConfig = field(default_factory=TargetConfig)
-    seed: int = II("seed")
+class ROME(Editor):
+    """Each request of a batch is written after the previous one (ROME edits one fact at a time):
+    its target is optimised at the edited layer itself, then a rank-one update writes it."""
 
-
-class ROME(KeyValueEditor):
-    """Each request of a batch is written after the previous one (ROME edits one fact at a time);
-    its target is optimised at the edited layer itself."""
-
-    def __init__(self, handle, stats=None, *, name: str = "rome", layer: int,
+    def __init__(self, handle, anchor=None, *, name: str = "rome", layer: int,
                  target: dict | None = None, seed: int = 0) -> None:
-        super().__init__(handle, [layer], target or {}, seed, name)
-        C = stats.moments(self.layers)[self.z_layer]
+        handle.check_layers([layer], "editor.layer")
+        self.handle, self.name, self.layer = handle, name, int(layer)
+        self.target = target_config(target)
+        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed))
+        C = anchor.moments([self.layer])[self.layer]
         self.C_inv = spd_inverse(C, f"the anchor statistics of layer {layer}")
 
-    def edit(self, batch: list[Record]) -> dict[str, float]:
-        templates = self.context()
-        norms, nll_before, nll_after, kl_after = [], [], [], []
-        for request in batch:
-            result = optimise_targets(self.handle, [request], templates, self.z_layer, self.target)
-            K, h = keys_and_hidden(self.handle, [request], templates, self.z_layer, self.z_layer)
-            delta = rome_delta(self.C_inv, K[:, 0], (result.z - h)[0])
-            self.handle.set_weight(self.z_layer, self.handle.weight(self.z_layer).double() + delta)
-            norms.append(float(delta.norm()))
-            nll_before.append(float(result.init_loss[0]))
-            nll_after.append(float(result.final_loss[0]))
-            kl_after.append(float(result.final_kl[0]))
-        n = len(batch)
-        return {"target_nll_before": sum(nll_before) / n, "target_nll_after": sum(nll_after) / n,
-                "target_kl_after": sum(kl_after) / n,
-                f"layer{self.z_layer}/update_norm": sum(norms) / n}
+    @property
+    def edited_layers(self) -> list[int]:
+        return [self.layer]
 
-    def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:
-        raise NotImplementedError("ROME writes request by request in edit()")
+    def edit(self, batch: list[Record]) -> dict[str, float]:
+        clock = PhaseClock(self.handle.device)
+        with clock("templates"):
+            templates = self.templates.get()
+        per_request = []
+        for request in batch:
+            with clock("targets"):
+                result = optimise_targets(self.handle, [request], templates, self.layer,
+                                          self.target)
+            with clock("keys"):
+                K, h = keys_and_hidden(self.handle, [request], templates, self.layer, self.layer)
+            with clock("update"):
+                delta = rome_delta(self.C_inv, K[:, 0], (result.z - h)[0])  # (d_out, d_in)
+                self.handle.set_weight(self.layer,
+                                       self.handle.weight(self.layer).double() + delta)
+            per_request.append(target_stats(result)
+                               | {f"layer{self.layer}/update_norm": float(delta.norm())})
+        means = {key: sum(s[key] for s in per_request) / len(batch) for key in per_request[0]}
+        return means | clock.seconds()
+
+    def state_dict(self) -> dict:
+        return {"templates": self.templates.texts}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.templates.texts = state.get("templates")

@@ -7,64 +7,21 @@ greedy generations. :func:`summarize` turns per-record values into percentages w
 
 from __future__ import annotations
 
-import gzip
-import json
-from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
 from rlsedit_cli.eval.scoring import completion_nll
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.models.tokens import encode_prompt
+from rlsedit_cli.models.tokens import encode_prompt, pad
 
 FAMILIES = {  # metric -> (record field, which target should win)
     "efficacy": ("rewrite", "new"),
     "generalization": ("paraphrase_prompts", "new"),
     "specificity": ("neighborhood_prompts", "true"),
 }
-
-
-@dataclass
-class References:
-    """Reference texts about each (relation, object) and tf-idf statistics (consistency)."""
-
-    snippets: dict  # relation id -> object id -> [{"text": ...}]
-    vocab: dict[str, int]
-    idf: np.ndarray
-
-    def texts(self, record: Record) -> list[str] | None:
-        by_obj = self.snippets.get(record.relation_id or "", {})
-        found = by_obj.get(record.target_new_id or "")
-        return [s["text"] for s in found] if found else None
-
-    @classmethod
-    def load(cls, snippets: str | Path, idf: str | Path, vocab: str | Path | None = None,
-             ) -> References:
-        """Read references in ROME's files (attribute_snippets.json, idf.npy, tfidf_vocab.json)
-        or a toy bundle's (nested snippets; idf and vocab together in one JSON)."""
-
-        def read(path):
-            path = Path(path)
-            opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
-                return json.load(f)
-
-        raw = read(snippets)
-        if isinstance(raw, list):  # ROME: [{relation_id, target_id, samples: [{text}]}]
-            nested: dict = {}
-            for el in raw:
-                nested.setdefault(el["relation_id"], {}).setdefault(el["target_id"], []).extend(
-                    el["samples"])
-            raw = nested
-        if vocab is None:
-            stats = read(idf)
-            return cls(raw, stats["vocab"], np.asarray(stats["idf"], dtype=np.float64))
-        idf_values = np.load(idf) if str(idf).endswith(".npy") else np.asarray(read(idf))
-        return cls(raw, read(vocab), np.asarray(idf_values, dtype=np.float64))
 
 
 def _prompts(record: Record, field: str) -> tuple[str, ...]:
@@ -109,13 +66,9 @@ def generate(handle: ModelHandle, prompts: list[str], max_new_tokens: int, batch
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        enc = [encode_prompt(tok, prompts[i]) for i in idx]
-        width = max(map(len, enc))
-        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, e in enumerate(enc):  # left padding for generation
-            ids[row, width - len(e):] = torch.tensor(e)
-            mask[row, width - len(e):] = 1
+        ids, mask = pad([encode_prompt(tok, prompts[i]) for i in idx], tok.pad_token_id,
+                        left=True)  # left padding for generation
+        width = ids.shape[1]
         new = max(1, min(max_new_tokens, limit - width))  # fixed length, as ROME generates
         out = model.generate(
             input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),

@@ -1,7 +1,7 @@
 """Pure metric functions (no model, no I/O): CounterFact's success rates, fluency, consistency.
 
-Definitions follow ROME/MEMIT's evaluation code (DESIGN.md section 6); where the original needs
-network data (nltk's punkt), a regex word splitter with the same intent is used instead.
+Definitions follow ROME/MEMIT's evaluation code (docs/design.md section 6); where the original
+needs network data (nltk's punkt), a regex word splitter with the same intent is used instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-WORD_RE = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern (ROME's tf-idf)
+from rlsedit_cli.datasets.references import WORD_RE
+
 TOKEN_RE = re.compile(r"\w+|[^\w\s]")  # words and punctuation, like nltk.word_tokenize
 
 
@@ -67,16 +68,3 @@ def tfidf_vector(text: str, vocab: Mapping[str, int], idf: np.ndarray) -> np.nda
 def tfidf_similarity(a: str, b: str, vocab: Mapping[str, int], idf: np.ndarray) -> float:
     """Cosine similarity of the tf-idf vectors of two texts (ROME's consistency score)."""
     return float(tfidf_vector(a, vocab, idf) @ tfidf_vector(b, vocab, idf))
-
-
-def tfidf_statistics(documents: list[str]) -> tuple[dict[str, int], list[float]]:
-    """Vocabulary and smoothed idf over ``documents`` (scikit-learn's TfidfVectorizer defaults).
-
-    idf(w) = ln((1 + n) / (1 + df(w))) + 1.
-    """
-    df: Counter[str] = Counter()
-    for doc in documents:
-        df.update(set(WORD_RE.findall(doc.lower())))
-    words = sorted(df)
-    n = len(documents)
-    return {w: i for i, w in enumerate(words)}, [math.log((1 + n) / (1 + df[w])) + 1 for w in words]

@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsedit_cli.models.tokens import encode_prompt, encode_target
-
-
-def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists into (input_ids, attention_mask), both (n, max_len)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
 
 
 @torch.no_grad()
@@ -42,7 +31,7 @@ def completion_nll(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seqs = [encoded[i][0] + encoded[i][1] for i in idx]
-        ids, mask = pad_right(seqs, tok.pad_token_id, device)
+        ids, mask = pad(seqs, tok.pad_token_id, device=device)
         logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
         for row, i in enumerate(idx):
             p_len, t_ids = len(encoded[i][0]), encoded[i][1]

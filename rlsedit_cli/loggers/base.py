@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 
-class NullLogger:
-    """Tracks nothing; every method is a no-op. The base of every tracker."""
+class Tracker:
+    """The base of every tracker; itself it tracks nothing (every method is a no-op)."""
 
     def __init__(self, name: str = "none", **_: object) -> None:
         self.name = name

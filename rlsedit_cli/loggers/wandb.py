@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from rlsedit_cli.errors import first_line
-from rlsedit_cli.loggers.base import NullLogger
+from rlsedit_cli.loggers.base import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-class WandbLogger(NullLogger):
+class WandbLogger(Tracker):
     def __init__(self, run_dir: str | Path, run_config: dict, run_name: str, name: str = "wandb",
                  mode: str = "offline", project: str = "rlsedit", entity: str | None = None,
                  group: str | None = None, tags: list[str] | None = None,

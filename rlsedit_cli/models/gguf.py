@@ -1,10 +1,10 @@
-"""GGUF checkpoints: find the file, de-quantise it once, keep a float32 copy in the cache.
+"""GGUF model files: find the file, de-quantise it once, keep a float32 copy in the cache.
 
 transformers reads a GGUF file (with the ``gguf`` package) and de-quantises it to float32 on
 every load, which takes seconds to minutes, and the model it returns refuses
 ``save_pretrained``. :func:`dequantised_folder` does that once per file, keyed by the file's
 sha256, and writes an ordinary model folder (config.json, model.safetensors, tokenizer files)
-under ``CACHE/models/``; later loads read that folder like any local checkpoint.
+under ``CACHE/models/``; later loads read that folder like any local model folder.
 
 Where the file comes from (``model.name_or_path`` + ``model.gguf_file``):
 

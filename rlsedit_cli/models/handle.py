@@ -20,6 +20,16 @@ class StopForwardError(Exception):
     """Raised by a forward hook once everything needed from a forward pass was captured."""
 
 
+def block_hidden(output) -> torch.Tensor:
+    """The hidden states of a block's output (a tensor, or a tuple starting with one)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """A block's output with its hidden states replaced."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 @dataclass
 class ModelHandle:
     """A model, its tokenizer and its architecture spec (a conf/model node)."""

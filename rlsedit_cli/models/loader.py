@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsedit_cli.config import conf_dir
 from rlsedit_cli.errors import ConfigError, ModelLoadError, first_line
+from rlsedit_cli.models.facts import check_facts
 from rlsedit_cli.models.gguf import dequantised_folder, locate
 from rlsedit_cli.models.handle import ModelHandle
 
@@ -143,5 +144,6 @@ def load_model(spec, device: torch.device, cache: str | Path | None = None) -> M
     handle.check_layers(list(spec.edit_layers), "model.edit_layers")
     handle.check_layers([spec.single_layer], "model.single_layer")
     handle.check_layers([spec.loss_layer], "model.loss_layer")
+    check_facts(handle)
     log.info("loaded %s (%s, %s) on %s", name, spec.arch, spec.dtype, handle.device)
     return handle

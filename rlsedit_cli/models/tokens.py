@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
 
@@ -26,3 +28,17 @@ def subject_last_index(tok: PreTrainedTokenizerBase, template: str, subject: str
     """
     head = template[: template.index("{}")] + subject
     return len(encode_prompt(tok, head)) - 1
+
+
+def pad(seqs: list[list[int]], pad_id: int, left: bool = False, device=None,
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) input ids and attention mask of token-id lists padded on the right (or left)."""
+    if not seqs:
+        empty = torch.zeros((0, 0), dtype=torch.long, device=device)
+        return empty, empty.clone()
+    side = "left" if left else "right"
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side=side)
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0,
+                        padding_side=side)
+    return ids.to(device), mask.to(device)

@@ -1,4 +1,5 @@
-"""Per-batch update rules of the baselines (DESIGN.md section 5), as pure tensor functions.
+"""Per-batch update rules of the baselines (docs/design.md section 5), as pure tensor
+functions.
 
 Each returns the weight change Delta (d_out, d_in) for one layer, given the anchor second moment
 C (d_in, d_in), the batch keys K (d_in, u) and the spread residual R (d_out, u); the caller adds

@@ -1,4 +1,5 @@
-"""RLSEdit's recursive least squares (DESIGN.md sections 2-3), as pure tensor functions.
+"""RLSEdit's recursive least squares (docs/design.md sections 2-3), as pure tensor
+functions.
 
 Objective after t batches, for one linear map W (d_out, d_in)::
 
@@ -113,25 +114,6 @@ def rls_step(P: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
     gain = torch.linalg.solve_triangular(L.mT, Gt, upper=True)  # K^T P_t = L^{-T} G^T, (u, d_in)
     W_new = W + (V - W @ K) @ gain  # (d_out, d_in)
     return P_new, W_new
-
-
-def rls_closed_form(W0: torch.Tensor, anchor_moment: torch.Tensor, lam: float, mu: float,
-                    n_anchor: float, Ks: list[torch.Tensor], Vs: list[torch.Tensor],
-                    ) -> torch.Tensor:
-    """Reference minimiser W_t = B_t A_t^{-1} over all batches at once (for tests).
-
-    Args:
-        W0: (d_out, d_in); anchor_moment: (d_in, d_in); Ks[i]: (d_in, u_i); Vs[i]: (d_out, u_i).
-
-    Returns:
-        W_t (d_out, d_in) in float64.
-    """
-    A = anchor_matrix(anchor_moment, lam, mu, n_anchor, torch.float64)  # (d_in, d_in)
-    B = W0.double() @ A  # (d_out, d_in)
-    for K, V in zip(Ks, Vs):
-        A = A + K.double() @ K.double().mT
-        B = B + V.double() @ K.double().mT
-    return torch.linalg.solve(A, B.mT).mT  # A symmetric: W = B A^{-1}
 
 
 def rls_from_normal(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

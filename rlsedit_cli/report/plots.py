@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rlsedit_cli.files import parse_override  # noqa: E402
 from rlsedit_cli.report.runs import Run  # noqa: E402
 from rlsedit_cli.report.table import METRICS  # noqa: E402
 
@@ -91,7 +92,7 @@ def sweep_axes(runs: list[Run]) -> list[str]:
     values: dict[str, set] = {}
     for run in runs:
         for o in run.overrides:
-            key, _, value = o.lstrip("+~").partition("=")
+            key, value = parse_override(o)
             values.setdefault(key, set()).add(value)
     axes = []
     for key, vals in values.items():

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from rlsedit_cli.errors import DataError
+from rlsedit_cli.files import parse_override
 
 IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "eval.", "checkpoint.")
 
@@ -37,7 +38,7 @@ class Run:
         """key -> value of every override (the first one where a key repeats)."""
         values: dict[str, str] = {}
         for o in self.overrides:
-            key, _, value = o.lstrip("+~").partition("=")
+            key, value = parse_override(o)
             values.setdefault(key, value)
         return values
 

@@ -44,7 +44,8 @@ def _median(rows: list[dict], key: str) -> str:
 
 def _general(summary: dict) -> str:
     """``task before -> after`` for each lm-eval task measured before and after the stream."""
-    points = (summary.get("general") or {}).get("checkpoints") or []
+    general = summary.get("general") or {}
+    points = general.get("points") or general.get("checkpoints") or []  # the older name
     if not points:
         return "-"
     first, last = points[0], points[-1]

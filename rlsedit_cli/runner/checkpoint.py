@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
+from rlsedit_cli.files import parse_override, replaced_atomically
 from rlsedit_cli.runner.folder import write_atomic
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,10 @@ def set_rng_state(state: dict) -> None:
 
 def save(folder: Path, state: dict) -> None:
     """Write the checkpoint through a temporary file; the previous one stays until the rename."""
-    path = folder / NAME
-    tmp = folder / f".{NAME}.tmp"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with replaced_atomically(folder / NAME) as tmp:
+            torch.save(state, tmp)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         full = e.errno == errno.ENOSPC
         raise RlseditError(
             f"cannot write the checkpoint in {folder} ({'disk full' if full else e.strerror}): "
@@ -105,7 +102,7 @@ def check_overrides(saved: dict, overrides: list[str], folder: Path) -> None:
     """Refuse command-line overrides that change an edit-deciding key of the saved run."""
     flat = _flat(saved)
     for o in overrides:
-        key, _, value = o.lstrip("+~").partition("=")
+        key, value = parse_override(o)
         section = key.split(".")[0].split("/")[0]
         if section not in saved:
             continue

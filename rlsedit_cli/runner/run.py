@@ -24,6 +24,7 @@ from rlsedit_cli.progress import progress
 from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.folder import RunFolder
 from rlsedit_cli.runner.measure import Measurer, brief
+from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.stats.anchor import AnchorStats
 
 log = logging.getLogger(__name__)
@@ -49,21 +50,29 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"eval.{key}={ev[key]} must not be negative")
     if cfg.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must not be negative")
+    # `in` on a DictConfig is False for a missing value: look at its keys
+    if "target" in cfg.editor.keys() and OmegaConf.is_missing(cfg.editor, "target"):  # noqa: SIM118
+        raise ConfigError(f"editor.target is not set for model {cfg.model.name}: add "
+                          f"conf/target/{cfg.model.name}.yaml (as conf/target/llama3_8b.yaml) or "
+                          "set editor.target.lr=... and the rest on the command line")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+
+OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
+              "generalization_magnitude", "specificity_magnitude", "fluency", "consistency")
 
 
 def objective(summary: dict, name: str) -> float | None:
     """The value a sweep maximises: the harmonic mean of efficacy, generalization and
-    specificity (``hmean``), or one summary metric."""
+    specificity (``hmean``), or one summary metric (None where the run has no such figure)."""
     if name == "hmean":
         parts = [summary.get(k) for k in ("efficacy", "generalization", "specificity")]
         parts = [p for p in parts if p is not None]
         if not parts or min(parts) <= 0:
             return 0.0 if parts else None
         return round(len(parts) / sum(1.0 / p for p in parts), 4)
-    if name not in summary:
-        raise ConfigError(f"objective={name!r} is not a summary metric: use hmean, efficacy, "
-                          "generalization, specificity, fluency or consistency")
-    return summary[name]
+    return summary.get(name)
 
 
 def memory_mb(device: torch.device) -> float:
@@ -108,110 +117,97 @@ class Runner:
         self.dataset = build(cfg.dataset)
         self.batches = make_stream(self.dataset.records, **cfg.stream)
         self.edited = [r for b in self.batches for r in b]
-        stats = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
-        self.editor = build(cfg.editor, handle=self.handle, stats=stats)
-
-    def _start_tracker(self, resumed: bool):
-        cfg = self.cfg
-        return build(cfg.logger, run_dir=str(self.folder.path),
-                     run_name=self.folder.path.name + ("-resumed" if resumed else ""),
-                     run_config=OmegaConf.to_container(cfg, resolve=True))
+        anchor = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
+        self.editor = build(cfg.editor, handle=self.handle, anchor=anchor)
+        self.edit_seconds = 0.0
 
     def run(self, state: dict | None) -> dict:
         cfg, folder = self.cfg, self.folder
         if state is None:
             folder.reset()
             folder.write_config(cfg)
-        tracker = self._start_tracker(state is not None)
-        measure = Measurer(self.handle, self.dataset.references, cfg.eval, cfg.seed, folder,
-                           tracker, self.edited[: cfg.eval.retention_edits])
-        summary = {"editor": cfg.editor.name, "model": cfg.model.name,
-                   "dataset": self.dataset.name, "num_edits": len(self.edited),
-                   "batch_size": cfg.stream.batch_size,
-                   "skipped_records": len(self.dataset.skipped), "device": str(self.device),
-                   "overrides": self.overrides}
-        start, done, edit_seconds = 0, 0, 0.0
+        tracker = build(cfg.logger, run_dir=str(folder.path),
+                        run_name=folder.path.name + ("-resumed" if state else ""),
+                        run_config=OmegaConf.to_container(cfg, resolve=True))
+        record = RunRecord(folder, tracker)
+        measure = Measurer(self.handle, self.dataset.references, cfg.eval, cfg.seed, record,
+                           self.edited[: cfg.eval.retention_edits])
         log.info("run folder %s: editor=%s model=%s dataset=%s, %d edits in %d batches on %s",
                  folder.path, cfg.editor.name, cfg.model.name, self.dataset.name,
                  len(self.edited), len(self.batches), self.device)
         ok = False
         try:
+            start, done = 0, 0
             if state is not None:
-                start, done, edit_seconds = self._restore(state, measure)
-                summary = state["summary"]
+                start, done = self._restore(state, measure, record)
             elif cfg.eval.pre_edit:
-                summary["pre"] = measure.before(self.edited)
+                measure.before(self.edited)
             bar = progress(range(start, len(self.batches)), desc=f"edit ({cfg.editor.name})",
                            unit="batch", initial=start, total=len(self.batches))
             for i in bar:
                 batch, last = self.batches[i], i == len(self.batches) - 1
-                t0 = time.perf_counter()
-                stats = self.editor.edit(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                dt = time.perf_counter() - t0
-                edit_seconds += dt
                 done += len(batch)
-                measured_before = measure.seconds
-                row = {"batch": i, "edits": done, "edit_seconds": round(dt, 4),
-                       "memory_mb": memory_mb(self.device),
-                       **measure.after_batch(i, last, batch, done), **stats}
-                row["eval_seconds"] = round(measure.seconds - measured_before, 4)
-                folder.append_jsonl("metrics.jsonl", row)
-                tracker.log(row, step=done)
-                every = cfg.checkpoint.every
-                if every > 0 and ((i + 1) % every == 0 or last):
-                    self._save(i + 1, done, edit_seconds, summary, measure)
-            summary |= measure.final(self.edited)
-            summary |= {"edit_seconds": round(edit_seconds, 3),
-                        "eval_seconds": round(measure.seconds, 3),
-                        "versions": {"torch": torch.__version__,
-                                     "transformers": transformers.__version__,
-                                     "python": platform.python_version()}}
-            summary["objective"] = objective(summary, cfg.objective)
-            folder.write_json("summary.json", summary)
-            tracker.log_summary(summary)
-            self._plots(tracker)
+                row = {"batch": i, "edits": done, **self._edit(batch)}
+                seconds = measure.seconds
+                row |= measure.after_batch(i, last, batch, done)
+                row["eval_seconds"] = round(measure.seconds - seconds, 4)
+                record.batch(row)
+                if cfg.checkpoint.every > 0 and ((i + 1) % cfg.checkpoint.every == 0 or last):
+                    self._save(i + 1, done, measure, record)
+            summary = self._summary(measure.final(self.edited), measure.seconds)
+            record.summary(summary)
+            record.plots()
             log.info("after %d edits: %s", len(self.edited), brief(summary))
             ok = True
             return summary
         finally:
-            tracker.finish(ok)
+            record.finish(ok)
 
-    def _save(self, next_batch: int, done: int, edit_seconds: float, summary: dict,
-              measure: Measurer) -> None:
-        state = {
+    def _edit(self, batch: list) -> dict:
+        """One batch through the editor: its time, memory and the editor's statistics."""
+        t0 = time.perf_counter()
+        edit_stats = self.editor.edit(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.edit_seconds += seconds
+        return {"edit_seconds": round(seconds, 4), "memory_mb": memory_mb(self.device),
+                **edit_stats}
+
+    def _summary(self, measured: dict, eval_seconds: float) -> dict:
+        """summary.json: what ran, the final measurements, the time spent, the objective."""
+        cfg = self.cfg
+        summary = {"editor": cfg.editor.name, "model": cfg.model.name,
+                   "dataset": self.dataset.name, "num_edits": len(self.edited),
+                   "batch_size": cfg.stream.batch_size,
+                   "skipped_records": len(self.dataset.skipped), "device": str(self.device),
+                   "overrides": self.overrides, **measured,
+                   "edit_seconds": round(self.edit_seconds, 3),
+                   "eval_seconds": round(eval_seconds, 3),
+                   "versions": {"torch": torch.__version__,
+                                "transformers": transformers.__version__,
+                                "python": platform.python_version()}}
+        summary["objective"] = objective(summary, cfg.objective)
+        return summary
+
+    def _save(self, next_batch: int, done: int, measure: Measurer, record: RunRecord) -> None:
+        checkpoint.save(self.folder.path, {
             "config": checkpoint.edit_config(self.cfg), "next_batch": next_batch, "done": done,
-            "edit_seconds": edit_seconds, "summary": summary, "measure": measure.state_dict(),
+            "edit_seconds": self.edit_seconds, "measure": measure.state_dict(),
             "editor": self.editor.state_dict(),
             "weights": {layer: self.handle.weight(layer).detach().cpu().clone()
                         for layer in self.editor.edited_layers},
-            "rng": checkpoint.rng_state(),
-            "lines": {name: checkpoint.count_lines(self.folder.path / name)
-                      for name in RunFolder.LINE_FILES},
-        }
-        checkpoint.save(self.folder.path, state)
+            "rng": checkpoint.rng_state(), "lines": record.lines()})
 
-    def _restore(self, state: dict, measure: Measurer) -> tuple[int, int, float]:
+    def _restore(self, state: dict, measure: Measurer, record: RunRecord) -> tuple[int, int]:
         for layer, weight in state["weights"].items():
             self.handle.set_weight(layer, weight)
         self.editor.load_state_dict(state["editor"])
         measure.load_state_dict(state["measure"])
-        for name, keep in state["lines"].items():
-            checkpoint.truncate_lines(self.folder.path / name, keep)
+        if measure.pre is None and "summary" in state:  # a checkpoint of an older version
+            measure.pre = state["summary"].get("pre")
+        record.rewind(state["lines"])
+        self.edit_seconds = state["edit_seconds"]
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed after batch %d (%d edits made)", state["next_batch"], state["done"])
-        return state["next_batch"], state["done"], state["edit_seconds"]
-
-    def _plots(self, tracker) -> None:
-        """The run's own curves, in the run folder and on the tracker."""
-        from rlsedit_cli.report.plots import all_plots
-        from rlsedit_cli.report.runs import read_run
-
-        done = read_run(self.folder.path)
-        for path in all_plots([done], self.folder.path / "plots"):
-            tracker.log_image(f"plots/{path.stem}", path)
-        if done.retention:
-            columns = list(done.retention[0])
-            tracker.log_table("retention", columns,
-                              [[row[c] for c in columns] for row in done.retention])
+        return state["next_batch"], state["done"]

@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
-from rlsedit_cli.files import file_sha256
+from rlsedit_cli.files import file_sha256, replaced_atomically
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
 from rlsedit_cli.stats.corpus import corpus_id, iter_texts
@@ -34,7 +34,7 @@ def fingerprint(handle: ModelHandle, upto_layer: int) -> str:
     """A hash of the weights that shape the inputs of the edited maps up to ``upto_layer``.
 
     Sums and sums of squares (float64) of the embeddings and of every parameter of the blocks
-    0..upto_layer: cheap on any device, different for any other checkpoint.
+    0..upto_layer: cheap on any device, different for any other model.
     """
     digest = hashlib.sha256()
     prefixes = [handle.spec.layer_template.format(i) + "." for i in range(upto_layer + 1)]
@@ -61,13 +61,15 @@ class AnchorStats:
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.precision = precision
-        self.root = Path(cache_dir).expanduser() / "stats" / _slug(str(handle.spec.name_or_path))
+        # keyed by content (the model's name in conf/ and its weights' fingerprint), not by
+        # where the model lies: every clone of the project shares one cache
+        self.root = Path(cache_dir).expanduser() / "stats" / _slug(str(handle.spec.name))
         self._fingerprints: dict[int, str] = {}
 
     def _key(self, layer: int) -> dict:
         if layer not in self._fingerprints:
             self._fingerprints[layer] = fingerprint(self.handle, layer)
-        return {"model": str(self.handle.spec.name_or_path), "weights": self._fingerprints[layer],
+        return {"model": str(self.handle.spec.name), "weights": self._fingerprints[layer],
                 "layer": layer, "module": self.handle.spec.mlp_out_template.format(layer),
                 "corpus": corpus_id(self.corpus), "num_samples": self.num_samples,
                 "max_length": self.max_length, "model_dtype": str(self.handle.spec.dtype),
@@ -92,15 +94,13 @@ class AnchorStats:
     def _save(self, layer: int, moment: torch.Tensor, state: MomentState) -> None:
         path = self._path(layer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         dtype = getattr(torch, self.precision)
-        save_file({"moment": moment.to(dtype).cpu().contiguous()}, tmp)
-        os.replace(tmp, path)
+        with replaced_atomically(path) as tmp:
+            save_file({"moment": moment.to(dtype).cpu().contiguous()}, tmp)
         meta = {"key": self._key(layer), "sha256": file_sha256(path), "tokens": state.tokens,
                 "samples": state.samples}
-        meta_tmp = path.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(meta_tmp, path.with_suffix(".json"))
+        with replaced_atomically(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
 
     def _partial_path(self, layers: list[int]) -> Path:
         names = "_".join(self._path(layer).stem for layer in layers)
@@ -115,8 +115,18 @@ class AnchorStats:
                 log.info("anchor statistics of layer %d from cache %s", layer, self._path(layer))
                 out[layer] = cached
         missing = [layer for layer in layers if layer not in out]
-        if missing:
-            out |= self._compute(missing)
+        if missing:  # one process computes; others (a sweep's jobs) wait, then read its files
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(self.root / ".lock")):
+                for layer in missing:
+                    cached = self._load(layer)
+                    if cached is not None:
+                        log.info("anchor statistics of layer %d computed by another process",
+                                 layer)
+                        out[layer] = cached
+                missing = [layer for layer in layers if layer not in out]
+                if missing:
+                    out |= self._compute(missing)
         return {layer: out[layer].to(device=self.handle.weight(layer).device,
                                      dtype=torch.float64) for layer in layers}
 
@@ -137,10 +147,9 @@ class AnchorStats:
         def on_batch(s: MomentState) -> None:
             bar.update(s.samples - bar.n)
             if time.monotonic() - last_save[0] > SAVE_PARTIAL_EVERY_S:
-                tmp = partial.with_suffix(".tmp")
-                torch.save({"sums": {k: v.cpu() for k, v in s.sums.items()}, "tokens": s.tokens,
-                            "samples": s.samples}, tmp)
-                os.replace(tmp, partial)
+                with replaced_atomically(partial) as tmp:
+                    torch.save({"sums": {k: v.cpu() for k, v in s.sums.items()},
+                                "tokens": s.tokens, "samples": s.samples}, tmp)
                 last_save[0] = time.monotonic()
 
         log.info("computing anchor statistics of layers %s over %s (%d samples, %d tokens max)",

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+from rlsedit_cli.models.tokens import pad
 
 SORT_WINDOW = 4  # batches of texts read at once and sorted by length before batching
 
@@ -78,11 +78,9 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
             ids = tok(window, truncation=True, max_length=max_length)["input_ids"]
             order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
             for start in range(0, len(order), batch_size):
-                batch = [torch.tensor(ids[i]) for i in order[start : start + batch_size]]
-                input_ids = pad_sequence(batch, batch_first=True,
-                                         padding_value=tok.pad_token_id)  # (b, longest)
-                lengths = torch.tensor([len(x) for x in batch])
-                mask = torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]
+                input_ids, mask = pad([ids[i] for i in order[start : start + batch_size]],
+                                      tok.pad_token_id)  # (b, longest)
+                mask = mask.bool()
                 mask_ref["mask"] = mask
                 acc.clear()
                 with contextlib.suppress(StopForwardError):

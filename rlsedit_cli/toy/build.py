@@ -24,10 +24,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from rlsedit_cli.datasets.layouts import PARSERS, detect_layout
 from rlsedit_cli.datasets.records import Record, parse_all, read_json_records
+from rlsedit_cli.datasets.world import World, build_world, training_sentences
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.eval.scoring import completion_nll
 from rlsedit_cli.progress import progress
-from rlsedit_cli.toy.world import World, build_world, training_sentences
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"

@@ -13,8 +13,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from rlsedit_cli.eval.metrics import tfidf_statistics
-from rlsedit_cli.toy.vocab import FILLERS, RELATIONS, SYLLABLES, Relation
+from rlsedit_cli.datasets.references import tfidf_statistics
+from rlsedit_cli.datasets.vocab import FILLERS, RELATIONS, SYLLABLES, Relation
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The fixed vocabulary of the toy fact world: relations, their objects and phrasings.
 
-Everything here is immutable data; :mod:`rlsedit_cli.toy.world` draws subjects and facts from it.
+Everything here is immutable data; :mod:`rlsedit_cli.datasets.world` draws subjects and facts
+from it.
 Relation ids follow Wikidata's numbering so that toy records look like CounterFact records.
 """
 

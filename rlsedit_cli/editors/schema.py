@@ -1,0 +1,68 @@
+"""Types of each editor's config (conf/editor/*.yaml holds the values).
+
+Light on purpose: composing a config imports this module, never an editor's code (torch and
+the editor are imported when the editor is built), so `rlsedit ls` and `--cfg job` stay fast
+and one broken editor module cannot break another editor's config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from omegaconf import MISSING
+
+from rlsedit_cli.config import EditorConfig, TargetConfig
+
+
+@dataclass
+class NoEditConfig(EditorConfig):
+    pass
+
+
+@dataclass
+class RLSEditConfig(EditorConfig):
+    layers: list[int] = MISSING
+    lam: float = MISSING  # weight of ||W - W_0||^2
+    mu: float = MISSING  # weight of ||W K_0 - W_0 K_0||^2
+    n_anchor: float = MISSING  # K_0 K_0^T = n_anchor * E[k k^T]
+    precision: str = MISSING  # of P and the master weights: float32 | float64
+    reset_each_batch: bool = MISSING  # the published code's behaviour (P_0 every batch)
+    report_deviation: bool = MISSING  # Theorem 4.1 terms per batch (keeps C in memory)
+    target: TargetConfig = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class MEMITConfig(EditorConfig):
+    layers: list[int] = MISSING
+    n_anchor: float = MISSING  # MEMIT's mom2_update_weight
+    target: TargetConfig = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class AlphaEditConfig(EditorConfig):
+    layers: list[int] = MISSING
+    threshold: float = MISSING  # eigenvalues of C below it span the null space
+    l2: float = MISSING
+    target: TargetConfig = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class ROMEConfig(EditorConfig):
+    layer: int = MISSING
+    target: TargetConfig = MISSING
+    seed: int = MISSING
+
+
+@dataclass
+class FTConfig(EditorConfig):
+    layer: int = MISSING
+    steps: int = MISSING
+    lr: float = MISSING
+    norm_constraint: float | None = MISSING  # L-inf bound on the change of each weight
+
+
+SCHEMAS = {"none": NoEditConfig, "rlsedit": RLSEditConfig, "memit": MEMITConfig,
+           "alphaedit": AlphaEditConfig, "rome": ROMEConfig, "ft": FTConfig}

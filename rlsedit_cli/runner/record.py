@@ -1,0 +1,74 @@
+"""Everything a run writes, in one place: its folder's files and the tracker (W&B or none).
+
+| file            | written                                                    |
+|-----------------|------------------------------------------------------------|
+| config.yaml     | at the start: the resolved config                          |
+| run.log         | all along (:meth:`RunFolder.log_file`)                     |
+| metrics.jsonl   | one line per batch (:meth:`RunRecord.batch`)               |
+| retention.csv   | one line per retention measurement                         |
+| general.csv     | one line per general-ability task and measurement          |
+| checkpoint.pt   | every ``checkpoint.every`` batches (runner/checkpoint.py)  |
+| summary.json    | at the end (:meth:`RunRecord.summary`)                     |
+| plots/          | at the end (:meth:`RunRecord.plots`)                       |
+
+The tracker receives the same rows, the summary and the plots.
+"""
+
+from __future__ import annotations
+
+from rlsedit_cli.runner import checkpoint
+from rlsedit_cli.runner.folder import RunFolder
+
+
+class RunRecord:
+    """The run folder's files and the tracker of one run."""
+
+    def __init__(self, folder: RunFolder, tracker) -> None:
+        self.folder, self.tracker = folder, tracker
+
+    def general(self, edits: int, scores: dict[str, float]) -> None:
+        """General ability measured after ``edits`` edits (0: before the stream)."""
+        for task, score in scores.items():
+            self.folder.append_csv("general.csv", {"edits": edits, "task": task, "score": score})
+        if edits == 0:
+            self.tracker.log({"general": scores}, step=0)
+
+    def retention(self, batch: int, edits: int, measured: int, metrics: dict) -> None:
+        """The first edits of the stream, measured again after batch ``batch``."""
+        self.folder.append_csv("retention.csv", {"batch": batch, "edits": edits,
+                                                 "measured": measured, **metrics})
+
+    def batch(self, row: dict) -> None:
+        """One batch's line: its edit, its measurements and the editor's statistics."""
+        self.folder.append_jsonl("metrics.jsonl", row)
+        self.tracker.log(row, step=row["edits"])
+
+    def lines(self) -> dict[str, int]:
+        """Line counts of the line files (saved in checkpoints)."""
+        return {name: checkpoint.count_lines(self.folder.path / name)
+                for name in RunFolder.LINE_FILES}
+
+    def rewind(self, lines: dict[str, int]) -> None:
+        """Back to the line counts of a checkpoint: lines written after it are dropped."""
+        for name, keep in lines.items():
+            checkpoint.truncate_lines(self.folder.path / name, keep)
+
+    def summary(self, summary: dict) -> None:
+        self.folder.write_json("summary.json", summary)
+        self.tracker.log_summary(summary)
+
+    def plots(self) -> None:
+        """The run's own curves, in plots/ and on the tracker."""
+        from rlsedit_cli.report.plots import all_plots
+        from rlsedit_cli.report.runs import read_run
+
+        done = read_run(self.folder.path)
+        for path in all_plots([done], self.folder.path / "plots"):
+            self.tracker.log_image(f"plots/{path.stem}", path)
+        if done.retention:
+            columns = list(done.retention[0])
+            self.tracker.log_table("retention", columns,
+                                   [[row[c] for c in columns] for row in done.retention])
+
+    def finish(self, ok: bool) -> None:
+        self.tracker.finish(ok)
