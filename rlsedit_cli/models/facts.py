@@ -21,10 +21,11 @@ from rlsedit_cli.models.handle import ModelHandle, block_hidden
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 3e-2, torch.bfloat16: 6e-2}
 
 
-def _block_output(handle: ModelHandle, ids: torch.Tensor, layer: int,
-                  change: torch.Tensor | None) -> torch.Tensor:
-    """Block ``layer``'s output (T, d_model) for ``ids``, with ``change`` added to the edited
-    map's output at the last position."""
+def _forward(handle: ModelHandle, ids: torch.Tensor, layer: int, change: torch.Tensor | None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass on ``ids``, with ``change`` added to the edited map's output of
+    ``layer`` at the last position. Returns block ``layer``'s output (T, d_model), the last
+    block's output (1, T, d_model) and the logits (T, vocab)."""
     found = {}
 
     def add(module, args, output):
@@ -32,18 +33,19 @@ def _block_output(handle: ModelHandle, ids: torch.Tensor, layer: int,
         out[:, -1] += change.to(out)
         return out
 
-    def keep(module, args, output):
-        found["h"] = block_hidden(output)[0].float()
+    def keep(name):
+        return lambda module, args, output: found.update({name: block_hidden(output)})
 
-    hooks = [handle.layer_module(layer).register_forward_hook(keep)]
+    hooks = [handle.layer_module(layer).register_forward_hook(keep("h")),
+             handle.layer_module(handle.num_layers - 1).register_forward_hook(keep("last"))]
     if change is not None:
         hooks.append(handle.edited_module(layer).register_forward_hook(add))
     try:
-        handle.model(input_ids=ids)
+        logits = handle.model(input_ids=ids).logits[0].float()
     finally:
         for h in hooks:
             h.remove()
-    return found["h"]
+    return found["h"][0].float(), found["last"], logits
 
 
 @torch.no_grad()
@@ -58,26 +60,20 @@ def check_facts(handle: ModelHandle) -> None:
                        device=handle.device)
     layer = int(spec.edit_layers[0])
     d_model = handle.weight_shape(layer)[0]
-    base = _block_output(handle, ids, layer, None)[-1]  # (d_model,)
+    hidden, last, logits = _forward(handle, ids, layer, None)
+    base = hidden[-1]  # (d_model,)
     wanted = torch.randn(d_model, generator=torch.Generator().manual_seed(0))
     wanted = wanted * base.norm().cpu() / wanted.norm()  # as large as the residual stream
-    moved = _block_output(handle, ids, layer, wanted)[-1]
+    moved = _forward(handle, ids, layer, wanted)[0][-1]
     wanted = wanted.to(moved.device)
     tol = TOLERANCE.get(handle.model.dtype, 1e-3)
     if (moved - base - wanted).norm() > tol * wanted.norm():
         raise ModelLoadError(f"model={name}: a change of the MLP output of layer {layer} does not "
                              "reach the residual stream as it is (a norm after the MLP?); the "
                              "editing pipeline cannot edit this architecture")
-    found = {}
-    last = handle.layer_module(handle.num_layers - 1)
-    hook = last.register_forward_hook(lambda m, a, out: found.update(h=block_hidden(out)))
-    try:
-        logits = handle.model(input_ids=ids).logits[0].float()
-    finally:
-        hook.remove()
     ln_f, head = handle.module(spec.ln_f), handle.module(spec.lm_head)
-    ours = head(ln_f(found["h"]))[0].float()
-    if (ours - logits).norm() > tol * logits.norm():
+    ours = head(ln_f(last))[0].float()
+    if (ours - logits.to(ours.device)).norm() > tol * logits.norm():
         raise ModelLoadError(f"model={name}: its logits are not {spec.lm_head}({spec.ln_f}(h)) of "
                              "the last block's output (logit soft-capping?); the target loss "
                              "would differ from the model's own")
