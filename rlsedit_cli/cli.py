@@ -152,17 +152,21 @@ def bench_command(args: argparse.Namespace) -> int:
         rows += bench_update(args.d_in, args.d_out, args.u, args.batches, device, args.dtype)
     if args.bench_verb in ("targets", "all"):
         from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
 
         from rlsedit_cli import config
         from rlsedit_cli.bench.targets import bench_targets
+        from rlsedit_cli.editors.base import target_config
         from rlsedit_cli.models.loader import load_model
 
         config.register()
         with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
             cfg = compose("config", overrides=[f"model={args.model}"])
         handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+        target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
         rows.append(bench_targets(handle, cfg.dataset.path, args.batch,
-                                  z_layer=max(cfg.model.edit_layers), repeat=args.repeat))
+                                  z_layer=max(cfg.model.edit_layers), target=target,
+                                  repeat=args.repeat))
     for row in rows:
         line = json.dumps(row)
         sys.stdout.write(line + "\n")

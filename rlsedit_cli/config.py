@@ -61,17 +61,21 @@ class ModelConfig:
 
 @dataclass
 class TargetConfig:
-    """Target-value optimisation (docs/design.md section 4), shared by the key-value editors."""
+    """Target-value optimisation (docs/design.md section 4), shared by the key-value editors.
 
-    steps: int = 25
-    lr: float = 0.5
-    kl_factor: float = 0.0625
-    weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    loss_layer: int = "${model.loss_layer}"  # type: ignore[assignment]
-    early_stop_loss: float = 0.05
-    context_templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    chunk_size: int = 64  # requests optimised together; bounds activation memory
+    Types only: the values are in conf/target/MODEL.yaml (and an editor_model file may change
+    one for one editor).
+    """
+
+    steps: int = MISSING
+    lr: float = MISSING
+    kl_factor: float = MISSING
+    weight_decay: float = MISSING
+    clamp_norm_factor: float = MISSING
+    loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
+    early_stop_loss: float = MISSING
+    context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
+    chunk_size: int = MISSING  # requests optimised together; bounds activation memory
 
 
 @dataclass
@@ -84,11 +88,13 @@ class EditorConfig:
 
 @dataclass
 class StreamConfig:
-    num_edits: int = 100
-    batch_size: int = 10
-    seed: int = 0
-    shuffle: bool = True
-    offset: int = 0
+    """Which records are edited, in which order and batches (values: conf/config.yaml)."""
+
+    num_edits: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+    shuffle: bool = MISSING
+    offset: int = MISSING
 
 
 @dataclass
@@ -98,8 +104,8 @@ class StatsConfig:
     corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
     num_samples: int = "${model.anchor_samples}"  # type: ignore[assignment]  # texts
     max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
-    batch_size: int = 16
-    precision: str = "float32"  # dtype of the cached C (sums are always float64)
+    batch_size: int = MISSING
+    precision: str = MISSING  # dtype of the cached C (sums are always float64)
 
 
 @dataclass
@@ -111,19 +117,28 @@ class DatasetConfig:
 
 
 @dataclass
+class MeasureConfig:
+    """The editing metrics (efficacy ... consistency, retention) and when they are measured.
+
+    Always measured, whatever the ``eval`` group says; values in conf/config.yaml.
+    """
+
+    batch_size: int = MISSING  # prompts per forward pass
+    pre_edit: bool = MISSING  # measure the edited records before the stream starts
+    fluency: bool = MISSING  # generation metrics (fluency, consistency)
+    max_new_tokens: int = MISSING
+    generation_prompts: int = MISSING  # generation prompts per record
+    retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
+    retention_every: int = MISSING  # ... every this many batches (0: never)
+
+
+@dataclass
 class EvalConfig:
-    """What is measured and when (CounterFact metrics; general ability through lm-eval)."""
+    """General ability through lm-evaluation-harness: which tasks, how often (conf/eval/)."""
 
     name: str = MISSING
-    batch_size: int = 64  # prompts per forward pass
-    pre_edit: bool = True  # measure the edited records before the stream starts
-    fluency: bool = True  # generation metrics (fluency, consistency)
-    max_new_tokens: int = 100
-    generation_prompts: int = 2  # generation prompts per record
-    retention_edits: int = 100  # the first edits of the stream, re-measured ...
-    retention_every: int = 5  # ... every this many batches (0: never)
-    tasks: list[str] = field(default_factory=list)  # lm-eval tasks (general ability)
-    every_edits: int = 0  # general ability every this many edits (0: at the end only, if tasks)
+    tasks: list[str] = MISSING  # lm-eval tasks; [] (eval=none): no general-ability figures
+    every_edits: int = 0  # every this many edits (0: before and after the stream only)
     limit: int | None = None
     num_fewshot: int | None = None
     lm_batch_size: int = 8
@@ -157,14 +172,14 @@ class NoLoggerConfig(LoggerConfig):
 
 @dataclass
 class PathsConfig:
-    output_dir: str = "outputs"
-    cache: str = "~/.cache/rlsedit"
+    output_dir: str = MISSING  # where new run folders go
+    cache: str = MISSING  # anchor statistics, de-quantised models, the toy bundle
     run_dir: str | None = "${hydra:runtime.output_dir}"  # None when printing with --cfg
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # batches between checkpoints (0: off)
+    every: int = MISSING  # batches between checkpoints (0: off)
 
 
 @dataclass
@@ -175,14 +190,15 @@ class RootConfig:
     eval: Any = MISSING
     logger: Any = MISSING
     stream: StreamConfig = field(default_factory=StreamConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    seed: int = MISSING
     resume: str | None = None
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
-    objective: str = "hmean"  # what a sweep maximises: hmean (of efficacy, generalization,
+    objective: str = MISSING  # what a sweep maximises: hmean (of efficacy, generalization,
     # specificity) or any summary metric (efficacy, fluency, ...)
 
 

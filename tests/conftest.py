@@ -117,3 +117,12 @@ def rls_closed_form(W0, anchor_moment, lam, mu, n_anchor, Ks, Vs) -> torch.Tenso
     Y = torch.cat([lam ** 0.5 * W0, (mu * n_anchor) ** 0.5 * W0 @ root,
                    *(V.double() for V in Vs)], 1)
     return torch.linalg.lstsq(X.mT, Y.mT).solution.mT
+
+
+def target_cfg(**values):
+    """A TargetConfig with the tiny models' values (conf/target/gpt2_tiny.yaml), ``values`` over."""
+    from rlsedit_cli.config import TargetConfig
+
+    base = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
+                loss_layer=2, early_stop_loss=0.05, context_templates=[[5, 5]], chunk_size=64)
+    return TargetConfig(**(base | values))

@@ -10,7 +10,7 @@ from rlsedit_cli.bench.targets import bench_targets
 from rlsedit_cli.bench.update import rls_step_flops
 from rlsedit_cli.cli import main
 
-from .conftest import TINY_BUNDLE
+from .conftest import TINY_BUNDLE, target_cfg
 
 
 def test_bench_update_prints_one_line_per_editor(capsys, tmp_path):
@@ -28,7 +28,8 @@ def test_bench_update_prints_one_line_per_editor(capsys, tmp_path):
 
 
 def test_bench_targets_reports_equal_targets(shipped_handle):
-    row = bench_targets(shipped_handle, str(TINY_BUNDLE), batch=3, z_layer=1, steps=3, repeat=1)
+    row = bench_targets(shipped_handle, str(TINY_BUNDLE), batch=3, z_layer=1,
+                        target=target_cfg(loss_layer=3), steps=3, repeat=1)
     assert row["requests"] == 3 and row["repeat"] == 1
     assert row["batched_s"] > 0 and row["one_at_a_time_s"] > 0
     assert row["relative_difference"] < 1e-4

@@ -155,3 +155,29 @@ def test_a_model_without_settings_is_named(tmp_path, caplog):
         config.log_composition({"model": "mine", "editor": "memit", "dataset": "toy"}, "memit")
     assert "composed from conf/: editor/memit.yaml, dataset/toy.yaml" in caplog.text
     assert "no conf/editor_model/memit_mine.yaml: memit runs on the values of" in caplog.text
+
+
+def test_the_editing_metrics_are_not_in_the_eval_group():
+    """`eval` chooses lm-eval tasks only; the editing metrics' settings are `measure.*`."""
+    cfg = compose_cfg(["eval=none"])
+    assert cfg.eval.tasks == [] and cfg.measure.retention_edits == 100
+    assert not {"fluency", "pre_edit", "retention_every", "batch_size"} & set(cfg.eval)
+    with pytest.raises(ConfigCompositionException, match="eval.fluency"):
+        compose_cfg(["eval.fluency=false"])
+
+
+def test_schemas_hold_types_and_the_yaml_files_the_values():
+    """Every value of a run comes from conf/ (or the command line), none from Python defaults:
+    the root schema alone leaves the settings missing."""
+    from omegaconf import OmegaConf
+
+    from rlsedit_cli.config import RootConfig, TargetConfig
+
+    root = OmegaConf.structured(RootConfig)
+    for key in ("stream.num_edits", "measure.fluency", "stats.batch_size", "paths.cache",
+                "checkpoint.every", "seed", "objective"):
+        parent, _, leaf = key.rpartition(".")
+        assert OmegaConf.is_missing(OmegaConf.select(root, parent) if parent else root, leaf)
+    target = OmegaConf.structured(TargetConfig)
+    assert all(OmegaConf.is_missing(target, k) for k in target)
+    assert compose_cfg([]).editor.target.steps == 25  # conf/target/gpt2_tiny.yaml

@@ -78,7 +78,7 @@ def test_skip_invalid_counts_in_summary(tmp_path, make_cfg):
     path = write(tmp_path, raw)
     summary = run(make_cfg("editor=none", "dataset=counterfact", f"dataset.path={path}",
                            "dataset.snippets=none", "dataset.skip_invalid=true",
-                           "stream.num_edits=11", "stream.batch_size=11", "eval.fluency=false"))
+                           "stream.num_edits=11", "stream.batch_size=11", "measure.fluency=false"))
     assert summary["skipped_records"] == 1 and summary["num_edits"] == 11
     with pytest.raises(DataError, match="case_id=3: prompt"):
         run(make_cfg("editor=none", "dataset=counterfact", f"dataset.path={path}",

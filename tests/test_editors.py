@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.toy import load as load_toy
 from rlsedit_cli.editing.reference import plain_target_loss
 from rlsedit_cli.editing.targets import TargetLoss, kl_divergence, optimise_targets
@@ -22,7 +21,15 @@ from rlsedit_cli.models.loader import load_model
 from rlsedit_cli.runner.run import run
 from rlsedit_cli.stats.anchor import AnchorStats
 
-from .conftest import ARCHS, TINY_BUNDLE, compose_cfg, rls_closed_form, shared, tiny_overrides
+from .conftest import (
+    ARCHS,
+    TINY_BUNDLE,
+    compose_cfg,
+    rls_closed_form,
+    shared,
+    target_cfg,
+    tiny_overrides,
+)
 
 EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft"]
 # hyper-parameters for random 2-layer models (the published ones are for real models)
@@ -69,7 +76,7 @@ def test_one_batch_of_eight_edits_lands(editor, arch, tiny_models, toy_records, 
 
 
 def test_batched_targets_equal_one_at_a_time(shipped_handle, toy_records):
-    cfg = TargetConfig(steps=10, lr=0.5, loss_layer=3, early_stop_loss=0.0)
+    cfg = target_cfg(steps=10, lr=0.5, loss_layer=3, early_stop_loss=0.0)
     templates = context_templates(shipped_handle, [[5, 5]], seed=0)
     batch = toy_records[:6]
     together = optimise_targets(shipped_handle, batch, templates, 2, cfg)
@@ -79,7 +86,7 @@ def test_batched_targets_equal_one_at_a_time(shipped_handle, toy_records):
 
 
 def test_early_stopping_freezes_each_request(shipped_handle, toy_records):
-    cfg = TargetConfig(steps=25, lr=0.5, loss_layer=3, early_stop_loss=1.0)
+    cfg = target_cfg(steps=25, lr=0.5, loss_layer=3, early_stop_loss=1.0)
     templates = context_templates(shipped_handle, [[5, 5]], seed=0)
     batch = toy_records[:6]
     together = optimise_targets(shipped_handle, batch, templates, 2, cfg)
@@ -149,7 +156,8 @@ def test_editor_layers_out_of_range_and_bad_values(tiny_models, tmp_path):
 @pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit"])
 def test_hundred_edits_on_the_shipped_model(editor, make_cfg):
     summary = run(make_cfg(f"editor={editor}", "stream.num_edits=100", "stream.batch_size=10",
-                           "eval.fluency=false", "eval.pre_edit=false", "eval.retention_every=0"))
+                           "measure.fluency=false", "measure.pre_edit=false",
+                           "measure.retention_every=0"))
     assert summary["efficacy"] >= 90.0
 
 
@@ -159,7 +167,7 @@ def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
     neighbours of the edited facts keep (FT, unconstrained, is known not to), every file is
     written."""
     cfg = make_cfg(f"editor={editor}", "stream.num_edits=4", "stream.batch_size=2",
-                   "eval.generation_prompts=1", "eval.max_new_tokens=10")
+                   "measure.generation_prompts=1", "measure.max_new_tokens=10")
     summary = run(cfg)
     pre = summary["pre"]
     assert summary["editor"] == editor and pre["efficacy"] == 0.0
@@ -218,10 +226,10 @@ def test_last_step_loss_and_kl_match_a_plain_forward(arch, tiny_models, toy_reco
     cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
     handle = load_model(cfg.model, torch.device("cpu"))
     batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
-    target_cfg = TargetConfig(steps=4, lr=0.5, loss_layer=2, early_stop_loss=0.0)
-    result = optimise_targets(handle, batch, CONTEXTS, 0, target_cfg)
+    tcfg = target_cfg(steps=4, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    result = optimise_targets(handle, batch, CONTEXTS, 0, tcfg)
     delta = result.z - optimise_targets(handle, batch, CONTEXTS, 0,
-                                    replace(target_cfg, steps=1)).z  # steps=1: delta stays 0
+                                    replace(tcfg, steps=1)).z  # steps=1: delta stays 0
     nll, kl = plain_forward_with_delta(handle, batch, CONTEXTS, 0, delta)
     assert (kl > 1e-4).all()  # the delta moved the KL prompt's distribution
     assert torch.allclose(result.final_loss, nll, rtol=1e-4, atol=1e-4)
@@ -245,8 +253,8 @@ def test_cached_prefix_without_bos_token(contexts, tmp_path, toy_records):
     batch = [replace(toy_records[0], subject="Paris", prompt="{} is the capital of"),
              replace(toy_records[1], subject="Rome", prompt="{} lies in")]
     assert handle.tok("Paris")["input_ids"] == [40313]  # one token, nothing before it
-    target_cfg = TargetConfig(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
-    got = optimise_targets(handle, batch, contexts, 1, target_cfg).init_loss
+    tcfg = target_cfg(steps=2, lr=0.5, loss_layer=2, early_stop_loss=0.0)
+    got = optimise_targets(handle, batch, contexts, 1, tcfg).init_loss
     assert torch.allclose(got, plain_forward_loss(handle, batch, contexts), rtol=1e-4, atol=1e-4)
 
 
@@ -262,7 +270,7 @@ def test_replayed_blocks_get_their_own_forward_back(shipped_handle, toy_records)
 
     block0.forward = wrapped
     try:
-        cfg = TargetConfig(steps=3, lr=0.5, loss_layer=3, early_stop_loss=0.0)
+        cfg = target_cfg(steps=3, lr=0.5, loss_layer=3, early_stop_loss=0.0)
         optimise_targets(shipped_handle, toy_records[:2], ["{}"], 1, cfg)
         assert len(calls) == 2  # the prefix pass and the first step; then replayed
         assert block0.__dict__["forward"] is wrapped and "forward" not in block1.__dict__
@@ -276,11 +284,11 @@ def test_targets_on_cuda_match_the_plain_forward_and_one_at_a_time(toy_records):
     cfg = compose_cfg(["device=cuda"])
     handle = load_model(cfg.model, torch.device("cuda"))
     batch = [toy_records[0], replace(toy_records[1], prompt="A fact about {}"), toy_records[2]]
-    target_cfg = TargetConfig(steps=10, lr=0.5, loss_layer=3, early_stop_loss=0.0)
-    together = optimise_targets(handle, batch, CONTEXTS, 1, target_cfg)
+    tcfg = target_cfg(steps=10, lr=0.5, loss_layer=3, early_stop_loss=0.0)
+    together = optimise_targets(handle, batch, CONTEXTS, 1, tcfg)
     want = plain_forward_loss(handle, batch, CONTEXTS).to(together.init_loss.device)
     assert torch.allclose(together.init_loss, want, rtol=1e-4, atol=1e-4)
-    alone = torch.cat([optimise_targets(handle, [r], CONTEXTS, 1, target_cfg).z for r in batch])
+    alone = torch.cat([optimise_targets(handle, [r], CONTEXTS, 1, tcfg).z for r in batch])
     assert torch.allclose(together.z, alone, rtol=1e-3, atol=1e-3)
 
 
@@ -304,7 +312,7 @@ def test_each_layer_writes_what_the_layers_below_left(arch, tiny_models, toy_rec
     cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
     handle = load_model(cfg.model, torch.device("cpu"))
     batch = toy_records[:3]
-    target = TargetConfig(steps=10, lr=0.5, loss_layer=2, early_stop_loss=0.0,
+    target = target_cfg(steps=10, lr=0.5, loss_layer=2, early_stop_loss=0.0,
                           context_templates=[])
     z = optimise_targets(handle, batch, ["{}"], 1, target).z
     h_before = keys_and_hidden(handle, batch, ["{}"], 1, 1)[1]

@@ -13,7 +13,7 @@ from rlsedit_cli.runner.run import run
 
 def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_path):
     summary = run(make_cfg("editor=rlsedit", "eval=smoke", "eval.every_edits=10",
-                           "stream.num_edits=20", "stream.batch_size=10", "eval.fluency=false",
+                           "stream.num_edits=20", "stream.batch_size=10", "measure.fluency=false",
                            "eval.limit=40"))
     points = summary["general"]["points"]
     assert [c["edits"] for c in points] == [0, 10, 20]
@@ -28,8 +28,8 @@ def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_pat
 
 def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
     summary = run(make_cfg("editor=none", "eval=glue", "stream.num_edits=4",
-                           "stream.batch_size=2", "eval.fluency=false", "eval.limit=5",
-                           "eval.pre_edit=false"))
+                           "stream.batch_size=2", "measure.fluency=false", "eval.limit=5",
+                           "measure.pre_edit=false"))
     errors = summary["general"]["errors"]
     assert set(errors) == {"sst2", "mrpc", "cola", "rte", "mnli"}
     for task, message in errors.items():
@@ -41,8 +41,8 @@ def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
 def test_strict_stops_the_run(make_cfg):
     with pytest.raises(RlseditError, match="eval.strict=true"):
         run(make_cfg("editor=none", "eval=glue", "eval.tasks=[sst2]", "eval.strict=true",
-                     "stream.num_edits=2", "stream.batch_size=2", "eval.fluency=false",
-                     "eval.pre_edit=false"))
+                     "stream.num_edits=2", "stream.batch_size=2", "measure.fluency=false",
+                     "measure.pre_edit=false"))
 
 
 def test_code_tasks_need_the_opt_in(shipped_handle):

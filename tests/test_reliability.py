@@ -16,7 +16,7 @@ from rlsedit_cli.errors import NumericalError
 from rlsedit_cli.runner.run import run
 
 BASE = ["logger=none", "eval=none", "stream.num_edits=4", "stream.batch_size=2",
-        "eval.fluency=false"]
+        "measure.fluency=false"]
 
 
 def rlsedit_run(tmp_path, *args, env=None) -> subprocess.CompletedProcess:

@@ -13,8 +13,8 @@ from .conftest import compose_cfg
 def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
     for editor in ("none", "rlsedit"):
         cfg = compose_cfg([f"editor={editor}", "stream.num_edits=20", "stream.batch_size=10",
-                           "eval.retention_edits=10", "eval.retention_every=1",
-                           "eval.generation_prompts=1", "eval.max_new_tokens=15"],
+                           "measure.retention_edits=10", "measure.retention_every=1",
+                           "measure.generation_prompts=1", "measure.max_new_tokens=15"],
                           tmp_path / editor)
         run(cfg)
         assert (tmp_path / editor / "plots" / "retention.png").is_file()
@@ -60,7 +60,7 @@ def test_thousand_edits_with_three_editors_give_one_table(tmp_path, capsys):
     alphaedit; all five metrics, retention.csv and plots; one table over the three runs."""
     for editor in ("rlsedit", "memit", "alphaedit"):
         summary = run(compose_cfg([f"editor={editor}", "eval=none", "stream.num_edits=1000",
-                                   "stream.batch_size=50", "eval.retention_every=4"],
+                                   "stream.batch_size=50", "measure.retention_every=4"],
                                   tmp_path / editor))
         for metric in ("efficacy", "generalization", "specificity", "fluency", "consistency"):
             assert summary[metric] is not None

@@ -19,8 +19,8 @@ from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.run import run
 
 RUN = ["editor=rlsedit", "logger=none", "eval=none", "stream.num_edits=30",
-       "stream.batch_size=5", "eval.fluency=false", "eval.retention_edits=5",
-       "eval.retention_every=2", "checkpoint.every=1"]
+       "stream.batch_size=5", "measure.fluency=false", "measure.retention_edits=5",
+       "measure.retention_every=2", "checkpoint.every=1"]
 METRICS = ("efficacy", "generalization", "specificity", "efficacy_magnitude")
 
 

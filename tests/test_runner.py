@@ -14,8 +14,8 @@ from rlsedit_cli.runner.run import run
 
 def test_unedited_run_writes_real_figures(make_cfg, tmp_path):
     cfg = make_cfg("editor=none", "stream.num_edits=20", "stream.batch_size=5",
-                   "eval.retention_edits=5", "eval.retention_every=2", "eval.generation_prompts=1",
-                   "eval.max_new_tokens=20")
+                   "measure.retention_edits=5", "measure.retention_every=2",
+                   "measure.generation_prompts=1", "measure.max_new_tokens=20")
     summary = run(cfg)
     folder = tmp_path / "run"
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -44,7 +44,7 @@ def test_bad_stream_values_are_refused(make_cfg):
 def test_cli_run_makes_dated_run_folder(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "rlsedit_cli", "run", "editor=none", "logger=none",
-         "stream.num_edits=4", "stream.batch_size=2", "eval.fluency=false",
+         "stream.num_edits=4", "stream.batch_size=2", "measure.fluency=false",
          f"paths.output_dir={tmp_path}", f"paths.cache={tmp_path}/cache"],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -20,8 +20,8 @@ from rlsedit_cli.runner.run import run
 def test_ten_thousand_edits_stay_stable(make_cfg, tmp_path):
     summary = run(make_cfg("editor=rlsedit", "eval=none", "dataset.num_subjects=12000",
                            "stream.num_edits=10000", "stream.batch_size=100",
-                           "eval.pre_edit=false", "eval.fluency=false",
-                           "eval.retention_edits=100", "eval.retention_every=10",
+                           "measure.pre_edit=false", "measure.fluency=false",
+                           "measure.retention_edits=100", "measure.retention_every=10",
                            "checkpoint.every=25"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
             .splitlines()]

@@ -16,7 +16,7 @@ from .conftest import TINY_BUNDLE, compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["logger=none", "eval=none", "stream.num_edits=10", "stream.batch_size=5",
-         "eval.fluency=false", "eval.retention_edits=5"]
+         "measure.fluency=false", "measure.retention_edits=5"]
 
 
 def rlsedit(*args, cwd=None, env=None) -> subprocess.CompletedProcess:

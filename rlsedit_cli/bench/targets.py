@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -20,14 +21,15 @@ from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.models.handle import ModelHandle
 
 
-def bench_targets(handle: ModelHandle, bundle: str, batch: int, z_layer: int, steps: int = 25,
-                  templates_spec: list[list[int]] | None = None, repeat: int = 3) -> dict:
-    """Seconds for ``batch`` requests optimised together and one by one, and the speed-up."""
+def bench_targets(handle: ModelHandle, bundle: str, batch: int, z_layer: int,
+                  target: TargetConfig, steps: int = 25, repeat: int = 3) -> dict:
+    """Seconds for ``batch`` requests optimised together and one by one, and the speed-up.
+
+    ``target``: the model's target settings (conf/target/MODEL.yaml); early stopping is turned
+    off and ``steps`` fixed so that both paths do the same work.
+    """
     records = load_toy(bundle).records[:batch]
-    cfg = TargetConfig(steps=steps, early_stop_loss=0.0, loss_layer=handle.num_layers - 1,
-                       chunk_size=batch,
-                       context_templates=templates_spec if templates_spec is not None
-                       else [[5, 5]])
+    cfg = replace(target, steps=steps, early_stop_loss=0.0, chunk_size=batch)
     templates = context_templates(handle, cfg.context_templates, seed=0)
     sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import torch
+from omegaconf import OmegaConf
 
 from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
@@ -55,8 +56,15 @@ class Editor(ABC):
 
 
 def target_config(target: dict | TargetConfig | None) -> TargetConfig:
-    """The editor's ``target`` section as a :class:`TargetConfig`."""
-    return target if isinstance(target, TargetConfig) else TargetConfig(**(target or {}))
+    """The editor's ``target`` section as a :class:`TargetConfig`; every value must be given."""
+    if isinstance(target, TargetConfig):
+        return target
+    node = OmegaConf.merge(OmegaConf.structured(TargetConfig), target or {})
+    missing = [key for key in node if OmegaConf.is_missing(node, key)]
+    if missing:
+        raise ConfigError(f"editor.target.{missing[0]} is not set: give it on the command line "
+                          "or in conf/target/MODEL.yaml")
+    return OmegaConf.to_object(node)
 
 
 def target_stats(result) -> dict[str, float]:

@@ -13,20 +13,16 @@ import os
 from pathlib import Path
 
 from rlsedit_cli.errors import first_line
+from rlsedit_cli.files import flatten
 from rlsedit_cli.loggers.base import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flatten(v, key + "/")
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[key] = v
-    return out
+def _numbers(tree: dict) -> dict:
+    """The numeric leaves of a nested dict, keyed "a/b" (W&B's panel grouping)."""
+    return {k: v for k, v in flatten(tree, "/").items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 class WandbLogger(Tracker):
@@ -60,11 +56,11 @@ class WandbLogger(Tracker):
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:
-            self.run.log(_flatten(metrics), step=step)
+            self.run.log(_numbers(metrics), step=step)
 
     def log_summary(self, summary: dict) -> None:
         if self.run is not None:
-            self.run.summary.update(_flatten(summary))
+            self.run.summary.update(_numbers(summary))
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
         if self.run is not None:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 from filelock import FileLock
 
 from rlsedit_cli.errors import ModelLoadError, first_line
-from rlsedit_cli.files import file_sha256
+from rlsedit_cli.files import file_sha256, folder_replaced_atomically
 
 log = logging.getLogger(__name__)
 PKG = "pkg:"
@@ -122,18 +120,13 @@ def dequantised_folder(gguf: Path, cache_dir: str | Path) -> Path:
         if (dest / MARKER).is_file():  # another process made it while this one waited
             return dest
         log.info("de-quantising %s to float32 once (cached in %s)", gguf.name, dest)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=root))
         try:
-            _convert(gguf, tmp)
-            (tmp / MARKER).write_text(json.dumps(
-                {"gguf": gguf.name, "sha256": sha, "format": FORMAT}, indent=2) + "\n")
-            if dest.exists():  # an incomplete folder from a killed conversion
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            with folder_replaced_atomically(dest) as tmp:
+                _convert(gguf, tmp)
+                (tmp / MARKER).write_text(json.dumps(
+                    {"gguf": gguf.name, "sha256": sha, "format": FORMAT}, indent=2) + "\n")
         except (OSError, RuntimeError) as e:  # safetensors reports a full disk as either
             raise ModelLoadError(
                 f"cannot write the de-quantised model into {root} ({first_line(e)[:160]}): "
                 "free space there or set paths.cache to another folder") from e
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -19,7 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
-from rlsedit_cli.files import parse_override, replaced_atomically
+from rlsedit_cli.files import flatten, parse_override, replaced_atomically
 from rlsedit_cli.runner.folder import write_atomic
 
 log = logging.getLogger(__name__)
@@ -74,20 +74,9 @@ def load(folder: Path) -> dict:
                         "complete rlsedit checkpoint; start the run again") from e
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flat(v, key + ".")
-        else:
-            out[key] = v
-    return out
-
-
 def check_matches(saved: dict, current: dict, folder: Path) -> None:
     """Refuse to resume a run whose edit-deciding config differs from the checkpoint's."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
         shown = "; ".join(f"{k}: checkpoint {a.get(k)!r}, this run {b.get(k)!r}" for k in diff[:4])
@@ -100,7 +89,7 @@ def check_matches(saved: dict, current: dict, folder: Path) -> None:
 
 def check_overrides(saved: dict, overrides: list[str], folder: Path) -> None:
     """Refuse command-line overrides that change an edit-deciding key of the saved run."""
-    flat = _flat(saved)
+    flat = flatten(saved)
     for o in overrides:
         key, value = parse_override(o)
         section = key.split(".")[0].split("/")[0]

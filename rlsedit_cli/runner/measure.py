@@ -22,9 +22,11 @@ class Measurer:
     figures before editing, the general-ability history, the time spent) is its state.
     """
 
-    def __init__(self, handle: ModelHandle, refs: References | None, cfg, seed: int,
+    def __init__(self, handle: ModelHandle, refs: References | None, cfg, general, seed: int,
                  record: RunRecord, retention: list[Record]) -> None:
+        """``cfg``: the ``measure`` section (editing metrics); ``general``: the ``eval`` group."""
         self.handle, self.refs, self.cfg, self.seed = handle, refs, cfg, seed
+        self.tasks = general
         self.record, self.retention = record, retention
         self.pre: dict | None = None
         self.general: list[dict] = []
@@ -39,7 +41,7 @@ class Measurer:
 
     def measure_general(self, edits: int) -> dict:
         """lm-eval on the model as it is now; one general.csv row per task."""
-        cfg = self.cfg
+        cfg = self.tasks
         res = evaluate_general(self.handle, list(cfg.tasks), cfg.limit, cfg.num_fewshot,
                                cfg.lm_batch_size, cfg.allow_code_execution, self.seed)
         check_strict(res, cfg.strict)
@@ -51,7 +53,7 @@ class Measurer:
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
         self.pre = self._timed(evaluate, self.handle, records, self.refs, self.cfg)
-        if self.cfg.tasks:
+        if self.tasks.tasks:
             self._timed(self.measure_general, 0)
         log.info("before editing: %s", brief(self.pre))
 
@@ -67,8 +69,8 @@ class Measurer:
             self.record.retention(index, done, len(measured), ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
-        step = cfg.every_edits
-        if cfg.tasks and (last or (step > 0 and done // step > (done - len(batch)) // step)):
+        step = self.tasks.every_edits
+        if self.tasks.tasks and (last or (step > 0 and done // step > (done - len(batch)) // step)):
             row["general"] = self._timed(self.measure_general, done)
         return row
 

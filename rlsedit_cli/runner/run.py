@@ -41,13 +41,12 @@ def build(node: DictConfig, **kwargs):
 
 def check_config(cfg: DictConfig) -> None:
     """Value checks the schemas cannot express; each error names the key and the fix."""
-    ev = cfg.eval
-    for key in ("batch_size", "max_new_tokens"):
-        if ev[key] < 1:
-            raise ConfigError(f"eval.{key}={ev[key]} must be at least 1")
-    for key in ("retention_edits", "retention_every", "generation_prompts", "every_edits"):
-        if ev[key] < 0:
-            raise ConfigError(f"eval.{key}={ev[key]} must not be negative")
+    for section, key, low in (("measure", "batch_size", 1), ("measure", "max_new_tokens", 1),
+                              ("measure", "retention_edits", 0), ("measure", "retention_every", 0),
+                              ("measure", "generation_prompts", 0), ("eval", "every_edits", 0)):
+        if cfg[section][key] < low:
+            raise ConfigError(f"{section}.{key}={cfg[section][key]} must be "
+                              + ("at least 1" if low else "not negative"))
     if cfg.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must not be negative")
     # `in` on a DictConfig is False for a missing value: look at its keys
@@ -100,7 +99,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 checkpoint.check_overrides(state["config"], overrides, folder.path)
             with open_dict(cfg):  # the run goes on with its own settings
                 for key, value in state["config"].items():
-                    fixed_schema = key in ("model", "stream", "stats", "checkpoint")
+                    fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint")
                     cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
         return Runner(cfg, folder, overrides).run(state)
 
@@ -130,8 +129,8 @@ class Runner:
                         run_name=folder.path.name + ("-resumed" if state else ""),
                         run_config=OmegaConf.to_container(cfg, resolve=True))
         record = RunRecord(folder, tracker)
-        measure = Measurer(self.handle, self.dataset.references, cfg.eval, cfg.seed, record,
-                           self.edited[: cfg.eval.retention_edits])
+        measure = Measurer(self.handle, self.dataset.references, cfg.measure, cfg.eval, cfg.seed,
+                           record, self.edited[: cfg.measure.retention_edits])
         log.info("run folder %s: editor=%s model=%s dataset=%s, %d edits in %d batches on %s",
                  folder.path, cfg.editor.name, cfg.model.name, self.dataset.name,
                  len(self.edited), len(self.batches), self.device)
@@ -140,7 +139,7 @@ class Runner:
             start, done = 0, 0
             if state is not None:
                 start, done = self._restore(state, measure, record)
-            elif cfg.eval.pre_edit:
+            elif cfg.measure.pre_edit:
                 measure.before(self.edited)
             bar = progress(range(start, len(self.batches)), desc=f"edit ({cfg.editor.name})",
                            unit="batch", initial=start, total=len(self.batches))

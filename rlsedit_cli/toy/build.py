@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from rlsedit_cli.datasets.records import Record, parse_all, read_json_records
 from rlsedit_cli.datasets.world import World, build_world, training_sentences
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.eval.scoring import completion_nll
+from rlsedit_cli.files import folder_replaced_atomically
 from rlsedit_cli.progress import progress
 
 log = logging.getLogger(__name__)
@@ -221,24 +221,22 @@ def build_bundle(out: str | Path, cfg: BuildConfig, facts: str | None = None,
     stats["knowledge"] = knowledge(model, tok, records)
     log.info("pre-edit knowledge: %s", stats["knowledge"])
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "world").mkdir(parents=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    _write_gz(tmp / "world" / "records.json.gz", json.dumps(raw_records))
-    if world is not None:
-        _write_gz(tmp / "world" / "snippets.json.gz", json.dumps(world.snippets))
-        _write_gz(tmp / "world" / "tfidf.json.gz",
-                  json.dumps({"vocab": world.vocab, "idf": world.idf}))
-    shuffled = list(sentences)
-    random.Random(cfg.seed).shuffle(shuffled)
-    _write_gz(tmp / "corpus.txt.gz", "\n".join(shuffled) + "\n")
-    info = {"config": asdict(cfg), "facts": facts, "records": len(records),
-            "torch": torch.__version__, **stats}
-    (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with folder_replaced_atomically(out) as tmp:
+        (tmp / "world").mkdir(parents=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        _write_gz(tmp / "world" / "records.json.gz", json.dumps(raw_records))
+        if world is not None:
+            _write_gz(tmp / "world" / "snippets.json.gz", json.dumps(world.snippets))
+            _write_gz(tmp / "world" / "tfidf.json.gz",
+                      json.dumps({"vocab": world.vocab, "idf": world.idf}))
+        shuffled = list(sentences)
+        random.Random(cfg.seed).shuffle(shuffled)
+        _write_gz(tmp / "corpus.txt.gz", "\n".join(shuffled) + "\n")
+        info = {"config": asdict(cfg), "facts": facts, "records": len(records),
+                "torch": torch.__version__, **stats}
+        (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
