@@ -106,6 +106,8 @@ class StatsConfig:
     max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
     batch_size: int = MISSING
     precision: str = MISSING  # dtype of the cached C (sums are always float64)
+    sample: str = MISSING  # random (seeded, as the references) | first (the corpus's order)
+    seed: int = MISSING  # of the random sample
 
 
 @dataclass

@@ -36,8 +36,15 @@ def test_alphaedit_update_vanishes_on_the_preserved_space():
     assert torch.allclose(delta_fit @ (Pi @ K), R, atol=1e-4)  # fits inside the null space
 
 
-def test_rome_writes_the_value_exactly():
+def test_rome_writes_the_value_exactly_at_the_plain_key():
+    """compute_v.py divides by k_plain . u: exact at the plain prompt's key, with the direction
+    u = C^-1 k_avg (or k_avg itself without the second-moment adjustment)."""
     C, K, R = data(2)
-    delta = rome_delta(torch.linalg.inv(C), K[:, 0], R[:, 0])
-    assert torch.allclose(delta @ K[:, 0], R[:, 0], atol=1e-8)
-    assert torch.linalg.matrix_rank(delta) == 1
+    k_avg, k_plain = K[:, 0], K[:, 1]
+    for C_inv in (torch.linalg.inv(C), None):
+        delta = rome_delta(C_inv, k_avg, k_plain, R[:, 0])
+        assert torch.allclose(delta @ k_plain, R[:, 0], atol=1e-8)
+        assert not torch.allclose(delta @ k_avg, R[:, 0], atol=1e-3)  # not at the averaged key
+        assert torch.linalg.matrix_rank(delta) == 1
+        u = C_inv @ k_avg if C_inv is not None else k_avg
+        assert torch.allclose(delta @ u / u.norm(), R[:, 0] * u.norm() / (u @ k_plain), atol=1e-8)

@@ -201,3 +201,21 @@ def test_two_jobs_on_one_fresh_cache_compute_the_statistics_once(tmp_path):
     sums = {line for out, _ in outs for line in out.splitlines() if line.startswith("C ")}
     assert len(sums) == 1
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_anchor_texts_are_a_seeded_random_sample_by_default(tmp_path):
+    """As the references' layer_stats.py (random_sample=1): the first n texts read are a
+    uniform, seeded sample of the corpus, not its first n texts."""
+    from .conftest import compose_cfg
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"text number {i}\n" for i in range(200)))
+    first = list(iter_texts(str(path)))
+    one, again = (list(iter_texts(str(path), "random", 1)) for _ in range(2))
+    assert one == again and one != list(iter_texts(str(path), "random", 2))
+    assert sorted(one) == sorted(first) and one[:20] != first[:20]
+    assert sum(int(t.split()[-1]) >= 100 for t in one[:50]) > 10  # drawn from the whole file
+    cfg = compose_cfg([])
+    assert cfg.stats.sample == "random" and cfg.stats.seed == 1
+    with pytest.raises(DataError, match="stats.sample"):
+        iter_texts(str(path), "last")

@@ -90,6 +90,18 @@ def test_every_paper_setup_resolves(experiment, editor):
     assert ("target" in cfg.editor) == (editor != "ft")  # FT has no target optimisation
     if editor == "rlsedit" and cfg.model.name == "llama3_8b":
         assert cfg.editor.lam == 0 and cfg.editor.mu == 1  # the paper's appendix B
+    # as the references: multi_counterfact.json in file order; 100,000 Wikipedia articles drawn
+    # at random and truncated at the model's context (AlphaEdit: 8192 Llama-3, 4096 Qwen)
+    assert cfg.stream.shuffle is False
+    assert cfg.stats.sample == "random" and cfg.stats.num_samples == 100000
+    assert cfg.stats.max_length == {"gpt2_xl": 1024, "gptj_6b": 2048, "llama3_8b": 8192,
+                                    "qwen2_5_7b": 4096}[cfg.model.name]
+    if editor in ("memit", "alphaedit", "rlsedit"):  # "{}" + five 10-token samples, one group
+        assert cfg.editor.target.context_templates == [[10, 5]]
+    if editor == "rlsedit" and cfg.editor.lam == 0:  # P = (mu n C)^-1 needs float64
+        assert cfg.editor.precision == "float64"
+    if editor == "rome" and cfg.model.name in ("llama3_8b", "qwen2_5_7b"):
+        assert cfg.editor.mom2_adjustment is False and cfg.editor.target.weight_decay == 1e-3
 
 
 def test_paper_setups_on_the_cli():

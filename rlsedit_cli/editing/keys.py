@@ -12,12 +12,16 @@ from rlsedit_cli.models.handle import ModelHandle, block_hidden
 
 @torch.no_grad()
 def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list[str],
-                    layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    layer: int, z_layer: int, weights: list[float] | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of ``layer``'s edited map and the residual stream after ``z_layer``.
 
+    Args:
+        weights: of each template's key (summing to 1; :func:`template_weights`); None: alike.
+
     Returns:
-        K: the map's input at the subject's last token, averaged over the context templates.
-            (d_in, n) float32
+        K: the map's input at the subject's last token, a weighted mean over the context
+            templates. (d_in, n) float32
         h: the residual stream after block ``z_layer`` at the subject's last token of the plain
             prompt (the first template, "{}"). (n, d_model) float32
     """
@@ -40,6 +44,8 @@ def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list
     forward_until(handle, rows.inputs, max(layer, z_layer),
                   [(handle.edited_module(layer), "pre", take_key),
                    (handle.layer_module(z_layer), "post", take_hidden)])
-    K = found["k"].view(n, n_ctx, -1).mean(1).T  # (d_in, n)
+    w = torch.tensor(weights if weights is not None else [1 / n_ctx] * n_ctx,
+                     device=found["k"].device)  # (n_ctx,)
+    K = torch.einsum("ncd,c->dn", found["k"].view(n, n_ctx, -1), w)  # (d_in, n)
     h = found["h"].view(n, n_ctx, -1)[:, 0]  # (n, d_model)
     return K, h

@@ -3,9 +3,11 @@ editors.
 
 For each request i an additive delta_i (d_model) is added to the residual stream after block
 ``z_layer`` at the subject's last token, in every context-prefixed rewrite prompt and in the KL
-prompt "{subject} is a". All requests of a chunk go through ONE forward/backward per step: each
-delta_i only reaches its own rows, so the summed loss gives every request exactly the gradient
-it would get alone, and Adam (element-wise) follows the same trajectory as one-at-a-time runs.
+prompt "{subject} is a" (whose next-token distribution is read at that same token, as MEMIT's
+compute_z.py and ROME's compute_v.py read it). All requests of a chunk go through ONE
+forward/backward per step: each delta_i only reaches its own rows, so the summed loss gives
+every request exactly the gradient it would get alone, and Adam (element-wise) follows the same
+trajectory as one-at-a-time runs.
 
 Work that the deltas cannot change is done once, not at every step: the tokens before the
 subject's last token (their keys and values are cached, :func:`prefix_cache`) and blocks
@@ -15,8 +17,9 @@ see is not done: the MLPs of the re-run blocks skip the suffix's padding, and bl
 
 Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
 + kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
-with h_i the unedited hidden state; a request stops once its loss is below ``early_stop_loss``;
-after each step ||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
+with h_i the unedited hidden state (or the edited map's output there, for ROME); a request
+stops once its loss is below ``early_stop_loss``; after each step ||delta_i|| is clamped to
+``clamp_norm_factor * ||h_i||``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ class TargetResult:
     z: torch.Tensor
     init_loss: torch.Tensor  # (n,) NLL before optimisation
     final_loss: torch.Tensor  # (n,) NLL at the last step
-    final_kl: torch.Tensor  # (n,) KL(p_now || p_init) on the KL prompt at the last step
+    final_kl: torch.Tensor  # (n,) KL(p_now || p_init) after the KL prompt's subject, last step
     steps: torch.Tensor  # (n,) optimiser steps taken
 
 
@@ -94,7 +97,7 @@ class TargetLoss:
 
     Calling it with delta (n, d_model) runs one forward pass of the rows' suffixes from block
     ``z_layer`` on and returns, per request, the mean target NLL over its prompts (n,) and the
-    log-probabilities after the KL prompt (n, vocab). It equals
+    next-token log-probabilities at the subject's last token of the KL prompt (n, vocab). It equals
     :func:`rlsedit_cli.editing.reference.plain_target_loss` (the readable definition; tests hold
     the two equal on every architecture). ``h_init`` (n, d_model), the unedited residual stream
     after ``z_layer`` at the subject's last token of each plain prompt, is set by the first call.
@@ -114,13 +117,14 @@ class TargetLoss:
         self.t_row, self.t_col, self.t_tok = (x.to(dev) for x in _target_index(rows, targets))
         self.t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32, device=dev)
         self.kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=dev)
-        self.kl_col = rows.suffix_len[self.kl_rows] - 1
+        self.kl_col = torch.zeros_like(self.kl_rows)  # the subject's last token (compute_z.py)
         self.needed = (torch.cat([self.t_row, self.kl_rows]),
                        torch.cat([self.t_col, self.kl_col]))  # positions the loss reads
         self.real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # tokens, not padding
         self.first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev)  # the "{}" contexts
         self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
         self.h_init: torch.Tensor | None = None
+        self.map_init: torch.Tensor | None = None  # the edited map's output there (n, d_model)
 
     def _hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Block ``loss_layer``'s output (N, S, d_model), exact at ``self.needed`` only."""
@@ -138,6 +142,13 @@ class TargetLoss:
         def keep(module, args, output):
             found["out"] = block_hidden(output)
 
+        def map_output(module, args, output):
+            self.map_init = output[self.first_rows.to(output.device), 0].detach().float()
+
+        hooks = [(handle.layer_module(self.z_layer), "post", add_delta),
+                 (handle.layer_module(self.loss_layer), "post", keep)]
+        if self.z_out is None:
+            hooks.append((handle.edited_module(self.z_layer), "post", map_output))
         with ExitStack() as patches:
             if self.z_out is not None:
                 patches.enter_context(replay_blocks(handle, self.z_layer, self.z_out))
@@ -146,8 +157,7 @@ class TargetLoss:
             if self.loss_layer > self.z_layer:  # its output is read only where the loss reads
                 patches.enter_context(mlp_only_at(handle, self.loss_layer, *self.needed))
             forward_until(handle, self.rows.suffix_inputs(self.new_cache()), self.loss_layer,
-                          [(handle.layer_module(self.z_layer), "post", add_delta),
-                           (handle.layer_module(self.loss_layer), "post", keep)])
+                          hooks)
         return found["out"]
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,16 +175,22 @@ class TargetLoss:
 
 
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
-                     z_layer: int, cfg) -> TargetResult:
-    """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``)."""
-    parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg)
+                     z_layer: int, cfg, scale_by: str = "residual") -> TargetResult:
+    """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``).
+
+    ``scale_by``: the norm that scales the weight decay and the clamp: of the residual stream
+    after ``z_layer`` (MEMIT's compute_z.py) or of the edited map's output there ("map": ROME's
+    compute_v.py, whose target is the MLP's output).
+    """
+    parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg,
+                             scale_by)
              for s in range(0, len(requests), max(1, cfg.chunk_size))]
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts])
                           for f in ("z", "init_loss", "final_loss", "final_kl", "steps")))
 
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
-                    z_layer: int, cfg) -> TargetResult:
+                    z_layer: int, cfg, scale_by: str) -> TargetResult:
     """Adam on the deltas of one chunk; each request stops on its own (see module doc)."""
     target_loss = TargetLoss(handle, requests, templates, z_layer, int(cfg.loss_layer))
     n = len(requests)
@@ -192,7 +208,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
                 kl_init = kl_logp.detach()
                 init_loss = nll.detach()
             kl = kl_divergence(kl_logp, kl_init)
-            h_norm = target_loss.h_init.to(z_device).norm(dim=-1)  # (n,)
+            scale = target_loss.h_init if scale_by == "residual" else target_loss.map_init
+            h_norm = scale.to(z_device).norm(dim=-1)  # (n,)
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
             final_loss, final_kl = nll.detach(), kl.detach()
             active &= loss.detach() >= cfg.early_stop_loss

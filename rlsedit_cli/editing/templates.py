@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from transformers import GenerationConfig
 
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt
@@ -21,14 +22,33 @@ class _NoMaskWarning(logging.Filter):
         return "attention_mask" not in record.getMessage()
 
 
-@torch.no_grad()
-def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> list[str]:
-    """``["{}"]`` plus, for each (length, count) in ``spec``, ``count`` sampled prefixes.
+def _sampling(tok, new_tokens: int) -> GenerationConfig:
+    """Plain top-5 sampling at temperature 1 of exactly ``new_tokens`` tokens, whatever the
+    checkpoint's generation_config says (an instruct model's temperature or top_p must not
+    change the templates)."""
+    return GenerationConfig(do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
+                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
-    Each prefix is a top-5 sample of ``length`` tokens in all from one of five starter words
-    (count // 5 per starter), braces removed, followed by ". {}". Deterministic given ``seed``.
+
+@torch.no_grad()
+def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int,
+                      style: str = "memit") -> list[str]:
+    """``["{}"]`` plus, for each (length, count) in ``spec``, ``count`` sampled prefixes + ". {}".
+
+    Each prefix is a top-5 sample of ``length`` tokens in all (prompt included), with braces
+    turned into spaces. ``style="memit"`` (memit_main.py): ``count // 5`` samples from each of
+    five starter words; ``style="rome"`` (rome_main.py): ``count`` samples from the beginning of
+    a text (the tokenizer's BOS, or EOS where there is none). Deterministic given ``seed``.
     """
     tok, model = handle.tok, handle.model
+    if style == "memit":
+        starts = [(encode_prompt(tok, starter), 1 / len(STARTERS)) for starter in STARTERS]
+    elif style == "rome":
+        begin = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        starts = [([begin], 1.0)]
+    else:
+        raise ValueError(f"context template style {style!r} is not memit or rome")
     generator_state = torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.manual_seed(seed)
@@ -38,16 +58,15 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> 
     hf_logger.addFilter(hush)
     try:
         for length, count in spec:
-            per = max(1, int(count) // len(STARTERS))
-            for starter in STARTERS:
-                ids = torch.tensor([encode_prompt(tok, starter)] * per, device=handle.device)
+            for start, share in starts:
+                per = max(1, int(int(count) * share))
+                ids = torch.tensor([start] * per, device=handle.device)
                 new = max(1, int(length) - ids.shape[1])
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     do_sample=True, top_k=5, max_new_tokens=new,
-                                     min_new_tokens=new, pad_token_id=tok.pad_token_id)
+                                     generation_config=_sampling(tok, new))
                 for row in gen:
                     text = tok.decode(row, skip_special_tokens=True)
-                    out.append(text.replace("{", "").replace("}", "").strip() + ". {}")
+                    out.append(text.lstrip().replace("{", " ").replace("}", " ") + ". {}")
     finally:
         hf_logger.removeFilter(hush)
         torch.random.set_rng_state(generator_state)
@@ -56,16 +75,32 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int) -> 
     return out
 
 
+def template_weights(spec: list[list[int]], style: str = "memit") -> list[float]:
+    """How much each template's key counts in a request's key (they sum to 1).
+
+    MEMIT (compute_ks.py) averages within each group ("{}" alone, then each (length, count)
+    group), then across the groups: with ``[[10, 5]]`` the plain prompt weighs 1/2. ROME
+    (compute_u.py) averages all templates alike.
+    """
+    sizes = [1] + [max(1, int(count) // len(STARTERS)) * len(STARTERS) if style == "memit"
+                   else max(1, int(count)) for _, count in spec]
+    if style == "rome":
+        return [1 / sum(sizes)] * sum(sizes)
+    return [1 / (len(sizes) * size) for size in sizes for _ in range(size)]
+
+
 class ContextTemplates:
     """The context templates of one editor: sampled once, from the unedited model, on first use
     (so a resumed run reuses the ones it saved rather than sampling from the edited model)."""
 
-    def __init__(self, handle: ModelHandle, spec: list[list[int]], seed: int) -> None:
-        self.handle, self.spec, self.seed = handle, spec, seed
+    def __init__(self, handle: ModelHandle, spec: list[list[int]], seed: int,
+                 style: str = "memit") -> None:
+        self.handle, self.spec, self.seed, self.style = handle, spec, seed, style
         self.texts: list[str] | None = None
+        self.weights = template_weights(spec, style)  # of each template's key
 
     def get(self) -> list[str]:
         if self.texts is None:
-            self.texts = context_templates(self.handle, self.spec, self.seed)
+            self.texts = context_templates(self.handle, self.spec, self.seed, self.style)
             log.info("%d context templates, e.g. %r", len(self.texts), self.texts[-1])
         return self.texts

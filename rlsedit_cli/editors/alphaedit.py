@@ -26,14 +26,15 @@ class AlphaEdit(KeyValueEditor):
 
     def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:
         delta = alphaedit_delta(self.Pi[layer], self.past[layer], K, R, self.l2)
-        self.handle.set_weight(layer, self.handle.weight(layer).float() + delta)
+        self.master.add(layer, delta)
         return {f"layer{layer}/update_norm": float(delta.norm()),
                 f"layer{layer}/null_dim": float(self.null_dim[layer])}
 
     def after_batch(self, batch: list[Record]) -> dict[str, float]:
         """Accumulate the batch's keys, recomputed on the edited model (as AlphaEdit does)."""
         for layer in self.layers:
-            K, _ = keys_and_hidden(self.handle, batch, self.templates.get(), layer, self.z_layer)
+            K, _ = keys_and_hidden(self.handle, batch, self.templates.get(), layer, self.z_layer,
+                                   self.templates.weights)
             self.past[layer] += K @ K.T
         return {}
 

@@ -28,6 +28,37 @@ from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import PhaseClock
 
 
+class MasterWeights:
+    """Where the editors add their updates: a float32 master copy of each edited map when the
+    model holds it in lower precision (bf16, fp16), so that many small updates do not each round
+    to the model's precision; the model receives the master, rounded once per write. A float32
+    (or float64) model is its own master. The references edit float32 models; this keeps a
+    bf16 run's edits as close to theirs as the model's own precision allows.
+    """
+
+    def __init__(self, handle: ModelHandle) -> None:
+        self.handle = handle
+        self.copies: dict[int, torch.Tensor] = {}  # layer -> (d_out, d_in) float32
+
+    def add(self, layer: int, delta: torch.Tensor) -> None:
+        """W_layer += delta (d_out, d_in)."""
+        W = self.handle.weight(layer)
+        if layer not in self.copies and W.dtype in (torch.float32, torch.float64):
+            self.handle.set_weight(layer, W.to(torch.promote_types(W.dtype, delta.dtype)) + delta)
+            return
+        if layer not in self.copies:
+            self.copies[layer] = W.detach().float()
+        self.copies[layer] += delta.to(self.copies[layer])
+        self.handle.set_weight(layer, self.copies[layer])
+
+    def state_dict(self) -> dict:
+        return dict(self.copies)
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.copies = {layer: W.to(self.handle.weight(layer).device)
+                       for layer, W in (state or {}).items()}
+
+
 class Editor(ABC):
     """Edits a model in place, one batch of requests at a time.
 
@@ -89,6 +120,7 @@ class KeyValueEditor(Editor):
         self.z_layer = self.layers[-1]
         self.target = target_config(target)
         self.templates = ContextTemplates(handle, self.target.context_templates, int(seed))
+        self.master = MasterWeights(handle)
 
     @property
     def edited_layers(self) -> list[int]:
@@ -103,7 +135,8 @@ class KeyValueEditor(Editor):
         stats = target_stats(result)
         for i, layer in enumerate(self.layers):
             with clock("keys"):  # h is read again: the layers below have just been written
-                K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer)
+                K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer,
+                                       self.templates.weights)
             R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
             R = R.to(self.handle.weight(layer).device)
             with clock("update"):
@@ -121,7 +154,8 @@ class KeyValueEditor(Editor):
         return {}
 
     def state_dict(self) -> dict:
-        return {"templates": self.templates.texts}
+        return {"templates": self.templates.texts, "master": self.master.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.templates.texts = state.get("templates")
+        self.master.load_state_dict(state.get("master"))

@@ -20,6 +20,5 @@ class MEMIT(KeyValueEditor):
 
     def update_layer(self, layer: int, K: torch.Tensor, R: torch.Tensor) -> dict[str, float]:
         delta = memit_delta(self.C[layer], K, R, self.n_anchor)  # (d_out, d_in) float64
-        W = self.handle.weight(layer).double() + delta
-        self.handle.set_weight(layer, W)
+        self.master.add(layer, delta)
         return {f"layer{layer}/update_norm": float(delta.norm())}

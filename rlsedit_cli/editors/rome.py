@@ -1,4 +1,4 @@
-"""ROME, applied sequentially: one rank-one write per request into one layer, using C^{-1}."""
+"""ROME, applied sequentially: one rank-one write per request into one layer (rome/rome_main.py)."""
 
 from __future__ import annotations
 
@@ -6,24 +6,34 @@ from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import keys_and_hidden
 from rlsedit_cli.editing.targets import optimise_targets
 from rlsedit_cli.editing.templates import ContextTemplates
-from rlsedit_cli.editors.base import Editor, target_config, target_stats
+from rlsedit_cli.editors.base import Editor, MasterWeights, target_config, target_stats
 from rlsedit_cli.ops.baselines import rome_delta
 from rlsedit_cli.ops.rls import spd_inverse
 from rlsedit_cli.progress import PhaseClock
 
 
 class ROME(Editor):
-    """Each request of a batch is written after the previous one (ROME edits one fact at a time):
-    its target is optimised at the edited layer itself, then a rank-one update writes it."""
+    """Each request of a batch is written after the previous one (ROME edits one fact at a time).
+
+    As compute_v.py: the target is the edited layer's MLP output at the subject's last token,
+    its weight decay and clamp scaled by that output's norm; context templates are sampled from
+    the start of a text and averaged alike. As compute_u.py: the write's direction is
+    C^{-1} k_avg (k_avg alone with ``mom2_adjustment`` off, as the Llama-3 settings of the
+    AlphaEdit and RLSEdit code), and it is exact at the plain prompt's key.
+    """
 
     def __init__(self, handle, anchor=None, *, name: str = "rome", layer: int,
-                 target: dict | None = None, seed: int = 0) -> None:
+                 target: dict | None = None, seed: int = 0, mom2_adjustment: bool = True) -> None:
         handle.check_layers([layer], "editor.layer")
         self.handle, self.name, self.layer = handle, name, int(layer)
         self.target = target_config(target)
-        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed))
-        C = anchor.moments([self.layer])[self.layer]
-        self.C_inv = spd_inverse(C, f"the anchor statistics of layer {layer}")
+        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed),
+                                          style="rome")
+        self.master = MasterWeights(handle)
+        self.C_inv = None
+        if mom2_adjustment:
+            C = anchor.moments([self.layer])[self.layer]
+            self.C_inv = spd_inverse(C, f"the anchor statistics of layer {layer}")
 
     @property
     def edited_layers(self) -> list[int]:
@@ -37,20 +47,24 @@ class ROME(Editor):
         for request in batch:
             with clock("targets"):
                 result = optimise_targets(self.handle, [request], templates, self.layer,
-                                          self.target)
+                                          self.target, scale_by="map")
             with clock("keys"):
-                K, h = keys_and_hidden(self.handle, [request], templates, self.layer, self.layer)
+                K, _ = keys_and_hidden(self.handle, [request], templates, self.layer, self.layer,
+                                       self.templates.weights)
+                k_plain, h = keys_and_hidden(self.handle, [request], ["{}"], self.layer,
+                                             self.layer)
             with clock("update"):
-                delta = rome_delta(self.C_inv, K[:, 0], (result.z - h)[0])  # (d_out, d_in)
-                self.handle.set_weight(self.layer,
-                                       self.handle.weight(self.layer).double() + delta)
+                delta = rome_delta(self.C_inv, K[:, 0], k_plain[:, 0],
+                                   (result.z - h)[0])  # (d_out, d_in)
+                self.master.add(self.layer, delta)
             per_request.append(target_stats(result)
                                | {f"layer{self.layer}/update_norm": float(delta.norm())})
         means = {key: sum(s[key] for s in per_request) / len(batch) for key in per_request[0]}
         return means | clock.seconds()
 
     def state_dict(self) -> dict:
-        return {"templates": self.templates.texts}
+        return {"templates": self.templates.texts, "master": self.master.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.templates.texts = state.get("templates")
+        self.master.load_state_dict(state.get("master"))

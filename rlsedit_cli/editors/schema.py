@@ -54,6 +54,7 @@ class ROMEConfig(EditorConfig):
     layer: int = MISSING
     target: TargetConfig = MISSING
     seed: int = MISSING
+    mom2_adjustment: bool = MISSING  # the write's direction is C^-1 k (true) or k (false)
 
 
 @dataclass

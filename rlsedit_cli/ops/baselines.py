@@ -59,23 +59,28 @@ def alphaedit_delta(Pi: torch.Tensor, past_gram: torch.Tensor, K: torch.Tensor, 
     return X.mT
 
 
-def rome_delta(C_inv: torch.Tensor, k: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """ROME's rank-one write: Delta = r (C^{-1} k)^T / (k^T C^{-1} k).
+def rome_delta(C_inv: torch.Tensor | None, k: torch.Tensor, k_plain: torch.Tensor,
+               r: torch.Tensor) -> torch.Tensor:
+    """ROME's rank-one write (compute_u.py, compute_v.py): Delta = r u^T / (u^T k_plain) with
+    u = C^{-1} k (or k itself when ``C_inv`` is None: ``mom2_adjustment`` off).
 
-    After the write, (W + Delta) k = W k + r exactly.
+    After the write, (W + Delta) k_plain = W k_plain + r exactly: the write is exact at the
+    plain prompt's key, while its direction u comes from the template-averaged key.
 
     Args:
-        C_inv: inverse anchor second moment. (d_in, d_in)
-        k: the request's key. (d_in,)
-        r: wanted change of the output at k, v* - W k. (d_out,)
+        C_inv: inverse anchor second moment (d_in, d_in), or None.
+        k: the request's key averaged over the context templates. (d_in,)
+        k_plain: the key of the plain prompt. (d_in,)
+        r: wanted change of the output at k_plain, v* - W k_plain. (d_out,)
 
     Returns:
         Delta (d_out, d_in).
     """
-    k, r = k.to(C_inv.dtype), r.to(C_inv.dtype)
-    left = C_inv @ k  # (d_in,)
-    denom = left @ k
-    if not torch.isfinite(denom) or float(denom) <= 0:
-        raise NumericalError("ROME's k^T C^-1 k is not positive: the anchor statistics are "
+    dtype = C_inv.dtype if C_inv is not None else torch.float64
+    k, k_plain, r = k.to(dtype), k_plain.to(dtype), r.to(dtype)
+    left = C_inv @ k if C_inv is not None else k  # (d_in,)
+    denom = left @ k_plain
+    if not torch.isfinite(denom) or float(denom) == 0:
+        raise NumericalError("ROME's u^T k is zero or not finite: the anchor statistics are "
                              "singular; recompute them with more stats.num_samples")
     return torch.outer(r, left / denom)

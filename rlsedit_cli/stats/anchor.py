@@ -54,9 +54,10 @@ class AnchorStats:
     """Provides C for edited layers; computes what the cache lacks in one pass over the corpus."""
 
     def __init__(self, handle: ModelHandle, cache_dir: str | Path, corpus: str, num_samples: int,
-                 max_length: int, batch_size: int, precision: str = "float32") -> None:
+                 max_length: int, batch_size: int, precision: str = "float32",
+                 sample: str = "random", seed: int = 1) -> None:
         self.handle = handle
-        self.corpus = corpus
+        self.corpus, self.sample, self.seed = corpus, sample, int(seed)
         self.num_samples = int(num_samples)
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
@@ -72,6 +73,7 @@ class AnchorStats:
         return {"model": str(self.handle.spec.name), "weights": self._fingerprints[layer],
                 "layer": layer, "module": self.handle.spec.mlp_out_template.format(layer),
                 "corpus": corpus_id(self.corpus), "num_samples": self.num_samples,
+                "sample": self.sample if self.sample == "first" else f"random:{self.seed}",
                 "max_length": self.max_length, "model_dtype": str(self.handle.spec.dtype),
                 "precision": self.precision}
 
@@ -152,9 +154,12 @@ class AnchorStats:
                                 "tokens": s.tokens, "samples": s.samples}, tmp)
                 last_save[0] = time.monotonic()
 
-        log.info("computing anchor statistics of layers %s over %s (%d samples, %d tokens max)",
-                 layers, self.corpus, self.num_samples, self.max_length)
-        state = accumulate(self.handle, layers, iter_texts(self.corpus), self.num_samples,
+        log.info("computing anchor statistics of layers %s over %s (%d samples, %s, %d tokens "
+                 "max)", layers, self.corpus, self.num_samples,
+                 "in file order" if self.sample == "first" else f"random, seed {self.seed}",
+                 self.max_length)
+        texts = iter_texts(self.corpus, self.sample, self.seed)
+        state = accumulate(self.handle, layers, texts, self.num_samples,
                            self.max_length, self.batch_size, state, on_batch)
         bar.close()
         if state.samples < self.num_samples:

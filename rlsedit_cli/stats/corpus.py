@@ -1,9 +1,11 @@
-"""Ordinary text for the anchor statistics: a local file or a hub dataset, streamed."""
+"""Ordinary text for the anchor statistics: a local file or a hub dataset, in file order or as a
+seeded random sample (as the references' layer_stats.py draws Wikipedia articles)."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,12 +43,15 @@ def _local(path: Path) -> Iterator[str]:
                     yield line.strip()
 
 
-def _hub(spec: str) -> Iterator[str]:
+def _hub(spec: str, seed: int | None) -> Iterator[str]:
     name, config, split, field = HUB_CORPORA.get(spec) or (*_parse_hf(spec), "train", "text")
     try:
         from datasets import load_dataset
 
-        stream = load_dataset(name, config, split=split, streaming=True)
+        if seed is None:
+            stream = load_dataset(name, config, split=split, streaming=True)
+        else:  # a random sample needs the whole (memory-mapped) dataset
+            stream = load_dataset(name, config, split=split).shuffle(seed=seed)
         for row in stream:
             text = row.get(field, "")
             if text and text.strip():
@@ -70,14 +75,24 @@ def _parse_hf(spec: str) -> tuple[str, str | None]:
     return name, config or None
 
 
-def iter_texts(corpus: str) -> Iterator[str]:
-    """Non-empty texts of ``corpus`` in a fixed order (file lines, JSONL 'text', or hub rows)."""
+def iter_texts(corpus: str, sample: str = "first", seed: int = 0) -> Iterator[str]:
+    """Non-empty texts of ``corpus`` (file lines, JSONL 'text', or hub rows).
+
+    ``sample="first"``: in the corpus's order; ``"random"``: in an order shuffled by ``seed``
+    (reading the first n texts then draws a uniform sample of n without replacement).
+    """
+    if sample not in ("first", "random"):
+        raise DataError(f"stats.sample={sample!r} must be random or first")
     path = Path(corpus).expanduser()
     if path.is_file():
-        return _local(path)
+        if sample == "first":
+            return _local(path)
+        texts = list(_local(path))
+        random.Random(seed).shuffle(texts)
+        return iter(texts)
     if "/" in corpus and not corpus.startswith("hf:") and corpus not in HUB_CORPORA:
         raise DataError(f"stats.corpus file {corpus} does not exist: point it at a text file")
-    return _hub(corpus)
+    return _hub(corpus, seed if sample == "random" else None)
 
 
 def corpus_id(corpus: str) -> str:
