@@ -38,7 +38,8 @@ RANDOM_MODEL = {
     "memit": ["editor.n_anchor=10"],
     "alphaedit": ["editor.threshold=0.1", "editor.l2=1"],
     "rome": [],
-    "ft": ["editor.norm_constraint=null", "editor.lr=1e-2", "editor.steps=40"],
+    "ft": ["editor.norm_constraint=null", "editor.lr=1e-2", "editor.steps=40",
+           "editor.layer=${model.single_layer}"],
 }
 FAST_TARGET = ["editor.target.context_templates=[[5,5]]", "editor.target.steps=25"]
 

@@ -3,6 +3,8 @@ behaviour that the code did not have before (kmeng01/memit, kmeng01/rome, AlphaE
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -186,3 +188,47 @@ def test_lam_zero_needs_float64_for_a_wide_eigenvalue_spread():
     except NumericalError:  # the float32 factorisation may fail outright
         return
     assert (got - ref).norm() / (ref - W).norm() > 1e-3
+
+
+def test_ft_l_reads_every_target_token_at_the_prompts_last_token(shipped_handle, toy_records):
+    """baselines/ft/ft_main.py: the loss of a request is the mean NLL of its target tokens, each
+    scored as the next token after the prompt; FT-M (teacher forced) is the other editor."""
+    from rlsedit_cli.editors.ft import FT
+    from rlsedit_cli.editors.ft_m import FTM
+    from rlsedit_cli.models.tokens import encode_target
+
+    two_words = toy_records[0].target_new + " " + toy_records[1].target_new
+    handle, batch = shipped_handle, [replace(toy_records[0], target_new=two_words),
+                                     *toy_records[1:3]]
+    ft = FT(handle, layer=0, steps=1, lr=1e-3, norm_constraint=None)
+    expected = []
+    with torch.no_grad():
+        for r in batch:
+            ids = encode_prompt(handle.tok, r.rewrite_prompt)
+            logp = handle.model(input_ids=torch.tensor([ids])).logits[0, -1].log_softmax(-1)
+            expected.append(-logp[encode_target(handle.tok, r.target_new)].mean())
+        got = ft.loss(batch)
+        teacher = FTM(handle, layer=0, steps=1, lr=1e-3, norm_constraint=None).loss(batch)
+    assert torch.allclose(got, torch.stack(expected).mean(), atol=1e-5)
+    multi = [r for r in batch if len(encode_target(handle.tok, r.target_new)) > 1]
+    assert multi and not torch.allclose(got, teacher, atol=1e-3)
+
+
+def test_ft_l_stops_below_its_loss_floor_and_keeps_its_constraint(make_cfg, toy_records):
+    """Epochs end once their mean loss is below 1e-2; the change of the map (weight and bias)
+    stays within norm_constraint of where the batch began."""
+    from rlsedit_cli.editors.ft import FT
+
+    cfg = make_cfg("editor=ft")
+    handle = load_model(cfg.model, torch.device("cpu"))
+    module = handle.edited_module(0)
+    w0, b0 = module.weight.detach().clone(), module.bias.detach().clone()
+    free = FT(handle, layer=0, steps=60, lr=0.05, norm_constraint=None, batch_size=2)
+    stats = free.edit(toy_records[:4])
+    assert stats["ft_loss_after"] < 1e-2 and stats["ft_epochs"] < 60
+    assert not torch.equal(module.bias, b0)  # ft_main.py trains every parameter of the map
+    module.weight.data.copy_(w0)
+    module.bias.data.copy_(b0)
+    FT(handle, layer=0, steps=5, lr=0.05, norm_constraint=1e-3).edit(toy_records[:4])
+    assert (module.weight - w0).abs().max() <= 1e-3 + 1e-7
+    assert (module.bias - b0).abs().max() <= 1e-3 + 1e-7

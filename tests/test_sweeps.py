@@ -79,7 +79,7 @@ def test_objective_is_the_harmonic_mean():
 PAPER = sorted(p.stem for p in (conf_dir() / "experiment").glob("paper_*.yaml"))
 
 
-@pytest.mark.parametrize("editor", ["rlsedit", "alphaedit", "memit", "rome", "ft"])
+@pytest.mark.parametrize("editor", ["rlsedit", "alphaedit", "memit", "rome", "ft", "ft_m"])
 @pytest.mark.parametrize("experiment", PAPER)
 def test_every_paper_setup_resolves(experiment, editor):
     cfg = compose_cfg([f"+experiment={experiment}", f"editor={editor}"])
@@ -87,7 +87,7 @@ def test_every_paper_setup_resolves(experiment, editor):
     assert cfg.dataset.name == "counterfact" and cfg.eval.name == "paper"
     assert cfg.model.name == experiment.removeprefix("paper_")
     assert cfg.editor.name == editor
-    assert ("target" in cfg.editor) == (editor != "ft")  # FT has no target optimisation
+    assert ("target" in cfg.editor) == (not editor.startswith("ft"))  # FT: no target values
     if editor == "rlsedit" and cfg.model.name == "llama3_8b":
         assert cfg.editor.lam == 0 and cfg.editor.mu == 1  # the paper's appendix B
     # as the references: multi_counterfact.json in file order; 100,000 Wikipedia articles drawn
@@ -130,3 +130,16 @@ def test_wheel_install_runs_from_another_directory(tmp_path):
     assert f"name_or_path: {site}/rlsedit_cli/assets/gpt2_tiny" in proc.stdout
     assert (site / "rlsedit_cli" / "conf" / "config.yaml").is_file()
     assert (site / "rlsedit_cli" / "assets" / "gpt2_tiny" / "model.safetensors").is_file()
+
+
+def test_ft_l_uses_the_published_layer_and_constraint_per_model():
+    """AlphaEdit's hparams/FT: GPT-2 XL and GPT-J constrained at layer 0, Llama-3-8B
+    unconstrained at layer 21."""
+    got = {m: compose_cfg(["editor=ft", f"model={m}"]).editor
+           for m in ("gpt2_xl", "gptj_6b", "llama3_8b")}
+    assert (got["gpt2_xl"].layer, got["gpt2_xl"].norm_constraint) == (0, 5e-4)
+    assert (got["gptj_6b"].layer, got["gptj_6b"].lr, got["gptj_6b"].norm_constraint) == (0, 5e-4,
+                                                                                         5e-5)
+    assert (got["llama3_8b"].layer, got["llama3_8b"].norm_constraint) == (21, None)
+    assert all(e.batch_size == 64 and e.steps == 25 for e in got.values())
+    assert compose_cfg(["editor=ft_m"]).editor._target_.endswith("ft_m.FTM")

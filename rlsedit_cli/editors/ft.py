@@ -1,9 +1,12 @@
-"""FT-L: constrained fine-tuning of one layer's MLP output map on the target tokens.
+"""FT-L: fine-tuning of one layer's MLP output map (ROME's and AlphaEdit's baselines/ft).
 
-Per batch: ``steps`` Adam steps on the mean target-token NLL of the rewrite prompts (teacher
-forced), after each step the weight change since the batch began is clamped to
-[-norm_constraint, norm_constraint] element-wise (infinity norm); ``norm_constraint: null``
-fine-tunes without the constraint.
+Per batch, as baselines/ft/ft_main.py: up to ``steps`` epochs over the batch in mini-batches of
+``batch_size`` requests; each mini-batch's loss is the mean, over its requests, of the mean NLL
+of the target tokens all read at the prompt's last token ("prompt_last": every target token is
+scored as the next token after the prompt); Adam steps only while that loss is at least 1e-2,
+and the epochs stop once their mean loss is below 1e-2. After each step the change of the map
+(weight, and bias where there is one) since the batch began is clamped element-wise to
+[-norm_constraint, norm_constraint]; ``norm_constraint: null`` fine-tunes without it.
 """
 
 from __future__ import annotations
@@ -15,59 +18,72 @@ from rlsedit_cli.editors.base import Editor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
 
+STOP_LOSS = 1e-2  # ft_main.py: no step below it; the epochs end when their mean is below it
+
 
 class FT(Editor):
     def __init__(self, handle, anchor=None, *, name: str = "ft", layer: int, steps: int, lr: float,
-                 norm_constraint: float | None) -> None:
+                 norm_constraint: float | None, batch_size: int = 64,
+                 weight_decay: float = 0.0) -> None:
         handle.check_layers([layer], "editor.layer")
-        if steps < 1 or not lr > 0:
-            raise ConfigError(f"editor.steps={steps} must be >= 1 and editor.lr={lr} > 0")
+        if steps < 1 or not lr > 0 or batch_size < 1 or not weight_decay >= 0:
+            raise ConfigError(f"editor.steps={steps} and editor.batch_size={batch_size} must be "
+                              f">= 1, editor.lr={lr} > 0, editor.weight_decay={weight_decay} >= 0")
         if norm_constraint is not None and not norm_constraint > 0:
             raise ConfigError(f"editor.norm_constraint={norm_constraint} must be > 0 or null")
         self.handle, self.name, self.layer = handle, name, int(layer)
         self.steps, self.lr, self.eps = int(steps), float(lr), norm_constraint
+        self.batch_size, self.weight_decay = int(batch_size), float(weight_decay)
 
     @property
     def edited_layers(self) -> list[int]:
         return [self.layer]
 
-    def _batch(self, batch: list[Record]):
+    def loss(self, requests: list[Record]) -> torch.Tensor:
+        """Mean over ``requests`` of the mean target-token NLL, every target token read at the
+        prompt's last token."""
         tok = self.handle.tok
-        seqs, spans = [], []
-        for r in batch:
-            p, t = encode_prompt(tok, r.rewrite_prompt), encode_target(tok, r.target_new)
-            seqs.append(p + t)
-            spans.append((len(p), len(t)))
-        ids, mask = pad(seqs, tok.pad_token_id, device=self.handle.device)
-        labels = torch.full_like(ids, -100)
-        for i, (p_len, t_len) in enumerate(spans):
-            labels[i, p_len : p_len + t_len] = ids[i, p_len : p_len + t_len]
-        return ids, mask, labels
+        prompts = [encode_prompt(tok, r.rewrite_prompt) for r in requests]
+        targets = [encode_target(tok, r.target_new) for r in requests]
+        ids, mask = pad(prompts, tok.pad_token_id, device=self.handle.device)
+        t_ids, t_mask = pad(targets, 0, device=self.handle.device)  # (n, T)
+        last = mask.sum(1) - 1  # right padding: the prompt's last token
+        logits = self.handle.model(input_ids=ids, attention_mask=mask).logits
+        logp = logits[torch.arange(len(requests), device=ids.device), last].float()
+        picked = logp.log_softmax(-1).gather(1, t_ids) * t_mask  # (n, T)
+        return (-picked.sum(1) / t_mask.sum(1)).mean()
 
     def edit(self, batch: list[Record]) -> dict[str, float]:
-        weight = self.handle.edited_module(self.layer).weight
-        start = weight.detach().clone()
-        ids, mask, labels = self._batch(batch)
-        weight.requires_grad_(True)
-        opt = torch.optim.Adam([weight], lr=self.lr)
-        losses = []
+        module = self.handle.edited_module(self.layer)
+        params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
+        start = [p.detach().clone() for p in params]
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        chunks = [batch[i : i + self.batch_size] for i in range(0, len(batch), self.batch_size)]
+        epochs = []
+        for p in params:
+            p.requires_grad_(True)
         try:
             with torch.enable_grad():
                 for _ in range(self.steps):
-                    logits = self.handle.model(input_ids=ids, attention_mask=mask).logits
-                    logp = logits[:, :-1].float().log_softmax(-1)
-                    tgt = labels[:, 1:]
-                    nll = -logp.gather(2, tgt.clamp(min=0)[..., None])[..., 0] * (tgt >= 0)
-                    loss = (nll.sum(1) / (tgt >= 0).sum(1)).mean()
-                    losses.append(float(loss.detach()))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if self.eps is not None:
-                        with torch.no_grad():
-                            weight.copy_(start + (weight - start).clamp(-self.eps, self.eps))
+                    total = 0.0
+                    for chunk in chunks:
+                        opt.zero_grad(set_to_none=True)
+                        loss = self.loss(chunk)
+                        total += float(loss.detach()) * len(chunk)
+                        if float(loss.detach()) >= STOP_LOSS:
+                            loss.backward()
+                            opt.step()
+                        if self.eps is not None:
+                            with torch.no_grad():
+                                for p, p0 in zip(params, start):
+                                    p.copy_(p0 + (p - p0).clamp(-self.eps, self.eps))
+                    epochs.append(total / len(batch))
+                    if epochs[-1] < STOP_LOSS:
+                        break
         finally:
-            weight.requires_grad_(False)
-            weight.grad = None
-        return {"ft_loss_before": losses[0], "ft_loss_after": losses[-1],
-                f"layer{self.layer}/update_norm": float((weight.detach() - start).norm())}
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return {"ft_loss_before": epochs[0], "ft_loss_after": epochs[-1],
+                "ft_epochs": float(len(epochs)),
+                f"layer{self.layer}/update_norm": float((module.weight.detach() - start[0]).norm())}

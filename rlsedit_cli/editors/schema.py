@@ -63,7 +63,9 @@ class FTConfig(EditorConfig):
     steps: int = MISSING
     lr: float = MISSING
     norm_constraint: float | None = MISSING  # L-inf bound on the change of each weight
+    batch_size: int = MISSING  # requests per optimiser step
+    weight_decay: float = MISSING  # Adam's
 
 
 SCHEMAS = {"none": NoEditConfig, "rlsedit": RLSEditConfig, "memit": MEMITConfig,
-           "alphaedit": AlphaEditConfig, "rome": ROMEConfig, "ft": FTConfig}
+           "alphaedit": AlphaEditConfig, "rome": ROMEConfig, "ft": FTConfig, "ft_m": FTConfig}
