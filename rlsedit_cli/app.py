@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,4 +28,16 @@ def main(cfg: DictConfig) -> float | None:
     except RlseditError as e:
         log.error("error: %s", e)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir)))
+        raise SystemExit(130) from None
     return summary.get("objective")
+
+
+def interrupted(folder: Path) -> str:
+    """What a user needs after Ctrl-C: where the run stands and how to continue it."""
+    if (folder / "checkpoint.pt").is_file():
+        return (f"interrupted; the last checkpoint is in {folder}: continue with "
+                f"`rlsedit run resume={folder}`")
+    return (f"interrupted before any checkpoint (checkpoint.every=N saves one every N batches); "
+            f"the partial run is in {folder}")

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger("rlsedit")
 
@@ -68,6 +69,7 @@ def run_command(args: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach this function, printed in one line
     argv0, sys.argv = sys.argv, ["rlsedit run", *args]
     try:
+        _check_folder_first(args)
         from rlsedit_cli import app
 
         app.main()
@@ -76,9 +78,36 @@ def run_command(args: list[str]) -> int:
     except (HydraException, OmegaConfBaseException, RlseditError) as e:
         log.error("error: %s", one_line(e))
         return 2
+    except OSError as e:  # e.g. the run folder on a read-only or full file system
+        log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
+                  "folder (hydra.run.dir=..., paths.output_dir=...)", e.filename, e.strerror)
+        return 2
     finally:
         sys.argv = argv0
     return 0
+
+
+def _check_folder_first(args: list[str]) -> None:
+    """Check the run folder named on the command line before Hydra writes .hydra/ into it: a
+    resumed run's folder must hold a checkpoint; a reused folder is refused (or, with
+    overwrite=true, emptied)."""
+    import shutil
+
+    from rlsedit_cli.files import parse_override
+    from rlsedit_cli.runner.folder import check_target, holds_run
+
+    if {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args):
+        return
+    given = dict(parse_override(a) for a in args if "=" in a and not a.startswith("-"))
+    overwrite = given.get("overwrite", "false").lower() == "true"
+    if given.get("resume") not in (None, "", "null"):
+        check_target(given["resume"], True, overwrite)
+    elif given.get("hydra.run.dir"):
+        folder = Path(given["hydra.run.dir"]).expanduser()
+        check_target(folder, False, overwrite)
+        if overwrite and holds_run(folder):
+            log.warning("overwrite=true: removing the earlier run in %s", folder)
+            shutil.rmtree(folder)
 
 
 def ls_command(args: argparse.Namespace) -> int:
@@ -260,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except RlseditError as e:
         log.error("error: %s", e)
+        return 2
+    except OSError as e:  # e.g. --out on a read-only or full file system
+        log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
+                  "folder (report --out DIR)", e.filename, e.strerror)
         return 2
 
 

@@ -199,6 +199,7 @@ class RootConfig:
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     seed: int = MISSING
     resume: str | None = None
+    overwrite: bool = MISSING  # replace the earlier run in hydra.run.dir (else refused)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
     objective: str = MISSING  # what a sweep maximises: hmean (of efficacy, generalization,
     # specificity) or any summary metric (efficacy, fluency, ...)

@@ -150,7 +150,7 @@ def test_editor_layers_out_of_range_and_bad_values(tiny_models, tmp_path):
     handle = load_model(compose_cfg(base).model, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"editor.layers=\[0, 7\] has layer 7 out of range"):
         build_editor(compose_cfg([*base, "editor=memit", "editor.layers=[0,7]"]), handle, tmp_path)
-    with pytest.raises(ConfigError, match="editor.lam=-1.0 must be a non-negative"):
+    with pytest.raises(ConfigError, match="editor.lam=-1.0 must be a finite non-negative"):
         build_editor(compose_cfg([*base, "editor=rlsedit", "editor.lam=-1"]), handle, tmp_path)
 
 

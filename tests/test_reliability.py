@@ -51,10 +51,14 @@ CASES = {
                                "is not valid JSON"),
     "bad_record": (["dataset=counterfact_easyedit", "dataset.path={bad_records}"],
                    "case_id=7: target_new equals target_true"),
+    "prompt_longer_than_context": (["dataset=counterfact_easyedit", "dataset.path={long_prompt}",
+                                    "stream.num_edits=1"],
+                                   "record case_id=8: a prompt of"),
     "unknown_group_choice": (["model=gpt5"], "gpt5"),
     "misspelt_key": (["stream.batch_sise=3"], "stream.batch_sise"),
-    "negative_lam": (["editor.lam=-1"], "editor.lam=-1.0 must be a non-negative number"),
-    "negative_mu": (["editor.mu=-0.5"], "editor.mu=-0.5 must be a non-negative number"),
+    "negative_lam": (["editor.lam=-1"], "editor.lam=-1.0 must be a finite non-negative number"),
+    "negative_mu": (["editor.mu=-0.5"], "editor.mu=-0.5 must be a finite non-negative number"),
+    "infinite_lam": (["editor.lam=inf"], "editor.lam=inf must be a finite non-negative number"),
     "batch_size_zero": (["stream.batch_size=0"], "stream.batch_size=0 must be at least 1"),
     "layers_out_of_range": (["model.edit_layers=[0,9]"], "has layer 9 out of range"),
     "unknown_architecture": (["model.arch=mamba"], "supported architectures: gpt2"),
@@ -79,8 +83,12 @@ def test_bad_input_is_one_clear_line(case, tmp_path, bad_records):
         for key in ("eos_token", "pad_token", "bos_token", "unk_token"):
             cfg[key] = None
         (no_eos / "tokenizer_config.json").write_text(json.dumps(cfg))
-    args = [a.format(malformed=malformed, bad_records=bad_records, no_eos_model=no_eos)
-            for a in args]
+    long_prompt = tmp_path / "long.json"
+    long_prompt.write_text(json.dumps([{
+        "case_id": 8, "prompt": "In the long story told " * 40 + "Paris is the capital of",
+        "subject": "Paris", "target_new": "Italy", "ground_truth": "France"}]))
+    args = [a.format(malformed=malformed, bad_records=bad_records, no_eos_model=no_eos,
+                     long_prompt=long_prompt) for a in args]
     line = one_error_line(rlsedit_run(tmp_path, *args), tmp_path)
     assert expected in line
 

@@ -30,6 +30,12 @@ def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
                 and "→" in line)  # the smoke task before -> after the stream
     cells = [c.strip() for c in cost.strip("|").split("|")]
     assert all(float(c) >= 0 for c in cells[4:9]) and cells[9].startswith("rlsedit_smoke ")
+    cut = tmp_path / "none" / "summary.json"  # a run whose summary was cut short
+    cut.write_text(cut.read_text()[:40])
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report2")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "Method" not in line]
+    assert len(rows) == 1 and rows[0].split("|")[1].strip() == "rlsedit"
 
 
 def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path):

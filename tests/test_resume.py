@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,21 +107,6 @@ def test_missing_and_corrupt_checkpoints(tmp_path):
         checkpoint.load(tmp_path)
 
 
-def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    checkpoint.save(tmp_path, {"next_batch": 1})
-
-    def full(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint.torch, "save", full)
-    with pytest.raises(RlseditError, match="disk full.*previous checkpoint is intact"):
-        checkpoint.save(tmp_path, {"next_batch": 2})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.NAME]
-    assert checkpoint.load(tmp_path)["next_batch"] == 1
-
-
 def test_resume_rewinds_the_line_files_and_the_measurements(tmp_path, monkeypatch):
     """Stopped after batch 3's rows were written but with the last checkpoint after batch 1,
     the resumed run drops those rows (metrics, retention, general ability) and restores what was
@@ -154,3 +140,148 @@ def test_resume_rewinds_the_line_files_and_the_measurements(tmp_path, monkeypatc
     assert [r["batch"] for r in rows] == list(range(6))
     assert [c["edits"] for c in done["general"]["points"]] == [0, 10, 20, 30]
     assert done["general"]["points"] == ref["general"]["points"]
+
+
+QUICK = ["editor=none", "logger=none", "eval=none", "stream.num_edits=2", "stream.batch_size=2",
+         "measure.fluency=false", "measure.retention_every=0"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlsedit_cli", "run", *args],
+                          capture_output=True, text=True)
+
+
+def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(tmp_path):
+    """Reusing hydra.run.dir of an earlier run never mixes two runs: it is refused before
+    anything is written (Hydra's .hydra/ included); overwrite=true removes the old run first."""
+    folder = tmp_path / "run"
+    cache = f"paths.cache={tmp_path / 'cache'}"
+    assert _run(*QUICK, cache, f"hydra.run.dir={folder}").returncode == 0
+    before = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    (folder / "wandb").mkdir()
+    (folder / "wandb" / "old-run.log").write_text("the earlier run's tracker files\n")
+    refused = _run(*QUICK, "editor=memit", cache, f"hydra.run.dir={folder}")
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "holds an earlier run" in refused.stderr and "overwrite=true" in refused.stderr
+    after = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*")
+             if p.is_file() and "wandb" not in p.parts}
+    assert after == before  # not one byte changed
+    assert _run(*QUICK, "editor=rlsedit", cache, f"hydra.run.dir={folder}",
+                "overwrite=true").returncode == 0
+    assert not (folder / "wandb").exists()
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["editor"] == "rlsedit"
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # this run's only
+
+
+def test_resume_checks_its_folder_before_writing_into_it(tmp_path):
+    """A missing folder is not created; a finished run without a checkpoint keeps its .hydra/;
+    a run killed before its first checkpoint is named as such."""
+    missing = tmp_path / "no-such-run"
+    proc = _run(f"resume={missing}")
+    assert proc.returncode == 2 and "no such run folder" in proc.stderr and not missing.exists()
+    finished = tmp_path / "finished"
+    assert _run(*QUICK, f"paths.cache={tmp_path / 'cache'}",
+                f"hydra.run.dir={finished}").returncode == 0
+    hydra_files = {p: p.read_bytes() for p in (finished / ".hydra").iterdir()}
+    proc = _run(f"resume={finished}")
+    assert proc.returncode == 2 and "finished without a checkpoint" in proc.stderr
+    assert {p: p.read_bytes() for p in (finished / ".hydra").iterdir()} == hydra_files
+    early = tmp_path / "killed-early"
+    early.mkdir()
+    (early / "config.yaml").write_text("checkpoint:\n  every: 5\n")
+    (early / "metrics.jsonl").write_text('{"batch": 0}\n')
+    proc = _run(f"resume={early}")
+    assert proc.returncode == 2 and "no batch had been checkpointed yet" in proc.stderr
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) mid-run: one error line with the resume command, no traceback."""
+    folder = tmp_path / "run"
+    proc = cli(*RUN, f"hydra.run.dir={folder}", f"paths.cache={tmp_path}/cache")
+    metrics = folder / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    out = Path(proc.log_path).read_text()
+    assert proc.returncode == 130, out[-2000:]
+    assert "Traceback" not in out
+    assert f"continue with `rlsedit run resume={folder}`" in out.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs) to fill; skipped where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to make a small real file system")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_real_full_disk_is_one_line_and_leaves_no_temporary_files(small_disk, tmp_path):
+    """ENOSPC for real: torch.save raises RuntimeError, appends and logs fail as OSError. The
+    run ends with one error line (no logging tracebacks) and leaves no hidden temporary file
+    that would keep the disk full; resuming on the still-full disk says the same."""
+    folder = small_disk / "run"
+    proc = subprocess.run([sys.executable, "-m", "rlsedit_cli", "run", *RUN,
+                           f"hydra.run.dir={folder}", f"paths.cache={tmp_path}/cache"],
+                          capture_output=True, text=True, timeout=600)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr
+    assert "][rlsedit][ERROR] error: cannot write" in err[-1] and "free space" in err[-1]
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(small_disk):
+    checkpoint.save(small_disk, {"next_batch": 1, "w": torch.zeros(10_000)})
+    with open(small_disk / "filler", "wb") as f:  # fill the disk for real
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    with pytest.raises(RlseditError, match="disk full.*previous checkpoint is intact"):
+        checkpoint.save(small_disk, {"next_batch": 2, "w": torch.zeros(100_000)})
+    assert sorted(p.name for p in small_disk.iterdir()) == [checkpoint.NAME, "filler"]
+    assert checkpoint.load(small_disk)["next_batch"] == 1
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A real read-only file system (root ignores file permissions, not a read-only mount)."""
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode != 0:
+        pytest.skip("needs root and tmpfs to make a read-only file system")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_read_only_output_folder_is_one_line(read_only_disk, tmp_path):
+    proc = _run(*QUICK, f"hydra.run.dir={read_only_disk}/run", f"paths.cache={tmp_path}/cache")
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 2 and len(out) == 1, out
+    assert "error: cannot write" in out[0] and "Read-only file system" in out[0]
+    assert _run(*QUICK, f"hydra.run.dir={tmp_path}/done",
+                f"paths.cache={tmp_path}/cache").returncode == 0
+    report = subprocess.run([sys.executable, "-m", "rlsedit_cli", "report", str(tmp_path / "done"),
+                             "--out", str(read_only_disk / "report")], capture_output=True,
+                            text=True)
+    err = report.stderr.strip().splitlines()
+    assert report.returncode == 2 and "Traceback" not in report.stderr
+    assert "error: cannot write" in err[-1] and "report --out DIR" in err[-1]

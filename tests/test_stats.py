@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -89,6 +91,11 @@ def test_corrupt_cache_is_detected_and_recomputed(handle, corpus, tmp_path, capl
     again = AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8).moments([1])[1]
     assert "fail their checksum: recomputing" in caplog.text
     assert torch.allclose(good, again)
+    sidecar = path.with_suffix(".json")  # a write cut short: half of the JSON
+    sidecar.write_text(sidecar.read_text()[: len(sidecar.read_text()) // 2])
+    third = AnchorStats(handle, tmp_path / "cache", str(corpus), 10, 16, 8).moments([1])[1]
+    assert "cannot be read" in caplog.text and torch.allclose(good, third)
+    assert json.loads(sidecar.read_text())["key"]  # rewritten whole
 
 
 def test_interrupted_computation_resumes(handle, corpus, tmp_path, monkeypatch):

@@ -28,8 +28,8 @@ class RLSEdit(KeyValueEditor):
                  target: dict | None = None, seed: int = 0) -> None:
         super().__init__(handle, layers, target, seed, name)
         for key, value in (("lam", lam), ("mu", mu), ("n_anchor", n_anchor)):
-            if not value >= 0:  # also catches NaN
-                raise ConfigError(f"editor.{key}={value} must be a non-negative number")
+            if not 0 <= value < float("inf"):  # also catches NaN
+                raise ConfigError(f"editor.{key}={value} must be a finite non-negative number")
         if precision not in ("float32", "float64"):
             raise ConfigError(f"editor.precision={precision!r} must be float32 or float64")
         self.lam, self.mu, self.n_anchor = float(lam), float(mu), float(n_anchor)

@@ -47,6 +47,15 @@ class ModelHandle:
     def num_layers(self) -> int:
         return int(self.spec.num_layers)
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model takes (None where its config does not say)."""
+        config = self.model.config
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            if isinstance(getattr(config, key, None), int):
+                return int(getattr(config, key))
+        return None
+
     def check_layers(self, layers: list[int], what: str) -> None:
         """Raise a clear error if a layer index is out of range."""
         for layer in layers:

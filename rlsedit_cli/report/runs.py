@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import yaml
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.files import parse_override
 
-IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "eval.", "checkpoint.")
+IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "overwrite", "eval.",
+                     "checkpoint.")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,18 +71,27 @@ def _number(value: str):
         return None if value in ("", None) else value
 
 
+def _parsed(file: Path, parse):
+    """``parse`` of a file's text; a truncated or foreign file is named in a DataError."""
+    try:
+        return parse(file.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError, OSError) as e:  # JSONDecodeError is a ValueError
+        raise DataError(f"{file} cannot be read ({str(e).splitlines()[0][:100]})") from e
+
+
 def read_run(path: Path) -> Run:
-    summary = json.loads((path / "summary.json").read_text())
+    summary = _parsed(path / "summary.json", json.loads)
     config_file = path / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = _parsed(config_file, yaml.safe_load) if config_file.is_file() else {}
     overrides = summary.get("overrides")
     overrides_file = path / ".hydra" / "overrides.yaml"
     if overrides is None and overrides_file.is_file():
         overrides = yaml.safe_load(overrides_file.read_text())
     metrics = []
     if (path / "metrics.jsonl").is_file():
-        metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()
-                   if line.strip()]
+        metrics = _parsed(path / "metrics.jsonl",
+                          lambda text: [json.loads(line) for line in text.splitlines()
+                                        if line.strip()])
     return Run(path=path, summary=summary, config=config or {}, overrides=overrides or [],
                metrics=metrics, retention=_csv(path / "retention.csv"),
                general=_csv(path / "general.csv"))
@@ -103,6 +116,13 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         found += sorted(s.parent for s in p.rglob("summary.json"))
     if not found:
         raise DataError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
-    runs = [read_run(p) for p in dict.fromkeys(found)]
+    runs = []
+    for folder in dict.fromkeys(found):
+        try:
+            runs.append(read_run(folder))
+        except DataError as e:
+            log.warning("skipping the run in %s: %s", folder, e)
+    if not runs:
+        raise DataError(f"no readable run under {', '.join(map(str, paths))} (see the warnings)")
     mark_settings(runs)
     return runs

@@ -8,7 +8,6 @@ recorded twice) and the random generators' states.
 
 from __future__ import annotations
 
-import errno
 import logging
 import random
 from pathlib import Path
@@ -20,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
 from rlsedit_cli.files import flatten, parse_override, replaced_atomically
-from rlsedit_cli.runner.folder import write_atomic
+from rlsedit_cli.runner.folder import disk_errors, write_atomic
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
-FREE_KEYS = ("paths", "logger", "device", "resume")  # may differ when a run is resumed
+FREE_KEYS = ("paths", "logger", "device", "resume", "overwrite")  # may differ when a run is resumed
 
 
 def edit_config(cfg: DictConfig) -> dict:
@@ -51,15 +50,13 @@ def set_rng_state(state: dict) -> None:
 
 def save(folder: Path, state: dict) -> None:
     """Write the checkpoint through a temporary file; the previous one stays until the rename."""
+    previous = (folder / NAME).is_file()
     try:
-        with replaced_atomically(folder / NAME) as tmp:
+        with disk_errors(folder, "the checkpoint"), replaced_atomically(folder / NAME) as tmp:
             torch.save(state, tmp)
-    except OSError as e:
-        full = e.errno == errno.ENOSPC
-        raise RlseditError(
-            f"cannot write the checkpoint in {folder} ({'disk full' if full else e.strerror}): "
-            "free space there (the previous checkpoint is intact) or set checkpoint.every=0"
-        ) from e
+    except RlseditError as e:
+        kept = "the previous checkpoint is intact" if previous else "no checkpoint yet"
+        raise RlseditError(f"{e} ({kept}; checkpoint.every=0 saves none)") from e.__cause__
 
 
 def load(folder: Path) -> dict:

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlsedit_cli.errors import ConfigError, RlseditError, first_line
 from rlsedit_cli.files import replaced_atomically
 
 
@@ -31,12 +34,78 @@ def _clean(obj):
     return obj
 
 
+@contextlib.contextmanager
+def disk_errors(folder: Path, what: str) -> Iterator[None]:
+    """A failed write of ``what`` into ``folder`` as one line that says how to fix it.
+
+    A full disk reaches Python as OSError(ENOSPC) from open/write, but as RuntimeError from
+    torch.save's C++ writer: the free space decides which it was.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _nearly_full(folder):
+            raise
+        full = getattr(e, "errno", None) == errno.ENOSPC or _nearly_full(folder)
+        raise RlseditError(
+            f"cannot write {what} in {folder} ({'disk full' if full else first_line(e)[:120]}): "
+            "free space there, or make it writable, or set paths.output_dir to another folder"
+        ) from e
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 4 * 2**20
+    except OSError:
+        return False
+
+
+class QuietFileHandler(logging.FileHandler):
+    """run.log: when the disk is full (or the file gone) the records still reach the console,
+    without a logging traceback per record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        del record
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
     with replaced_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+RUN_MARKS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")  # a run was here
+
+
+def holds_run(path: Path) -> bool:
+    """Whether ``path`` holds (part of) an earlier run's outputs."""
+    return any((path / name).exists() for name in RUN_MARKS)
+
+
+def check_target(path: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder before anything is written into it.
+
+    A new run refuses a folder that holds another run (``overwrite=true`` replaces it); a
+    resumed run needs a folder with a checkpoint, and says why there is none.
+    """
+    path = Path(path).expanduser()
+    if resume:
+        if not path.is_dir():
+            raise ConfigError(f"resume={path}: no such run folder; give the folder of a run "
+                              "made with checkpoint.every > 0")
+        if (path / "checkpoint.pt").is_file():
+            return
+        if (path / "summary.json").is_file():
+            raise ConfigError(f"resume={path}: that run finished without a checkpoint (it ran "
+                              "with checkpoint.every=0); there is nothing to resume")
+        raise ConfigError(f"resume={path}: no batch had been checkpointed yet (the run stopped "
+                          "before its first checkpoint, or ran with checkpoint.every=0): start "
+                          "it again")
+    if holds_run(path) and not overwrite:
+        raise ConfigError(f"{path} holds an earlier run: choose another folder, continue it with "
+                          f"resume={path}, or add overwrite=true to replace it")
 
 
 class RunFolder:
@@ -47,36 +116,43 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
 
     LINE_FILES = ("metrics.jsonl", "retention.csv", "general.csv")  # appended batch by batch
-    OUTPUTS = (*LINE_FILES, "summary.json")
 
-    def reset(self) -> None:
-        """Start fresh: remove the outputs of an earlier run in the same folder."""
-        for name in self.OUTPUTS:
-            (self.path / name).unlink(missing_ok=True)
+    def clear(self) -> None:
+        """Remove everything an earlier run left here (Hydra's .hydra/ of this run stays)."""
+        for entry in self.path.iterdir():
+            if entry.name == ".hydra":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def write_config(self, cfg: DictConfig) -> None:
-        write_atomic(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        with disk_errors(self.path, "config.yaml"):
+            write_atomic(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def append_jsonl(self, name: str, row: dict) -> None:
-        with open(self.path / name, "a", encoding="utf-8") as f:
+        with disk_errors(self.path, name), open(self.path / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row)) + "\n")
 
     def append_csv(self, name: str, row: dict) -> None:
         path = self.path / name
         new = not path.exists()
-        with open(path, "a", newline="", encoding="utf-8") as f:
+        with disk_errors(self.path, name), open(path, "a", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(row))
             if new:
                 writer.writeheader()
             writer.writerow(_clean(row))
 
     def write_json(self, name: str, obj: dict) -> None:
-        write_atomic(self.path / name, json.dumps(_clean(obj), indent=2) + "\n")
+        with disk_errors(self.path, name):
+            write_atomic(self.path / name, json.dumps(_clean(obj), indent=2) + "\n")
 
     @contextlib.contextmanager
     def log_file(self, name: str = "run.log") -> Iterator[None]:
         """Send this process's log records to the run folder while the block runs."""
-        handler = logging.FileHandler(self.path / name, encoding="utf-8")
+        with disk_errors(self.path, name):
+            handler = QuietFileHandler(self.path / name, encoding="utf-8")
         handler.setFormatter(
             logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
         root = logging.getLogger()

@@ -17,7 +17,7 @@ The tracker receives the same rows, the summary and the plots.
 from __future__ import annotations
 
 from rlsedit_cli.runner import checkpoint
-from rlsedit_cli.runner.folder import RunFolder
+from rlsedit_cli.runner.folder import RunFolder, disk_errors
 
 
 class RunRecord:
@@ -63,7 +63,9 @@ class RunRecord:
         from rlsedit_cli.report.runs import read_run
 
         done = read_run(self.folder.path)
-        for path in all_plots([done], self.folder.path / "plots"):
+        with disk_errors(self.folder.path, "the plots"):
+            paths = all_plots([done], self.folder.path / "plots")
+        for path in paths:
             self.tracker.log_image(f"plots/{path.stem}", path)
         if done.retention:
             columns = list(done.retention[0])

@@ -18,11 +18,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlsedit_cli.datasets.stream import make_stream
-from rlsedit_cli.errors import ConfigError
+from rlsedit_cli.errors import ConfigError, DataError
 from rlsedit_cli.models.loader import load_model, resolve_device
+from rlsedit_cli.models.tokens import encode_prompt, encode_target
 from rlsedit_cli.progress import progress
 from rlsedit_cli.runner import checkpoint
-from rlsedit_cli.runner.folder import RunFolder
+from rlsedit_cli.runner.folder import RunFolder, check_target, holds_run
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.stats.anchor import AnchorStats
@@ -58,6 +59,30 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
+TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
+
+
+def check_lengths(handle, records, max_new_tokens: int) -> None:
+    """Refuse a record whose prompts do not fit the model's context (with a context template
+    before them and the target or the generated text after them), naming it."""
+    limit = handle.context_length
+    if limit is None:
+        return
+    for r in records:
+        target = len(encode_target(handle.tok, r.target_new))
+        needs = [(p, target + TEMPLATE_ROOM) for p in (r.prompt.format(r.subject),
+                                                       *r.paraphrase_prompts,
+                                                       *r.neighborhood_prompts)]
+        needs += [(p, max_new_tokens) for p in r.generation_prompts]
+        for prompt, extra in needs:
+            length = len(encode_prompt(handle.tok, prompt))
+            if length + extra > limit:
+                raise DataError(
+                    f"record case_id={r.case_id}: a prompt of {length} tokens (+{extra} for "
+                    f"templates, target or generation) exceeds the model's context of {limit}: "
+                    "shorten or drop the record, or lower measure.max_new_tokens")
+
+
 OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
               "generalization_magnitude", "specificity_magnitude", "fluency", "consistency")
 
@@ -88,7 +113,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         overrides: the command line's overrides, when there is one; on resume they are checked
             against the checkpoint's settings (without them the whole config is compared).
     """
-    folder = RunFolder(cfg.resume or cfg.paths.run_dir)
+    target = cfg.resume or cfg.paths.run_dir
+    check_target(target, bool(cfg.resume), cfg.overwrite)
+    folder = RunFolder(target)
+    if not cfg.resume and cfg.overwrite and holds_run(folder.path):
+        log.warning("overwrite=true: removing the earlier run in %s", folder.path)
+        folder.clear()
     with folder.log_file():
         state = None
         if cfg.resume:
@@ -116,6 +146,7 @@ class Runner:
         self.dataset = build(cfg.dataset)
         self.batches = make_stream(self.dataset.records, **cfg.stream)
         self.edited = [r for b in self.batches for r in b]
+        check_lengths(self.handle, self.edited, cfg.measure.max_new_tokens)
         anchor = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
         self.editor = build(cfg.editor, handle=self.handle, anchor=anchor)
         self.edit_seconds = 0.0
@@ -123,7 +154,6 @@ class Runner:
     def run(self, state: dict | None) -> dict:
         cfg, folder = self.cfg, self.folder
         if state is None:
-            folder.reset()
             folder.write_config(cfg)
         tracker = build(cfg.logger, run_dir=str(folder.path),
                         run_name=folder.path.name + ("-resumed" if state else ""),

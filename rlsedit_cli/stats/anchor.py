@@ -87,7 +87,12 @@ class AnchorStats:
         meta_path = path.with_suffix(".json")
         if not path.is_file() or not meta_path.is_file():
             return None
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as e:  # a truncated sidecar: recompute, never fail
+            log.warning("anchor statistics sidecar %s cannot be read (%s): recomputing",
+                        meta_path.name, str(e)[:80])
+            return None
         if meta.get("sha256") != file_sha256(path) or meta.get("key") != self._key(layer):
             log.warning("anchor statistics %s fail their checksum: recomputing", path.name)
             return None
