@@ -214,18 +214,23 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     assert f"continue with `rlsedit run resume={folder}`" in out.strip().splitlines()[-1]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB file system (tmpfs) to fill; skipped where mounting is not allowed."""
-    mnt = tmp_path / "small"
+def _tmpfs(mnt: Path, options: str):
+    """A real file system mounted at ``mnt`` for the test; skipped where mounting is not
+    allowed (root ignores file permissions, so a read-only or full disk must be real)."""
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
                                             str(mnt)], capture_output=True).returncode != 0:
-        pytest.skip("needs root and tmpfs to make a small real file system")
+        pytest.skip("needs root and tmpfs to make a small or read-only file system")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system to fill."""
+    yield from _tmpfs(tmp_path / "small", "size=1m")
 
 
 def test_a_real_full_disk_is_one_line_and_leaves_no_temporary_files(small_disk, tmp_path):
@@ -260,16 +265,7 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint(small_disk):
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    """A real read-only file system (root ignores file permissions, not a read-only mount)."""
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode != 0:
-        pytest.skip("needs root and tmpfs to make a read-only file system")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True)
+    yield from _tmpfs(tmp_path / "ro", "size=1m,ro")
 
 
 def test_a_read_only_output_folder_is_one_line(read_only_disk, tmp_path):
