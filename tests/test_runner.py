@@ -54,3 +54,16 @@ def test_cli_run_makes_dated_run_folder(tmp_path):
                         f"{runs[0].parent.name}/{runs[0].name}")
     assert {"config.yaml", "metrics.jsonl", "summary.json", "run.log"} <= {
         p.name for p in runs[0].iterdir()}
+
+
+def test_a_run_that_does_not_work_says_so(make_cfg):
+    """Targets that do not converge and edits that do not take: a warning with the figures per
+    batch, kept in summary["warnings"]; a healthy run has none."""
+    bad = run(make_cfg("editor=memit", "stream.num_edits=4", "stream.batch_size=2",
+                       "editor.target.steps=1", "measure.fluency=false", "eval=none",
+                       "logger=none"))
+    assert any("batch 0: the targets did not converge" in w for w in bad["warnings"])
+    assert any("of its edits took" in w for w in bad["warnings"])
+    good = run(make_cfg("editor=memit", "stream.num_edits=4", "stream.batch_size=2",
+                        "measure.fluency=false", "eval=none", "logger=none", "overwrite=true"))
+    assert good["warnings"] == []

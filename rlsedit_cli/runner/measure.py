@@ -13,6 +13,7 @@ from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
 
 log = logging.getLogger(__name__)
+UNCONVERGED_NLL = 1.0  # mean target NLL after the optimisation above it: p(target) < 0.37
 
 
 class Measurer:
@@ -31,6 +32,23 @@ class Measurer:
         self.pre: dict | None = None
         self.general: list[dict] = []
         self.seconds = 0.0
+        self.warnings: list[str] = []  # runs that do not work say so (summary["warnings"])
+
+    def warn(self, message: str) -> None:
+        log.warning(message)
+        self.warnings.append(message)
+
+    def check_batch(self, row: dict) -> None:
+        """Warn when a batch's targets did not converge or its edits did not take."""
+        nll, before = row.get("target_nll_after"), row.get("target_nll_before")
+        if nll is not None and nll > UNCONVERGED_NLL:
+            self.warn(f"batch {row['batch']}: the targets did not converge (mean target NLL "
+                      f"{before:.2f} -> {nll:.2f} after the optimisation): raise "
+                      "editor.target.steps or editor.target.lr")
+        efficacy = row.get("batch_efficacy")
+        if efficacy is not None and efficacy < 50.0:
+            self.warn(f"batch {row['batch']}: only {efficacy:.0f}% of its edits took (efficacy "
+                      "right after the edit)")
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
@@ -53,6 +71,10 @@ class Measurer:
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
         self.pre = self._timed(evaluate, self.handle, records, self.refs, self.cfg)
+        if (self.pre.get("efficacy") or 0.0) > 50.0:
+            self.warn(f"before editing, the model already prefers target_new over target_true on "
+                      f"{self.pre['efficacy']:.0f}% of the records: it does not know these facts, "
+                      "so their edits say little")
         if self.tasks.tasks:
             self._timed(self.measure_general, 0)
         log.info("before editing: %s", brief(self.pre))
@@ -80,16 +102,22 @@ class Measurer:
         out = self._timed(evaluate, self.handle, records, self.refs, self.cfg)
         if self.pre is not None:
             out["pre"] = self.pre
+            if out.get("efficacy") is not None and out["efficacy"] < self.pre["efficacy"]:
+                self.warn(f"the edits lowered efficacy ({self.pre['efficacy']:.1f} before, "
+                          f"{out['efficacy']:.1f} after)")
+        out["warnings"] = list(self.warnings)
         if self.general:
             out["general"] = {**self.general[-1]["scores"], "points": self.general,
                               "errors": self.general[-1]["errors"]}
         return out
 
     def state_dict(self) -> dict:
-        return {"pre": self.pre, "general": self.general, "seconds": self.seconds}
+        return {"pre": self.pre, "general": self.general, "seconds": self.seconds,
+                "warnings": self.warnings}
 
     def load_state_dict(self, state: dict) -> None:
         self.pre, self.general, self.seconds = state.get("pre"), state["general"], state["seconds"]
+        self.warnings = list(state.get("warnings", []))
 
 
 def brief(metrics: dict) -> str:

@@ -180,6 +180,7 @@ class Runner:
                 seconds = measure.seconds
                 row |= measure.after_batch(i, last, batch, done)
                 row["eval_seconds"] = round(measure.seconds - seconds, 4)
+                measure.check_batch(row)
                 record.batch(row)
                 if cfg.checkpoint.every > 0 and ((i + 1) % cfg.checkpoint.every == 0 or last):
                     self._save(i + 1, done, measure, record)
