@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlsedit_cli import config
@@ -14,6 +15,7 @@ from rlsedit_cli.errors import RlseditError
 
 config.register()
 log = logging.getLogger("rlsedit")
+FAILED_JOBS: list[str] = []  # a multirun's failed jobs in this process, reported at its end
 
 
 @hydra.main(version_base="1.3", config_path=str(config.conf_dir()), config_name="config")
@@ -27,7 +29,13 @@ def main(cfg: DictConfig) -> float | None:
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except RlseditError as e:
         log.error("error: %s", e)
-        raise SystemExit(2) from None
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise SystemExit(2) from None
+        # one bad point must not stop the sweep: the job says why in its folder, the rest runs
+        job = Path(hydra_cfg.runtime.output_dir)
+        (job / "error.txt").write_text(f"{e}\n", encoding="utf-8")
+        FAILED_JOBS.append(f"{job.name}: {e}")
+        return None
     except KeyboardInterrupt:
         log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir)))
         raise SystemExit(130) from None

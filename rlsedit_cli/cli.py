@@ -72,7 +72,12 @@ def run_command(args: list[str]) -> int:
         _check_folder_first(args)
         from rlsedit_cli import app
 
+        app.FAILED_JOBS.clear()
         app.main()
+        if app.FAILED_JOBS:
+            log.error("error: %d job(s) of the sweep failed (each folder's error.txt says why): "
+                      "%s", len(app.FAILED_JOBS), "; ".join(app.FAILED_JOBS))
+            return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except (HydraException, OmegaConfBaseException, RlseditError) as e:

@@ -143,3 +143,16 @@ def test_ft_l_uses_the_published_layer_and_constraint_per_model():
     assert (got["llama3_8b"].layer, got["llama3_8b"].norm_constraint) == (21, None)
     assert all(e.batch_size == 64 and e.steps == 25 for e in got.values())
     assert compose_cfg(["editor=ft_m"]).editor._target_.endswith("ft_m.FTM")
+
+
+def test_one_bad_point_does_not_stop_the_sweep(tmp_path):
+    """editor.lam=-1 fails; the other job runs to the end and the sweep says which failed."""
+    proc = rlsedit("run", "-m", "editor.lam=-1,0.5", *SMALL, f"paths.output_dir={tmp_path}",
+                   f"paths.cache={tmp_path}/cache")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out
+    (line,) = [x for x in out.splitlines() if "job(s) of the sweep failed" in x]
+    assert "error: 1 job(s)" in line and "editor.lam=-1.0 must be" in line
+    assert len(list(tmp_path.glob("multirun/**/summary.json"))) == 1
+    (error,) = tmp_path.glob("multirun/**/error.txt")
+    assert error.parent.name.startswith("0_editor.lam=-1")
