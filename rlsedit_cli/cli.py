@@ -180,6 +180,12 @@ def bench_command(args: argparse.Namespace) -> int:
     from rlsedit_cli.bench.update import bench_update
     from rlsedit_cli.models.loader import resolve_device
 
+    for name in ("d_in", "d_out", "u", "batches", "batch", "repeat"):
+        if getattr(args, name) < 1:
+            from rlsedit_cli.errors import ConfigError
+
+            raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
+                              "least 1")
     device = str(resolve_device(args.device))
     rows = []
     if args.bench_verb in ("update", "all"):

@@ -71,7 +71,7 @@ def test_bad_record_names_case_id_and_field(tmp_path, field, value, message):
         counterfact_easyedit.load(path)
 
 
-def test_skip_invalid_counts_in_summary(tmp_path, make_cfg):
+def test_skip_invalid_counts_in_summary(tmp_path, make_cfg, caplog):
     recs = load_toy(str(TINY_BUNDLE))
     raw = json.loads(json.dumps([_rome(r) for r in recs.records[:12]]))
     raw[3]["requested_rewrite"]["prompt"] = "no subject slot"
@@ -80,9 +80,11 @@ def test_skip_invalid_counts_in_summary(tmp_path, make_cfg):
                            "dataset.snippets=none", "dataset.skip_invalid=true",
                            "stream.num_edits=11", "stream.batch_size=11", "measure.fluency=false"))
     assert summary["skipped_records"] == 1 and summary["num_edits"] == 11
+    warning = next(r.getMessage() for r in caplog.records if "skipped 1 invalid" in r.getMessage())
+    assert "case_id=3" in warning and "skip_invalid" not in warning  # it is on already
     with pytest.raises(DataError, match="case_id=3: prompt"):
         run(make_cfg("editor=none", "dataset=counterfact", f"dataset.path={path}",
-                     "dataset.snippets=none", "stream.num_edits=11"))
+                     "dataset.snippets=none", "stream.num_edits=11", "overwrite=true"))
 
 
 def _rome(r):

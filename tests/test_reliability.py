@@ -54,6 +54,10 @@ CASES = {
     "prompt_longer_than_context": (["dataset=counterfact_easyedit", "dataset.path={long_prompt}",
                                     "stream.num_edits=1"],
                                    "record case_id=8: a prompt of"),
+    "target_not_a_string": (["dataset=counterfact_easyedit", "dataset.path={number_target}"],
+                            "record case_id=9: target_new is not a string (42)"),
+    "dataset_path_is_a_folder": (["dataset=counterfact_easyedit", "dataset.path={folder}"],
+                                 "is a folder: set it to the records file inside it"),
     "unknown_group_choice": (["model=gpt5"], "gpt5"),
     "misspelt_key": (["stream.batch_sise=3"], "stream.batch_sise"),
     "negative_lam": (["editor.lam=-1"], "editor.lam=-1.0 must be a finite non-negative number"),
@@ -87,8 +91,13 @@ def test_bad_input_is_one_clear_line(case, tmp_path, bad_records):
     long_prompt.write_text(json.dumps([{
         "case_id": 8, "prompt": "In the long story told " * 40 + "Paris is the capital of",
         "subject": "Paris", "target_new": "Italy", "ground_truth": "France"}]))
+    number_target = tmp_path / "number.json"
+    number_target.write_text(json.dumps([{"case_id": 9, "prompt": "Paris is the capital of",
+                                          "subject": "Paris", "target_new": 42,
+                                          "ground_truth": "France"}]))
     args = [a.format(malformed=malformed, bad_records=bad_records, no_eos_model=no_eos,
-                     long_prompt=long_prompt) for a in args]
+                     long_prompt=long_prompt, number_target=number_target, folder=tmp_path)
+            for a in args]
     line = one_error_line(rlsedit_run(tmp_path, *args), tmp_path)
     assert expected in line
 

@@ -58,6 +58,15 @@ def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path)
 def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run" in caplog.text
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text('{"editor": "none", "efficacy": 50.0}')
+    assert main(["report", str(tmp_path), "--metric", "efficasy"]) == 2
+    assert "report --metric 'efficasy' is not a figure of these runs: choose one of" in caplog.text
+
+
+def test_bench_refuses_empty_sizes(caplog):
+    assert main(["bench", "update", "--u", "0"]) == 2
+    assert "bench --u=0 must be at least 1" in caplog.text
 
 
 @pytest.mark.slow

@@ -281,3 +281,24 @@ def test_a_read_only_output_folder_is_one_line(read_only_disk, tmp_path):
     err = report.stderr.strip().splitlines()
     assert report.returncode == 2 and "Traceback" not in report.stderr
     assert "error: cannot write" in err[-1] and "report --out DIR" in err[-1]
+
+
+def test_a_resumed_run_keeps_its_own_tracker(uninterrupted, tmp_path, monkeypatch):
+    """Made with logger=none, resumed without saying so: still no W&B."""
+    import shutil
+
+    from rlsedit_cli.loggers import wandb as wandb_logger
+
+    from .conftest import compose_cfg
+
+    folder = shutil.copytree(uninterrupted, tmp_path / "run")
+
+    def no_wandb(*args, **kwargs):
+        raise AssertionError("the resumed run started W&B")
+
+    monkeypatch.setattr(wandb_logger.WandbLogger, "__init__", no_wandb)
+    cfg = compose_cfg([f"resume={folder}", f"paths.cache={tmp_path}/cache", "logger=wandb"],
+                      folder)
+    assert cfg.logger.name == "wandb"  # the default outside tests: not given on the command line
+    summary = run(cfg, overrides=[f"resume={folder}", f"paths.cache={tmp_path}/cache"])
+    assert summary["num_edits"] == 30

@@ -29,5 +29,6 @@ class EditDataset:
             dup = next(i for i in ids if ids.count(i) > 1)
             raise DataError(f"dataset {self.name} repeats case_id={dup}: case ids must be unique")
         if self.skipped:
+            first = self.skipped[0].split("; fix the record")[0]  # skip_invalid is on already
             log.warning("dataset %s: skipped %d invalid records (first: %s)", self.name,
-                        len(self.skipped), self.skipped[0])
+                        len(self.skipped), first)

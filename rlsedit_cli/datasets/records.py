@@ -45,7 +45,9 @@ def fail(case_id, field: str, problem: str) -> DataError:
 
 
 def _text(value, case_id, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
+    if value is not None and not isinstance(value, str):
+        raise fail(case_id, field, f"is not a string ({value!r})")
+    if value is None or not value.strip():
         raise fail(case_id, field, "is missing or empty")
     return value
 
@@ -113,6 +115,8 @@ def parse_rome(raw: dict) -> Record:
 def read_json_records(path: str | Path) -> list:
     """Read a JSON list or JSON-lines file (optionally gzipped)."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"dataset.path={path} is a folder: set it to the records file inside it")
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist: set dataset.path to a records file")
     opener = gzip.open if path.suffix == ".gz" else open

@@ -35,7 +35,10 @@ class WandbLogger(Tracker):
 
         self._wandb = wandb
         self.run = None
-        mode = os.environ.get("WANDB_MODE") or mode
+        env = os.environ.get("WANDB_MODE")
+        if env and env != mode:
+            log.info("WANDB_MODE=%s in the environment overrides logger.mode=%s", env, mode)
+        mode = env or mode
         if mode not in ("online", "offline", "disabled"):
             log.warning("logger.mode=%s is not online/offline/disabled: using offline", mode)
             mode = "offline"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rlsedit_cli.errors import DataError
 from rlsedit_cli.report.plots import all_plots
 from rlsedit_cli.report.runs import find_runs
 from rlsedit_cli.report.table import cost_table, markdown_table
@@ -12,6 +13,11 @@ from rlsedit_cli.report.table import cost_table, markdown_table
 def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficacy") -> dict:
     """Write report.md and the plots into ``out`` (a sweep's heat map shows ``metric``)."""
     runs = find_runs(paths)
+    known = sorted({k for r in runs for k, v in r.summary.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if metric not in known:
+        raise DataError(f"report --metric {metric!r} is not a figure of these runs: choose one of "
+                        f"{', '.join(known)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(runs)

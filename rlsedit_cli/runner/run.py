@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlsedit_cli.datasets.stream import make_stream
 from rlsedit_cli.errors import ConfigError, DataError
+from rlsedit_cli.files import parse_override
 from rlsedit_cli.models.loader import load_model, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
 from rlsedit_cli.progress import progress
@@ -128,6 +129,10 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             else:
                 checkpoint.check_overrides(state["config"], overrides, folder.path)
             with open_dict(cfg):  # the run goes on with its own settings
+                given = {parse_override(o)[0].split(".")[0] for o in overrides or []}
+                saved_file = folder.path / "config.yaml"
+                if "logger" not in given and saved_file.is_file():  # and its own tracker
+                    cfg.logger = OmegaConf.load(saved_file).get("logger", cfg.logger)
                 for key, value in state["config"].items():
                     fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint")
                     cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
