@@ -120,3 +120,12 @@ def test_stream_is_deterministic_and_checked():
     assert [r.case_id for b in kept for r in b] == [r.case_id for r in recs[4:14]]
     with pytest.raises(ConfigError, match="stream.offset=-1"):
         make_stream(recs, 10, 5, seed=0, offset=-1)
+
+
+def test_a_file_in_another_layout_names_the_dataset_config_that_reads_it(tmp_path):
+    from rlsedit_cli.datasets import zsre
+
+    path = shared("counterfact/rome-format-sample.json")
+    with pytest.raises(DataError, match="holds rome-layout records, not zsre: use "
+                                        "dataset=counterfact"):
+        zsre.load(str(path))

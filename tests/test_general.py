@@ -72,3 +72,9 @@ def test_smoke_data_is_what_the_generator_writes(tmp_path):
     records = [parse_rome(r) for r in build_world(3000, 0).records]
     general.write_smoke_data(records, tmp_path / "smoke.jsonl")
     assert (tmp_path / "smoke.jsonl").read_text() == general.SMOKE_DATA.read_text()
+
+
+def test_a_misspelt_task_is_named_not_blamed_on_the_network(shipped_handle):
+    res = general.evaluate_general(shipped_handle, ["hellaswagg"], 2, None, 1, False)
+    assert "lm-eval has no task 'hellaswagg': check eval.tasks (close: hellaswag" in \
+        res.errors["hellaswagg"] and not res.scores

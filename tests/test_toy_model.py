@@ -55,3 +55,11 @@ def test_build_from_a_counterfact_file(tmp_path, name):
     assert info["records"] == min(50, 20 if "sample" in name else 50)
     assert set(check_bundle(tmp_path / "cf")) >= {"rewrite"}
     assert not (tmp_path / "cf.tmp").exists()
+
+
+def test_toy_build_names_a_missing_facts_file(tmp_path, caplog):
+    from rlsedit_cli.cli import main
+
+    assert main(["toy", "build", "--out", str(tmp_path / "b"), "--facts",
+                 str(tmp_path / "none.json")]) == 2
+    assert "toy build --facts" in caplog.text and "dataset.path" not in caplog.text

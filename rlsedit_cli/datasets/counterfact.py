@@ -27,7 +27,7 @@ def load(name: str = "counterfact", path: str | None = None, url: str = "",
          cache: str = "~/.cache/rlsedit", skip_invalid: bool = False) -> EditDataset:
     """Records (validated) and, when they can be had, the consistency references."""
     path = path or str(cached_file(url, cache, "CounterFact", "dataset.path"))
-    records, skipped = parse_all(read_json_records(path), parse_rome, skip_invalid)
+    records, skipped = parse_all(read_json_records(path), parse_rome, skip_invalid, "rome")
     refs = None
     try:
         files = [_reference_file(given, fname, cache, f"dataset.{key}")

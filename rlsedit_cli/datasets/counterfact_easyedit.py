@@ -38,5 +38,6 @@ def load(path: str | None, name: str = "counterfact_easyedit", skip_invalid: boo
     """Records of an EasyEdit-layout CounterFact file (no consistency references)."""
     if not path:
         raise DataError("dataset.path is not set: point it at an EasyEdit-layout JSON file")
-    records, skipped = parse_all(read_json_records(path), parse_easyedit, skip_invalid)
+    records, skipped = parse_all(read_json_records(path), parse_easyedit, skip_invalid,
+                                 "easyedit")
     return EditDataset(name=name, records=records, skipped=skipped)

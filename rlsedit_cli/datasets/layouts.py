@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlsedit_cli.datasets.counterfact_easyedit import parse_easyedit
-from rlsedit_cli.datasets.records import fail, parse_rome
+from rlsedit_cli.datasets.records import fail, layout_of, parse_rome
 from rlsedit_cli.datasets.zsre import parse_zsre
 
 PARSERS = {"rome": parse_rome, "easyedit": parse_easyedit, "zsre": parse_zsre}
@@ -11,12 +11,8 @@ PARSERS = {"rome": parse_rome, "easyedit": parse_easyedit, "zsre": parse_zsre}
 
 def detect_layout(raw) -> str:
     """``rome``, ``easyedit`` or ``zsre``."""
-    if isinstance(raw, dict):
-        if "requested_rewrite" in raw:
-            return "rome"
-        if "ground_truth" in raw and "target_new" in raw:
-            return "easyedit"
-        if "src" in raw and "alt" in raw:
-            return "zsre"
+    found = layout_of(raw)
+    if found:
+        return found
     raise fail(raw.get("case_id", "?") if isinstance(raw, dict) else "?", "record",
                "is in no known layout (ROME CounterFact, EasyEdit CounterFact or MEND zsRE)")

@@ -133,9 +133,34 @@ def read_json_records(path: str | Path) -> list:
     return data
 
 
+LAYOUTS = {  # layout -> (keys that mark a raw record of it, the dataset config that reads it)
+    "rome": (("requested_rewrite",), "counterfact"),
+    "easyedit": (("ground_truth", "target_new"), "counterfact_easyedit"),
+    "zsre": (("src", "alt"), "zsre"),
+}
+
+
+def layout_of(raw) -> str | None:
+    """``rome``, ``easyedit``, ``zsre`` or None (no known layout)."""
+    if isinstance(raw, dict):
+        for name, (keys, _) in LAYOUTS.items():
+            if all(k in raw for k in keys):
+                return name
+    return None
+
+
 def parse_all(raws: Iterable, parse: Callable[[dict], Record], skip_invalid: bool,
-              ) -> tuple[list[Record], list[str]]:
-    """Parse every raw record; with ``skip_invalid`` collect the errors instead of raising."""
+              layout: str | None = None) -> tuple[list[Record], list[str]]:
+    """Parse every raw record; with ``skip_invalid`` collect the errors instead of raising.
+
+    ``layout``: the layout ``parse`` reads; a file whose first record is in another known layout
+    is refused at once, naming the dataset config that reads it.
+    """
+    raws = list(raws)
+    found = layout_of(raws[0]) if raws else None
+    if layout and found and found != layout:
+        raise DataError(f"the dataset file holds {found}-layout records, not {layout}: use "
+                        f"dataset={LAYOUTS[found][1]}")
     records, skipped = [], []
     for raw in raws:
         try:

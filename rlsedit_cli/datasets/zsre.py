@@ -37,5 +37,5 @@ def load(path: str | None, name: str = "zsre", skip_invalid: bool = False) -> Ed
         raise DataError("dataset.path is not set: point it at a MEND-layout zsRE JSON file")
     raws = [{**raw, "case_id": i} if isinstance(raw, dict) else raw
             for i, raw in enumerate(read_json_records(path))]
-    records, skipped = parse_all(raws, parse_zsre, skip_invalid)
+    records, skipped = parse_all(raws, parse_zsre, skip_invalid, "zsre")
     return EditDataset(name=name, records=records, skipped=skipped)

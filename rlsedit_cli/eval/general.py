@@ -8,6 +8,7 @@ harness is started without indexing its built-in tasks when only local tasks are
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import random
@@ -107,7 +108,14 @@ def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
     manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
     lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
               device=str(handle.device))
+    known = set(manager.all_tasks) if builtin else set()
     for task in tasks:
+        if task not in LOCAL_TASKS and task not in known:
+            close = difflib.get_close_matches(task, sorted(known), n=3)
+            result.errors[task] = (f"lm-eval has no task '{task}': check eval.tasks"
+                                   + (f" (close: {', '.join(close)})" if close else ""))
+            log.warning("%s", result.errors[task])
+            continue
         if task in CODE_TASKS and not allow_code_execution:
             result.errors[task] = (f"lm-eval task '{task}' executes generated code: set "
                                    "eval.allow_code_execution=true to run it")

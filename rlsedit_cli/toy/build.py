@@ -193,6 +193,8 @@ def _write_gz(path: Path, text: str) -> None:
 
 
 def _load_facts(path: str, limit: int | None) -> list[Record]:
+    if not Path(path).expanduser().is_file():
+        raise DataError(f"toy build --facts {path}: no such file; give a CounterFact JSON file")
     raws = read_json_records(path)[:limit]
     if not raws:
         raise DataError(f"{path} holds no records: give --facts a CounterFact file")
