@@ -67,3 +67,24 @@ def test_a_run_that_does_not_work_says_so(make_cfg):
     good = run(make_cfg("editor=memit", "stream.num_edits=4", "stream.batch_size=2",
                         "measure.fluency=false", "eval=none", "logger=none", "overwrite=true"))
     assert good["warnings"] == []
+
+
+def test_the_console_ends_with_the_run_folder_and_headline(tmp_path):
+    """Libraries' records below WARNING stay in run.log; each library warning shows once; the
+    last console lines say where the run is and how it went."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "rlsedit_cli", "run", "editor=memit",
+                           "logger=none", "eval=none", "stream.num_edits=4",
+                           "stream.batch_size=2", "measure.fluency=false",
+                           f"hydra.run.dir={folder}", f"paths.cache={tmp_path}/cache"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("[")]
+    assert lines[-2].endswith(f"run folder: {folder}")
+    assert "after 4 edits: efficacy" in lines[-1]
+    library = [x.split("]", 3)[-1] for x in lines if "][transformers" in x]
+    assert len(library) == len(set(library))  # each library message at most once
+    assert not [x for x in lines if "][transformers" in x and "][INFO]" in x]

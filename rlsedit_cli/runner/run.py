@@ -192,11 +192,13 @@ class Runner:
             summary = self._summary(measure.final(self.edited), measure.seconds)
             record.summary(summary)
             record.plots()
-            log.info("after %d edits: %s", len(self.edited), brief(summary))
             ok = True
             return summary
         finally:
             record.finish(ok)
+            if ok:  # the last lines of the console: where the run is, and its headline
+                log.info("run folder: %s", folder.path)
+                log.info("after %d edits: %s", len(self.edited), brief(summary))
 
     def _edit(self, batch: list) -> dict:
         """One batch through the editor: its time, memory and the editor's statistics."""
