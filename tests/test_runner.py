@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -29,7 +30,7 @@ def test_unedited_run_writes_real_figures(make_cfg, tmp_path):
     assert (folder / "config.yaml").read_text().count("num_edits: 20") == 1
     assert "after 20 edits" in (folder / "run.log").read_text()
     retention = (folder / "retention.csv").read_text().splitlines()
-    assert retention[0].startswith("batch,edits,measured,efficacy") and len(retention) == 3
+    assert retention[0].startswith("batch,edits,measured,efficacy") and len(retention) == 4
 
 
 def test_bad_stream_values_are_refused(make_cfg):
@@ -88,3 +89,14 @@ def test_the_console_ends_with_the_run_folder_and_headline(tmp_path):
     library = [x.split("]", 3)[-1] for x in lines if "][transformers" in x]
     assert len(library) == len(set(library))  # each library message at most once
     assert not [x for x in lines if "][transformers" in x and "][INFO]" in x]
+
+
+def test_retention_measures_one_fixed_set_from_right_after_it_is_made(make_cfg, tmp_path):
+    """The first 10 edits take two batches of 5: the first row comes after the second batch and
+    every row measures the same 10 records."""
+    run(make_cfg("editor=none", "stream.num_edits=20", "stream.batch_size=5",
+                 "measure.retention_edits=10", "measure.retention_every=1",
+                 "measure.fluency=false", "measure.pre_edit=false"))
+    rows = list(csv.DictReader((tmp_path / "run" / "retention.csv").open()))
+    assert [(r["batch"], r["edits"], r["measured"]) for r in rows] == [
+        ("1", "10", "10"), ("2", "15", "10"), ("3", "20", "10")]

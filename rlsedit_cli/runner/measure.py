@@ -80,15 +80,20 @@ class Measurer:
         log.info("before editing: %s", brief(self.pre))
 
     def after_batch(self, index: int, last: bool, batch: list[Record], done: int) -> dict:
-        """The batch's efficacy right after its edit; retention and general ability when due."""
+        """The batch's efficacy right after its edit; retention and general ability when due.
+
+        Retention measures one fixed set, the stream's first ``retention_edits`` edits: right
+        after the batch that completes it, then every ``retention_every`` batches and at the end.
+        """
         cfg = self.cfg
         now = self._timed(evaluate, self.handle, batch, self.refs, cfg, ("efficacy",))
         row: dict = {"batch_efficacy": now["efficacy"]}
-        every = cfg.retention_every
-        if self.retention and (last or (every > 0 and (index + 1) % every == 0)):
-            measured = self.retention[:done]
-            ret = self._timed(evaluate, self.handle, measured, self.refs, cfg)
-            self.record.retention(index, done, len(measured), ret)
+        every, size = cfg.retention_every, len(self.retention)
+        completed = done >= size > done - len(batch)  # this batch made the set's last edit
+        due = completed or last or (every > 0 and (index + 1) % every == 0)
+        if self.retention and due and done >= size:  # always the whole set, from its first row
+            ret = self._timed(evaluate, self.handle, self.retention, self.refs, cfg)
+            self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
         step = self.tasks.every_edits
