@@ -78,3 +78,16 @@ def test_a_misspelt_task_is_named_not_blamed_on_the_network(shipped_handle):
     res = general.evaluate_general(shipped_handle, ["hellaswagg"], 2, None, 1, False)
     assert "lm-eval has no task 'hellaswagg': check eval.tasks (close: hellaswag" in \
         res.errors["hellaswagg"] and not res.scores
+
+
+def test_the_smoke_task_asks_only_about_facts_no_stream_edits():
+    """Its 200 questions are the toy world's held-out records: none can be edited, whatever
+    the stream's length, seed or offset."""
+    from rlsedit_cli.datasets.toy import load as load_toy
+
+    from .conftest import TINY_BUNDLE
+
+    questions = {json.loads(line)["question"] for line in general.SMOKE_DATA.open()}
+    editable = {r.rewrite_prompt for r in load_toy(str(TINY_BUNDLE)).records}
+    assert len(questions) == 200 and not questions & editable
+    assert len(editable) == 2800

@@ -14,11 +14,15 @@ from rlsedit_cli.datasets.world import build_world
 from rlsedit_cli.errors import DataError
 
 log = logging.getLogger(__name__)
+HELD_OUT = 200  # the world's last records: the smoke task's questions, never edited
 
 
 def load(path: str, name: str = "toy", skip_invalid: bool = False,
          num_subjects: int | None = None, world_seed: int = 0) -> EditDataset:
     """Records, snippets and tf-idf statistics of the bundle at ``path``.
+
+    The world's last ``HELD_OUT`` records are not among them: they are the questions of the
+    general-ability smoke task, which must measure facts the stream never edits.
 
     With ``num_subjects`` the world is generated anew at that size: long streams (10,000 edits
     and more) for stress tests, about subjects the shipped model was not trained on.
@@ -36,7 +40,8 @@ def load(path: str, name: str = "toy", skip_invalid: bool = False,
             f"{world}/records.json.gz not found: dataset.path must be a bundle made by "
             "`rlsedit toy build` (the shipped one is ${rlsedit.asset:gpt2_tiny})"
         )
-    records, skipped = parse_all(read_json_records(world / "records.json.gz"), parse_rome,
+    raws = read_json_records(world / "records.json.gz")
+    records, skipped = parse_all(raws[:-HELD_OUT] if len(raws) > HELD_OUT else raws, parse_rome,
                                  skip_invalid)
     refs = None
     if (world / "snippets.json.gz").is_file() and (world / "tfidf.json.gz").is_file():

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlsedit_cli.datasets.toy import HELD_OUT
 from rlsedit_cli.errors import RlseditError, first_line
 from rlsedit_cli.models.handle import ModelHandle
 
@@ -147,8 +148,9 @@ def check_strict(result: GeneralResult, strict: bool) -> None:
         raise RlseditError(next(iter(result.errors.values())) + " (eval.strict=true stops the run)")
 
 
-def write_smoke_data(records, path: Path = SMOKE_DATA, count: int = 200) -> None:
-    """Build the smoke task's data from held-out toy records (the last ``count`` of the world)."""
+def write_smoke_data(records, path: Path = SMOKE_DATA, count: int = HELD_OUT) -> None:
+    """Build the smoke task's data from the toy world's held-out records (its last ``count``,
+    which the toy dataset leaves out of every stream)."""
     rows = []
     for r in records[-count:]:
         pool = sorted({x.target_true for x in records if x.relation_id == r.relation_id}
