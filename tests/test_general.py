@@ -91,3 +91,24 @@ def test_the_smoke_task_asks_only_about_facts_no_stream_edits():
     editable = {r.rewrite_prompt for r in load_toy(str(TINY_BUNDLE)).records}
     assert len(questions) == 200 and not questions & editable
     assert len(editable) == 2800
+
+
+def test_code_tasks_get_what_the_code_eval_metric_needs(shipped_handle, monkeypatch):
+    """With eval.allow_code_execution=true, HumanEval runs with HF_ALLOW_CODE_EVAL=1 (without
+    it lm-eval's code_eval metric refuses); the setting does not outlive the task."""
+    import os
+
+    import lm_eval
+
+    seen = {}
+
+    def fake_evaluate(**kwargs):
+        seen["env"] = os.environ.get("HF_ALLOW_CODE_EVAL")
+        seen["unsafe"] = kwargs["confirm_run_unsafe_code"]
+        return {"results": {"humaneval": {"pass@1,create_test": 0.25}}}
+
+    monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    res = general.evaluate_general(shipped_handle, ["humaneval"], 1, None, 1, True)
+    assert seen == {"env": "1", "unsafe": True} and res.scores == {"humaneval": 0.25}
+    assert "HF_ALLOW_CODE_EVAL" not in os.environ

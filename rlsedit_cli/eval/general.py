@@ -8,10 +8,13 @@ harness is started without indexing its built-in tasks when only local tasks are
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +99,22 @@ def _unavailable(task: str, err: Exception) -> str:
             "holds it (HF_DATASETS_CACHE), or point the task at local files")
 
 
+@contextlib.contextmanager
+def _code_eval(on: bool) -> Iterator[None]:
+    """HF_ALLOW_CODE_EVAL=1 while a code task runs (the `code_eval` metric of HumanEval and MBPP
+    refuses without it); only reached with eval.allow_code_execution=true."""
+    before = os.environ.get("HF_ALLOW_CODE_EVAL")
+    if on:
+        os.environ["HF_ALLOW_CODE_EVAL"] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop("HF_ALLOW_CODE_EVAL", None)
+        elif on:
+            os.environ["HF_ALLOW_CODE_EVAL"] = before
+
+
 def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
                      num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
                      seed: int = 0) -> GeneralResult:
@@ -124,11 +143,12 @@ def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
             continue
         spec = LOCAL_TASKS[task]() if task in LOCAL_TASKS else task
         try:
-            out = lm_eval.simple_evaluate(
-                model=lm, tasks=[spec], task_manager=manager, limit=limit,
-                num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
-                confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
-                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+            with _code_eval(task in CODE_TASKS):
+                out = lm_eval.simple_evaluate(
+                    model=lm, tasks=[spec], task_manager=manager, limit=limit,
+                    num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                    confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
+                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         except Exception as e:  # any harness/dataset failure is this task's failure only
             result.errors[task] = _unavailable(task, e)
             log.warning("%s", result.errors[task])
