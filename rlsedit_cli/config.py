@@ -128,8 +128,9 @@ class MeasureConfig:
     batch_size: int = MISSING  # prompts per forward pass
     pre_edit: bool = MISSING  # measure the edited records before the stream starts
     fluency: bool = MISSING  # generation metrics (fluency, consistency)
-    max_new_tokens: int = MISSING
-    generation_prompts: int = MISSING  # generation prompts per record
+    generation: str = MISSING  # sample (top-5, seeded: the references') | greedy
+    max_length: int = MISSING  # tokens of each generated text, its prompt included
+    generation_prompts: int | None = MISSING  # per record; None: all of them
     retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
     retention_every: int = MISSING  # ... every this many batches (0: never)
 

@@ -168,7 +168,7 @@ def test_cli_run_every_editor_on_the_default_model(editor, make_cfg):
     neighbours of the edited facts keep (FT, unconstrained, is known not to), every file is
     written."""
     cfg = make_cfg(f"editor={editor}", "stream.num_edits=4", "stream.batch_size=2",
-                   "measure.generation_prompts=1", "measure.max_new_tokens=10")
+                   "measure.generation_prompts=1", "measure.max_length=10")
     summary = run(cfg)
     pre = summary["pre"]
     assert summary["editor"] == editor and pre["efficacy"] == 0.0

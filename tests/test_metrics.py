@@ -80,7 +80,7 @@ def test_records_without_generation_prompts_get_fluency_from_their_rewrites(ship
     assert fluency_prompts(easyedit[0]) == ((easyedit[0].rewrite_prompt,
                                              *easyedit[0].paraphrase_prompts), "rewrite")
     cfg = OmegaConf.create({"batch_size": 8, "fluency": True, "generation_prompts": 2,
-                            "max_new_tokens": 8})
+                            "max_length": 20, "generation": "greedy"})
     got = evaluate(shipped_handle, easyedit, None, cfg)
     assert got["fluency"] > 0 and got["fluency_prompts"] == "rewrite"
     assert evaluate(shipped_handle, rome, None, cfg)["fluency_prompts"] == "generation"
@@ -107,3 +107,22 @@ def test_each_record_averages_its_prompts(shipped_handle):
     got = probability_metrics(shipped_handle, [mixed], batch_size=8)
     assert got["efficacy"][0] == 0.0  # the rewrite prompt is a's: the true object wins
     assert got["generalization"][0] == 0.5
+
+
+def test_fluency_texts_follow_romes_generator(shipped_handle):
+    """ROME's generate_fast: top-5 sampling (seeded here, so a run repeats itself), 100 tokens
+    in all with the prompt included, NFKD text; greedy stays an option."""
+    import unicodedata
+
+    from rlsedit_cli.eval.counterfact import generate
+    from rlsedit_cli.models.tokens import encode_prompt
+
+    prompts = ["The capital of France is", "The capital of France is", "Paris is"]
+    sampled = generate(shipped_handle, prompts, 30, 8, sample=True, seed=0)
+    assert sampled == generate(shipped_handle, prompts, 30, 8, sample=True, seed=0)
+    assert sampled[0] != sampled[1]  # repeated prompts get their own samples, not one text
+    greedy = generate(shipped_handle, prompts, 30, 8, sample=False)
+    assert greedy[0] == greedy[1] and greedy[0] != sampled[0]
+    for text, prompt in zip(sampled, prompts):
+        assert text.startswith(prompt) and text == unicodedata.normalize("NFKD", text)
+        assert len(encode_prompt(shipped_handle.tok, text)) <= 32  # 30 in all (re-tokenised)

@@ -14,7 +14,7 @@ def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
     for editor in ("none", "rlsedit"):
         cfg = compose_cfg([f"editor={editor}", "stream.num_edits=20", "stream.batch_size=10",
                            "measure.retention_edits=10", "measure.retention_every=1",
-                           "measure.generation_prompts=1", "measure.max_new_tokens=15"],
+                           "measure.generation_prompts=1", "measure.max_length=15"],
                           tmp_path / editor)
         run(cfg)
         assert (tmp_path / editor / "plots" / "retention.png").is_file()

@@ -16,7 +16,7 @@ from rlsedit_cli.runner.run import run
 def test_unedited_run_writes_real_figures(make_cfg, tmp_path):
     cfg = make_cfg("editor=none", "stream.num_edits=20", "stream.batch_size=5",
                    "measure.retention_edits=5", "measure.retention_every=2",
-                   "measure.generation_prompts=1", "measure.max_new_tokens=20")
+                   "measure.generation_prompts=1", "measure.max_length=20")
     summary = run(cfg)
     folder = tmp_path / "run"
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]

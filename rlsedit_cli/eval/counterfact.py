@@ -7,8 +7,11 @@ greedy generations. :func:`summarize` turns per-record values into percentages w
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 import torch
+from transformers import GenerationConfig
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
@@ -56,26 +59,40 @@ def probability_metrics(handle: ModelHandle, records: list[Record], batch_size: 
 
 
 @torch.no_grad()
-def generate(handle: ModelHandle, prompts: list[str], max_new_tokens: int, batch_size: int,
-             ) -> list[str]:
-    """Greedy continuations (prompt included, as ROME's fluency texts are)."""
+def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_size: int,
+             sample: bool = True, seed: int = 0) -> list[str]:
+    """Texts of ``max_length`` tokens in all, each prompt included (ROME's generate_fast).
+
+    ``sample``: top-5 sampling at temperature 1, seeded (the references' protocol); otherwise
+    greedy. Texts are NFKD-normalised with blank lines folded, as ROME's are.
+    """
     tok, model = handle.tok, handle.model
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(
-        model.config, "n_positions", 2048)
+    limit = handle.context_length or 2048
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids, mask = pad([encode_prompt(tok, prompts[i]) for i in idx], tok.pad_token_id,
-                        left=True)  # left padding for generation
-        width = ids.shape[1]
-        new = max(1, min(max_new_tokens, limit - width))  # fixed length, as ROME generates
-        out = model.generate(
-            input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device),
-            max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id,
-        )
-        for row, i in enumerate(idx):
-            texts[i] = prompts[i] + tok.decode(out[row, width:], skip_special_tokens=True)
+    state = torch.random.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad([encode_prompt(tok, prompts[i]) for i in idx], tok.pad_token_id,
+                            left=True)  # left padding for generation
+            width = ids.shape[1]
+            new = max(1, min(max_length, limit) - width)  # ROME: max_out_len tokens in all
+            config = GenerationConfig(do_sample=sample, top_k=5 if sample else None,
+                                      top_p=1.0, temperature=1.0, max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=tok.pad_token_id,
+                                      eos_token_id=tok.eos_token_id)
+            out = model.generate(input_ids=ids.to(handle.device),
+                                 attention_mask=mask.to(handle.device), generation_config=config)
+            for row, i in enumerate(idx):
+                text = prompts[i] + tok.decode(out[row, width:], skip_special_tokens=True)
+                texts[i] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
+    finally:
+        torch.random.set_rng_state(state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
     return texts
 
 
@@ -91,18 +108,22 @@ def fluency_prompts(record: Record) -> tuple[tuple[str, ...], str]:
 
 
 def generation_metrics(handle: ModelHandle, records: list[Record], refs: References | None,
-                       per_record: int, max_new_tokens: int, batch_size: int,
-                       ) -> tuple[dict[str, np.ndarray], str]:
+                       cfg, seed: int = 0) -> tuple[dict[str, np.ndarray], str]:
     """Fluency (n-gram entropy x100) and consistency (tf-idf cosine x100) per record, and the
-    kind of prompts the texts came from ("generation", "rewrite" or "generation+rewrite")."""
+    kind of prompts the texts came from ("generation", "rewrite" or "generation+rewrite").
+
+    ``cfg``: the ``measure`` section (generation_prompts per record, None for all of them;
+    max_length; generation: sample | greedy; batch_size).
+    """
     prompts, owner, kinds = [], [], set()
     for i, r in enumerate(records):
         chosen, kind = fluency_prompts(r)
         kinds.add(kind)
-        for p in chosen[:per_record]:
+        for p in chosen[: cfg.generation_prompts]:
             prompts.append(p)
             owner.append(i)
-    texts = generate(handle, prompts, max_new_tokens, batch_size) if prompts else []
+    texts = (generate(handle, prompts, cfg.max_length, cfg.batch_size,
+                      cfg.generation == "sample", seed) if prompts else [])
     by_record: list[list[str]] = [[] for _ in records]
     for i, t in zip(owner, texts):
         by_record[i].append(t)
@@ -136,8 +157,10 @@ def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
 
 
 def evaluate(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
-             families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, float | None]:
-    """CounterFact metrics over ``records`` (``cfg``: the eval config node).
+             families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0,
+             ) -> dict[str, float | None]:
+    """CounterFact metrics over ``records`` (``cfg``: the ``measure`` section; ``seed``: of the
+    sampled texts, the same at every measurement).
 
     ``families`` picks the probability metrics; the generation metrics (fluency, consistency)
     are computed when all families are asked for and ``cfg.fluency`` is on.
@@ -147,7 +170,6 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     per_record = probability_metrics(handle, records, cfg.batch_size, families)
     kind = None
     if set(families) == set(FAMILIES) and cfg.fluency:
-        texts, kind = generation_metrics(handle, records, refs, cfg.generation_prompts,
-                                         cfg.max_new_tokens, cfg.batch_size)
+        texts, kind = generation_metrics(handle, records, refs, cfg, seed)
         per_record |= texts
     return summarize(per_record) | ({"fluency_prompts": kind} if kind else {})

@@ -7,7 +7,7 @@ import time
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
-from rlsedit_cli.eval.counterfact import evaluate
+from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
 from rlsedit_cli.eval.general import check_strict, evaluate_general
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
@@ -70,7 +70,8 @@ class Measurer:
 
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
-        self.pre = self._timed(evaluate, self.handle, records, self.refs, self.cfg)
+        self.pre = self._timed(evaluate, self.handle, records, self.refs, self.cfg, FAMILIES,
+                               self.seed)
         if (self.pre.get("efficacy") or 0.0) > 50.0:
             self.warn(f"before editing, the model already prefers target_new over target_true on "
                       f"{self.pre['efficacy']:.0f}% of the records: it does not know these facts, "
@@ -92,7 +93,8 @@ class Measurer:
         completed = done >= size > done - len(batch)  # this batch made the set's last edit
         due = completed or last or (every > 0 and (index + 1) % every == 0)
         if self.retention and due and done >= size:  # always the whole set, from its first row
-            ret = self._timed(evaluate, self.handle, self.retention, self.refs, cfg)
+            ret = self._timed(evaluate, self.handle, self.retention, self.refs, cfg, FAMILIES,
+                              self.seed)
             self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
@@ -104,7 +106,7 @@ class Measurer:
     def final(self, records: list[Record]) -> dict:
         """The paper's protocol: every metric over every edited record, plus general ability
         (and the figures before editing, under "pre", when they were measured)."""
-        out = self._timed(evaluate, self.handle, records, self.refs, self.cfg)
+        out = self._timed(evaluate, self.handle, records, self.refs, self.cfg, FAMILIES, self.seed)
         if self.pre is not None:
             out["pre"] = self.pre
             if out.get("efficacy") is not None and out["efficacy"] < self.pre["efficacy"]:

@@ -43,10 +43,10 @@ def build(node: DictConfig, **kwargs):
 
 def check_config(cfg: DictConfig) -> None:
     """Value checks the schemas cannot express; each error names the key and the fix."""
-    for section, key, low in (("measure", "batch_size", 1), ("measure", "max_new_tokens", 1),
+    for section, key, low in (("measure", "batch_size", 1), ("measure", "max_length", 1),
                               ("measure", "retention_edits", 0), ("measure", "retention_every", 0),
                               ("measure", "generation_prompts", 0), ("eval", "every_edits", 0)):
-        if cfg[section][key] < low:
+        if cfg[section][key] is not None and cfg[section][key] < low:
             raise ConfigError(f"{section}.{key}={cfg[section][key]} must be "
                               + ("at least 1" if low else "not negative"))
     if cfg.checkpoint.every < 0:
@@ -56,6 +56,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"editor.target is not set for model {cfg.model.name}: add "
                           f"conf/target/{cfg.model.name}.yaml (as conf/target/llama3_8b.yaml) or "
                           "set editor.target.lr=... and the rest on the command line")
+    if cfg.measure.generation not in ("sample", "greedy"):
+        raise ConfigError(f"measure.generation={cfg.measure.generation!r} must be sample or "
+                          "greedy")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
@@ -63,9 +66,9 @@ def check_config(cfg: DictConfig) -> None:
 TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
 
 
-def check_lengths(handle, records, max_new_tokens: int) -> None:
+def check_lengths(handle, records) -> None:
     """Refuse a record whose prompts do not fit the model's context (with a context template
-    before them and the target or the generated text after them), naming it."""
+    before them and the target after them), naming it."""
     limit = handle.context_length
     if limit is None:
         return
@@ -74,14 +77,14 @@ def check_lengths(handle, records, max_new_tokens: int) -> None:
         needs = [(p, target + TEMPLATE_ROOM) for p in (r.prompt.format(r.subject),
                                                        *r.paraphrase_prompts,
                                                        *r.neighborhood_prompts)]
-        needs += [(p, max_new_tokens) for p in r.generation_prompts]
+        needs += [(p, 1) for p in r.generation_prompts]
         for prompt, extra in needs:
             length = len(encode_prompt(handle.tok, prompt))
             if length + extra > limit:
                 raise DataError(
                     f"record case_id={r.case_id}: a prompt of {length} tokens (+{extra} for "
                     f"templates, target or generation) exceeds the model's context of {limit}: "
-                    "shorten or drop the record, or lower measure.max_new_tokens")
+                    "shorten or drop the record")
 
 
 OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
@@ -151,7 +154,7 @@ class Runner:
         self.dataset = build(cfg.dataset)
         self.batches = make_stream(self.dataset.records, **cfg.stream)
         self.edited = [r for b in self.batches for r in b]
-        check_lengths(self.handle, self.edited, cfg.measure.max_new_tokens)
+        check_lengths(self.handle, self.edited)
         anchor = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
         self.editor = build(cfg.editor, handle=self.handle, anchor=anchor)
         self.edit_seconds = 0.0
