@@ -160,7 +160,7 @@ def test_a_model_without_settings_is_named(tmp_path, caplog):
 def test_the_editing_metrics_are_not_in_the_eval_group():
     """`eval` chooses lm-eval tasks only; the editing metrics' settings are `measure.*`."""
     cfg = compose_cfg(["eval=none"])
-    assert cfg.eval.tasks == [] and cfg.measure.retention_edits == 100
+    assert cfg.eval.tasks == [] and cfg.measure.retention_edits == 20
     assert not {"fluency", "pre_edit", "retention_every", "batch_size"} & set(cfg.eval)
     with pytest.raises(ConfigCompositionException, match="eval.fluency"):
         compose_cfg(["eval.fluency=false"])

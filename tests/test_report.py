@@ -26,7 +26,8 @@ def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
         assert (tmp_path / "report" / name).stat().st_size > 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Efficacy" in report and "Cost and general ability" in report
-    cost = next(line for line in report.splitlines() if line.startswith("| rlsedit |")
+    costs = report.split("## Cost and general ability")[1]
+    cost = next(line for line in costs.splitlines() if line.startswith("| rlsedit |")
                 and "→" in line)  # the smoke task before -> after the stream
     cells = [c.strip() for c in cost.strip("|").split("|")]
     assert all(float(c) >= 0 for c in cells[4:9]) and cells[9].startswith("rlsedit_smoke ")
@@ -85,3 +86,29 @@ def test_thousand_edits_with_three_editors_give_one_table(tmp_path, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines()
             if line.startswith("| ") and "Method" not in line]
     assert sorted(r.split("|")[1].strip() for r in rows) == ["alphaedit", "memit", "rlsedit"]
+
+
+def test_the_table_names_every_setting_that_differs_and_what_its_figures_are(tmp_path):
+    """eval.* and measure.* differences show (they change the figures); editor settings are
+    compared within one editor; objective and general ability have columns; ± is explained."""
+    from rlsedit_cli.report.runs import Run, mark_settings
+    from rlsedit_cli.report.table import markdown_table
+
+    def one(editor, lam, limit, every):
+        config = {"editor": {"name": editor, **({"lam": lam} if lam is not None else {})},
+                  "eval": {"limit": limit}, "measure": {"retention_every": every},
+                  "paths": {"run_dir": str(tmp_path / editor)}}
+        summary = {"editor": editor, "model": "m", "efficacy": 90.0, "efficacy_ci95": 1.5,
+                   "objective": 80.0, "general": {"points": [
+                       {"scores": {"sst2": 0.5}}, {"scores": {"sst2": 0.25}}]}}
+        return Run(path=tmp_path, summary=summary, config=config)
+
+    runs = [one("rlsedit", 1.0, 10, 5), one("rlsedit", 2.0, 10, 5), one("memit", None, 20, 1)]
+    mark_settings(runs)
+    assert [r.setting for r in runs] == [
+        "lam=1.0, eval.limit=10, measure.retention_every=5",
+        "lam=2.0, eval.limit=10, measure.retention_every=5",
+        "eval.limit=20, measure.retention_every=1"]
+    table = markdown_table(runs)
+    assert "| Objective | General ability |" in table and "| 80.00 | sst2 0.50 → 0.25 |" in table
+    assert "± is the half-width of a 95% interval" in table

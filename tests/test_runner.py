@@ -100,3 +100,15 @@ def test_retention_measures_one_fixed_set_from_right_after_it_is_made(make_cfg, 
     rows = list(csv.DictReader((tmp_path / "run" / "retention.csv").open()))
     assert [(r["batch"], r["edits"], r["measured"]) for r in rows] == [
         ("1", "10", "10"), ("2", "15", "10"), ("3", "20", "10")]
+
+
+def test_the_default_run_gives_at_least_five_retention_points():
+    from .conftest import compose_cfg
+
+    m = compose_cfg([]).measure
+    n, batch = compose_cfg([]).stream.num_edits, compose_cfg([]).stream.batch_size
+    batches = range(n // batch)
+    first = -(-m.retention_edits // batch) - 1  # the batch that completes the set
+    rows = [i for i in batches if i >= first and (i == first or (i + 1) % m.retention_every == 0
+                                                   or i == batches[-1])]
+    assert len(rows) >= 5

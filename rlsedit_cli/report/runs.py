@@ -11,10 +11,9 @@ from pathlib import Path
 import yaml
 
 from rlsedit_cli.errors import DataError
-from rlsedit_cli.files import parse_override
+from rlsedit_cli.files import flatten, parse_override
 
-IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "overwrite", "eval.",
-                     "checkpoint.")
+IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "overwrite", "checkpoint.")
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,14 @@ class Run:
         return values
 
     def override_items(self) -> dict[str, str]:
-        """Overrides that tell runs apart: not paths, tracker, device, evaluation, checkpoints
-        or the editor/model/dataset choices."""
-        return {k: v for k, v in self._override_values().items()
-                if not k.startswith(IGNORED_OVERRIDES) and k not in ("editor", "model", "dataset")}
+        """Settings that can tell runs apart: every key of the run's resolved config (its
+        overrides where no config.yaml was kept), not paths, tracker, device, checkpoints or the
+        editor/model/dataset choices (columns of their own)."""
+        values = {k: str(v) for k, v in flatten(self.config).items()}
+        values |= self._override_values()  # as the user wrote them: lam=2, not 2.0
+        return {k: v for k, v in values.items()
+                if not k.startswith(IGNORED_OVERRIDES) and k not in ("editor", "model", "dataset")
+                and not k.endswith((".name", "._target_"))}
 
     def override(self, key: str) -> str | None:
         """The value a run's override gave ``key`` (e.g. ``editor.lam``), else None."""
@@ -98,13 +101,26 @@ def read_run(path: Path) -> Run:
 
 
 def mark_settings(runs: list[Run]) -> None:
-    """Give each run the overrides that differ between the runs (all editor ones if alone)."""
+    """Give each run the settings that differ between the runs, eval.* and measure.* included.
+
+    An editor's own settings (editor.*) are compared among the runs of that editor and model
+    only (MEMIT has no lam to differ in); a run alone shows its editor's overrides.
+    """
     items = [r.override_items() for r in runs]
-    keys = sorted({k for it in items for k in it})
-    varying = [k for k in keys if len({it.get(k) for it in items}) > 1]
+    if len(runs) == 1:
+        only = runs[0]._override_values()
+        runs[0].setting = ", ".join(f"{k.removeprefix('editor.')}={v}" for k, v in only.items()
+                                    if k.startswith("editor."))
+        return
     for run, it in zip(runs, items):
-        shown = varying if len(runs) > 1 else [k for k in keys if k.startswith("editor.")]
-        run.setting = ", ".join(f"{k.removeprefix('editor.')}={it[k]}" for k in shown if k in it)
+        peers = [o for r, o in zip(runs, items) if _kind(r) == _kind(run)]
+        shown = [k for k in sorted(it) if len({o.get(k) for o in (peers if k.startswith(
+            "editor.") else items)}) > 1]
+        run.setting = ", ".join(f"{k.removeprefix('editor.')}={it[k]}" for k in shown)
+
+
+def _kind(run: Run) -> tuple:
+    return run.summary.get("editor"), run.summary.get("model")
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:

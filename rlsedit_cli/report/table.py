@@ -18,10 +18,15 @@ def cell(summary: dict, key: str) -> str:
     return f"{value:.2f} ± {half:.2f}" if half else f"{value:.2f}"
 
 
+INTERVALS = ("± is the half-width of a 95% interval over the edited records (1.96 standard "
+             "errors); Objective is what a sweep maximises (summary.json's objective); General "
+             "ability is each lm-eval task before → after the stream.")
+
+
 def markdown_table(runs: list[Run]) -> str:
-    """Rows sorted by model, then editor, then setting."""
+    """Rows sorted by model, then editor, then setting; a note on what the figures are."""
     head = ["Method", "Model", "Setting", "Edits", "Batch",
-            *[m.capitalize() for m in METRICS], "Edit s"]
+            *[m.capitalize() for m in METRICS], "Objective", "General ability", "Edit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
                                           r.setting)):
@@ -29,9 +34,11 @@ def markdown_table(runs: list[Run]) -> str:
         row = [s.get("editor", "?"), s.get("model", "?"), run.setting or "-",
                str(s.get("num_edits", "?")), str(s.get("batch_size", "?")),
                *[cell(s, m) for m in METRICS],
+               f"{s['objective']:.2f}" if isinstance(s.get("objective"), (int, float)) else "-",
+               _general(s),
                f"{s['edit_seconds']:.1f}" if s.get("edit_seconds") is not None else "-"]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + INTERVALS + "\n"
 
 
 PHASES = ("targets", "keys", "update")  # the key-value editors' phases (seconds_<phase>)
