@@ -112,3 +112,22 @@ def test_the_table_names_every_setting_that_differs_and_what_its_figures_are(tmp
     table = markdown_table(runs)
     assert "| Objective | General ability |" in table and "| 80.00 | sst2 0.50 → 0.25 |" in table
     assert "± is the half-width of a 95% interval" in table
+
+
+def test_plots_use_fixed_percentage_axes_and_interval_bands():
+    """98 -> 97 efficacy must not look like a collapse: percentages on 0-100, each curve with
+    its 95% band, fluency labelled as the entropy it is."""
+    import matplotlib.pyplot as plt
+
+    from rlsedit_cli.report.plots import _axes, _curve
+
+    rows = [{"edits": 10, "efficacy": 98.0, "efficacy_ci95": 2.0, "fluency": 500.0},
+            {"edits": 20, "efficacy": 97.0, "efficacy_ci95": 2.5, "fluency": 490.0}]
+    fig, (left, right) = plt.subplots(1, 2)
+    _curve(left, rows, "efficacy", "run")
+    _axes(left, "efficacy", "efficacy")
+    _curve(right, rows, "fluency", "run")
+    _axes(right, "fluency", "fluency")
+    assert left.get_ylim() == (-2, 102) and len(left.collections) == 1  # the band
+    assert right.get_ylabel() == "fluency (n-gram entropy x 100)" and not right.collections
+    plt.close(fig)

@@ -13,12 +13,48 @@ from rlsedit_cli.files import parse_override  # noqa: E402
 from rlsedit_cli.report.runs import Run  # noqa: E402
 from rlsedit_cli.report.table import METRICS  # noqa: E402
 
+PERCENT = ("efficacy", "generalization", "specificity", "batch_efficacy")  # 0..100 scales
+LABELS = {"fluency": "fluency (n-gram entropy x 100)",
+          "consistency": "consistency (tf-idf cosine x 100)"}
+
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _curve(ax, rows: list[dict], metric: str, label: str) -> None:
+    """One run's ``metric`` against edits made, with its 95% interval as a band."""
+    rows = [r for r in rows if isinstance(r.get(metric), (int, float))]
+    if not rows:
+        return
+    xs, ys = [r["edits"] for r in rows], [r[metric] for r in rows]
+    (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label)
+    half = [r.get(f"{metric}_ci95") for r in rows]
+    if all(isinstance(h, (int, float)) for h in half):
+        ax.fill_between(xs, [y - h for y, h in zip(ys, half)], [y + h for y, h in zip(ys, half)],
+                        color=line.get_color(), alpha=0.15, lw=0)
+
+
+def _axes(ax, metric: str, title: str) -> None:
+    """Fixed 0-100 axes for percentages (a one-point dip must not look like a collapse)."""
+    ax.set(title=title, xlabel="edits made", ylabel="%" if metric in PERCENT else
+           LABELS.get(metric, metric))
+    if metric in PERCENT:
+        ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
+def _legend(fig, axes) -> None:
+    """One legend for the figure, below the panels (never over a line)."""
+    for ax in axes.flat:
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="upper center", ncol=min(3, len(labels)), fontsize=7,
+                       bbox_to_anchor=(0.5, 0.0))
+            return
 
 
 def retention_plot(runs: list[Run], out: Path) -> Path | None:
@@ -26,16 +62,12 @@ def retention_plot(runs: list[Run], out: Path) -> Path | None:
     runs = [r for r in runs if r.retention]
     if not runs:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    for ax, metric in zip(axes, ("efficacy", "generalization")):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True, squeeze=False)
+    for ax, metric in zip(axes.flat, ("efficacy", "generalization")):
         for run in runs:
-            xs = [row["edits"] for row in run.retention]
-            ax.plot(xs, [row.get(metric) for row in run.retention], marker="o", ms=3,
-                    label=run.label)
-        ax.set(title=f"{metric} of the first edits", xlabel="edits made", ylabel="%",
-               ylim=(-2, 102))
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+            _curve(ax, run.retention, metric, run.label)
+        _axes(ax, metric, f"{metric} of the first edits (95% band)")
+    _legend(fig, axes)
     return _save(fig, out / "retention.png")
 
 
@@ -45,22 +77,14 @@ def metrics_plot(runs: list[Run], out: Path) -> Path | None:
     if not any(r.metrics for r in runs):
         return None
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    ax = axes[0, 0]
     for run in runs:
-        ax.plot([m["edits"] for m in run.metrics], [m.get("batch_efficacy") for m in run.metrics],
-                label=run.label, lw=1)
-    ax.set(title="efficacy of each batch, right after its edit", xlabel="edits made",
-           ylabel="%", ylim=(-2, 102))
-    ax.legend(fontsize=7)
+        _curve(axes[0, 0], run.metrics, "batch_efficacy", run.label)
+    _axes(axes[0, 0], "batch_efficacy", "efficacy of each batch, right after its edit")
     for ax, metric in zip(axes.flat[1:], METRICS):
         for run in runs:
-            rows = [row for row in run.retention if row.get(metric) is not None]
-            if rows:
-                ax.plot([row["edits"] for row in rows], [row[metric] for row in rows],
-                        marker="o", ms=3, label=run.label)
-        ax.set(title=f"{metric} (first edits)", xlabel="edits made")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
+            _curve(ax, run.retention, metric, run.label)
+        _axes(ax, metric, f"{metric} of the first edits (95% band)")
+    _legend(fig, axes)
     return _save(fig, out / "metrics.png")
 
 
