@@ -107,9 +107,9 @@ def test_rlsedit_weights_equal_closed_form_over_the_stream(tiny_models, toy_reco
     current = {}
     real_step = rlsedit_mod.rls_step
 
-    def recording_step(P, W, K, V):
+    def recording_step(P, W, K, V, **kwargs):
         seen[current["layer"]].append((K.clone(), V.clone()))
-        return real_step(P, W, K, V)
+        return real_step(P, W, K, V, **kwargs)
 
     monkeypatch.setattr(rlsedit_mod, "rls_step", recording_step)
     editor = build_editor(cfg, handle, tmp_path)

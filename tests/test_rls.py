@@ -151,3 +151,15 @@ def test_recursion_on_cuda(dtype, tol):
     ref = rls_closed_form(W0.cpu(), C.cpu(), 1.0, 1.0, 10.0, [k.cpu() for k in Ks],
                           [v.cpu() for v in Vs])
     assert rel_err(W.cpu(), ref) <= tol
+
+
+def test_in_place_step_writes_where_p_and_w_lie_and_equals_the_plain_one():
+    W0, C, Ks, Vs = problem(20, seed=3)
+    P_ref, W_ref = recurse(W0, C, Ks, Vs, lam=0.5, mu=1.0, n_anchor=10.0)
+    P = rls_init(C, 0.5, 1.0, 10.0)
+    W = W0.clone()
+    for K, V in zip(Ks, Vs):
+        P_next, W_next = rls_step(P, W, K, V, inplace=True)
+        assert P_next.data_ptr() == P.data_ptr() and W_next.data_ptr() == W.data_ptr()
+    assert rel_err(W, W_ref) <= 1e-12 and rel_err(P, P_ref) <= 1e-12
+    assert float((P - P.mT).abs().max() / P.abs().max()) < 1e-12  # stays symmetric unforced

@@ -68,8 +68,8 @@ class RLSEdit(KeyValueEditor):
         if layer in self.normal:
             self._least_squares(layer, K, V)
         else:
-            P = self.P0[layer] if self.reset_each_batch else self.P[layer]
-            self.P[layer], self.W[layer] = rls_step(P, self.W[layer], K, V)
+            P = self.P0[layer].clone() if self.reset_each_batch else self.P[layer]
+            self.P[layer], self.W[layer] = rls_step(P, self.W[layer], K, V, inplace=True)
         self.handle.set_weight(layer, self.W[layer])
         stats = {f"layer{layer}/residual": float((self.W[layer] @ K - V).norm())}
         if self.report_deviation:

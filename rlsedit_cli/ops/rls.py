@@ -76,18 +76,23 @@ def rls_init(anchor_moment: torch.Tensor, lam: float, mu: float, n_anchor: float
 
 
 def rls_step(P: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One Woodbury step: fold the batch (K, V) into (P, W).
 
     S = I_u + K^T P K,  P' = P - P K S^{-1} K^T P,  W' = W + (V - W K) K^T P'.
-    Numerically: F = P K, S = L L^T, G = F L^{-T}, P' = P - G G^T (symmetrised) and the gain
+    Numerically: F = P K, S = L L^T, G = F L^{-T}, P' = P - G G^T and the gain
     K^T P' = S^{-1} F^T = L^{-T} G^T, so only the u x u matrix S is factorised.
+
+    The d_in x d_in work is two GEMMs (F = P K and the rank-u downdate) and nothing else: no
+    d_in x d_in temporary with ``inplace`` (P and W are updated where they lie), and P is not
+    re-symmetrised (G G^T is symmetric; S, the only matrix factorised, is symmetrised).
 
     Args:
         P: A_{t-1}^{-1}. (d_in, d_in)
         W: W_{t-1}, any dtype (computation happens in P's dtype). (d_out, d_in)
         K: keys of the batch. (d_in, u)
         V: wanted outputs of the batch. (d_out, u)
+        inplace: overwrite P (and W, when it is already in P's dtype) with the result.
 
     Returns:
         (P_t, W_t) in P's dtype: (d_in, d_in), (d_out, d_in).
@@ -109,10 +114,14 @@ def rls_step(P: torch.Tensor, W: torch.Tensor, K: torch.Tensor, V: torch.Tensor,
             "editor.precision=float64 or a larger editor.lam"
         )
     Gt = torch.linalg.solve_triangular(L, F.mT, upper=False)  # G^T = L^{-1} F^T, (u, d_in)
-    P_new = P - Gt.mT @ Gt  # (d_in, d_in)
-    P_new = 0.5 * (P_new + P_new.mT)
     gain = torch.linalg.solve_triangular(L.mT, Gt, upper=True)  # K^T P_t = L^{-T} G^T, (u, d_in)
-    W_new = W + (V - W @ K) @ gain  # (d_out, d_in)
+    residual = V - W @ K  # (d_out, u)
+    if inplace:
+        P_new = P.addmm_(Gt.mT, Gt, alpha=-1.0)  # (d_in, d_in), rank-u downdate in place
+        W_new = W.addmm_(residual, gain)  # (d_out, d_in)
+    else:
+        P_new = torch.addmm(P, Gt.mT, Gt, alpha=-1.0)
+        W_new = torch.addmm(W, residual, gain)
     return P_new, W_new
 
 
