@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rlsedit_cli.datasets import counterfact, counterfact_easyedit, zsre
 from rlsedit_cli.datasets.stream import make_stream
@@ -34,13 +35,49 @@ def test_rome_sample_loads_with_every_prompt_family():
         assert r.generation_prompts and r.relation_id and r.target_new_id
 
 
-def test_zsre_loads():
-    path = shared("zsre/zsre_mend_train-1k.json")
-    with pytest.raises(DataError, match="case_id=534: target_new is missing"):
-        zsre.load(str(path))
-    ds = zsre.load(str(path), skip_invalid=True)
-    assert len(ds.records) + len(ds.skipped) == 1000 and len(ds.records) > 900
+def test_zsre_loads_as_the_literature_reads_it():
+    """memit/dsets/zsre.py: the edit makes answers[0] the answer (not `alt`); the locality
+    prompt is the NQ question with "?" and its own answer; scored by token accuracy."""
+    ds = zsre.load(str(shared("zsre/zsre_mend_train-1k.json")))
+    assert len(ds.records) == 1000 and ds.protocol == "accuracy"
+    first = ds.records[0]
+    assert (first.rewrite_prompt, first.target_new) == ("What is the product made by UniFirst?",
+                                                        "uniform")
+    assert first.paraphrase_prompts == ("What will be the product of UniFirst?",)
+    assert first.neighborhood_prompts == (
+        "nq question: john goodman's character in the big lebowski?",)
+    assert first.neighborhood_answers == ("Walter Sobchak",)
     assert all(r.subject in r.rewrite_prompt for r in ds.records)
+
+
+def test_zsre_metrics_are_token_top1_accuracies(shipped_handle):
+    from omegaconf import OmegaConf
+
+    from rlsedit_cli.eval.counterfact import evaluate
+    from rlsedit_cli.models.tokens import encode_prompt, encode_target
+
+    records = zsre.load(str(shared("zsre/zsre_mend_train-1k.json"))).records[:6]
+    cfg = OmegaConf.create({"batch_size": 4, "fluency": False})
+    got = evaluate(shipped_handle, records, None, cfg, protocol="accuracy")
+    tok, model = shipped_handle.tok, shipped_handle.model
+
+    def accuracy(prompt, answer):  # one prefix at a time, as eval_utils_zsre.py asks
+        target = encode_target(tok, answer)
+        hits = []
+        for i, t in enumerate(target):
+            ids = torch.tensor([encode_prompt(tok, prompt) + target[:i]])
+            with torch.no_grad():
+                hits.append(int(model(input_ids=ids).logits[0, -1].argmax()) == t)
+        return sum(hits) / len(hits)
+
+    expected = {
+        "efficacy": [accuracy(r.rewrite_prompt, r.target_new) for r in records],
+        "specificity": [accuracy(r.neighborhood_prompts[0], r.neighborhood_answers[0])
+                        for r in records]}
+    for metric, values in expected.items():
+        assert got[metric] == pytest.approx(100 * sum(values) / len(values), abs=1e-3)
+    assert "efficacy_magnitude" not in got
+    assert 0 < got["specificity"] or 0 < got["efficacy"], got  # not all-zero by accident
 
 
 def test_toy_dataset_has_references():

@@ -20,6 +20,8 @@ class EditDataset:
     records: list[Record]
     references: References | None = None
     skipped: list[str] = field(default_factory=list)
+    protocol: str = "probability"  # how edits are scored: CounterFact's (target_new vs
+    # target_true probabilities) or "accuracy" (zsRE's token-level top-1 accuracy)
 
     def __post_init__(self) -> None:
         if not self.records:

@@ -31,6 +31,7 @@ class Record:
     neighborhood_prompts: tuple[str, ...] = ()
     attribute_prompts: tuple[str, ...] = ()
     generation_prompts: tuple[str, ...] = ()
+    neighborhood_answers: tuple[str, ...] = ()  # zsRE: the answer of each neighborhood prompt
 
     @property
     def rewrite_prompt(self) -> str:
@@ -63,11 +64,12 @@ def _texts(value, case_id, field: str) -> tuple[str, ...]:
 
 
 def make_record(case_id, prompt, subject, target_new, target_true, **families) -> Record:
-    """Validate the fields shared by every layout and build the Record."""
+    """Validate the fields shared by every layout and build the Record (``target_true`` None:
+    a layout measured by token accuracy, zsRE, which has none)."""
     prompt = _text(prompt, case_id, "prompt")
     subject = _text(subject, case_id, "subject")
     new = _text(target_new, case_id, "target_new")
-    true = _text(target_true, case_id, "target_true")
+    true = "" if target_true is None else _text(target_true, case_id, "target_true")
     if prompt.count("{}") != 1:
         raise fail(case_id, "prompt", f"must hold exactly one '{{}}' for the subject: {prompt!r}")
     if new.strip() == true.strip():

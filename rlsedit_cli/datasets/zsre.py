@@ -1,5 +1,8 @@
-"""zsRE in the MEND layout (``src`` question, ``alt`` new answer, ``pred``/``answers`` true),
-e.g. ../shared/data/zsre/zsre_mend_train-1k.json. Records are numbered as they come."""
+"""zsRE in the MEND layout, read as the literature does (memit/dsets/zsre.py): the edit makes the
+question's answer ``answers[0]``; the paraphrase is ``rephrase``; the neighborhood prompt is the
+NQ question ``loc`` + "?" with its answer ``loc_ans``. Metrics are token-level top-1 accuracies
+(eval/counterfact.py, ``protocol="accuracy"``). Records are numbered as they come
+(e.g. ../shared/data/zsre/zsre_mend_train-1k.json)."""
 
 from __future__ import annotations
 
@@ -16,18 +19,24 @@ from rlsedit_cli.errors import DataError
 
 
 def parse_zsre(raw: dict) -> Record:
-    """zsRE in the MEND layout: src question, pred/answers (true), alt (new), rephrase.
+    """One MEND-layout record: src, subject, answers, rephrase, loc, loc_ans.
 
     The file has no case ids; readers number the records (``case_id``) before parsing.
     """
     if not isinstance(raw, dict):
         raise fail("?", "record", "is not a JSON object")
     case_id = raw.get("case_id", "?")
-    truth = raw.get("pred") or (raw.get("answers") or [None])[0]
+    answers = raw.get("answers")
+    if not isinstance(answers, list) or not answers:
+        raise fail(case_id, "answers", "is missing or empty")
+    loc, loc_ans = raw.get("loc"), raw.get("loc_ans")
+    has_loc = isinstance(loc, str) and loc.strip() and isinstance(loc_ans, str) and loc_ans.strip()
     return make_record(
         case_id, subject_template(raw.get("src"), raw.get("subject"), case_id),
-        raw.get("subject"), raw.get("alt"), truth,
+        raw.get("subject"), answers[0], None,
         paraphrase_prompts=[raw["rephrase"]] if raw.get("rephrase") else [],
+        neighborhood_prompts=[loc + "?"] if has_loc else [],
+        neighborhood_answers=(loc_ans,) if has_loc else (),
     )
 
 
@@ -38,4 +47,4 @@ def load(path: str | None, name: str = "zsre", skip_invalid: bool = False) -> Ed
     raws = [{**raw, "case_id": i} if isinstance(raw, dict) else raw
             for i, raw in enumerate(read_json_records(path))]
     records, skipped = parse_all(raws, parse_zsre, skip_invalid, "zsre")
-    return EditDataset(name=name, records=records, skipped=skipped)
+    return EditDataset(name=name, records=records, skipped=skipped, protocol="accuracy")

@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
-from rlsedit_cli.eval.scoring import completion_nll
+from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt, pad
 
@@ -29,6 +29,34 @@ FAMILIES = {  # metric -> (record field, which target should win)
 
 def _prompts(record: Record, field: str) -> tuple[str, ...]:
     return (record.rewrite_prompt,) if field == "rewrite" else getattr(record, field)
+
+
+def accuracy_metrics(handle: ModelHandle, records: list[Record], batch_size: int,
+                     families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, np.ndarray]:
+    """zsRE as the literature scores it (memit/eval_utils_zsre.py), per record: the share of
+    target_new's tokens predicted top-1 after the rewrite (efficacy) and paraphrase
+    (generalization) prompts, and of each neighborhood prompt's own answer (specificity: the
+    unedited model's answer should stay). NaN where a record has no prompt of a family."""
+    pairs, owners = [], []
+    for metric in families:
+        field = FAMILIES[metric][0]
+        for i, r in enumerate(records):
+            prompts = _prompts(r, field)
+            answers = r.neighborhood_answers if metric == "specificity" else (r.target_new,) * len(
+                prompts)
+            for prompt, answer in zip(prompts, answers):
+                pairs.append((prompt, answer))
+                owners.append((metric, i))
+    acc = completion_top1(handle.model, handle.tok, pairs, batch_size).numpy()
+    out: dict[str, np.ndarray] = {}
+    for metric in families:
+        rows = [k for k, (m, _) in enumerate(owners) if m == metric]
+        owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
+        sums = np.bincount(owner, weights=acc[rows], minlength=len(records))
+        counts = np.bincount(owner, minlength=len(records))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[metric] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return out
 
 
 def probability_metrics(handle: ModelHandle, records: list[Record], batch_size: int,
@@ -158,7 +186,7 @@ def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
 
 def evaluate(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
              families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0,
-             ) -> dict[str, float | None]:
+             protocol: str = "probability") -> dict[str, float | None]:
     """CounterFact metrics over ``records`` (``cfg``: the ``measure`` section; ``seed``: of the
     sampled texts, the same at every measurement).
 
@@ -167,7 +195,8 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     """
     if not records:
         return {}
-    per_record = probability_metrics(handle, records, cfg.batch_size, families)
+    score = accuracy_metrics if protocol == "accuracy" else probability_metrics
+    per_record = score(handle, records, cfg.batch_size, families)
     kind = None
     if set(families) == set(FAMILIES) and cfg.fluency:
         texts, kind = generation_metrics(handle, records, refs, cfg, seed)

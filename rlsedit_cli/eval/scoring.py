@@ -1,4 +1,5 @@
-"""Batched teacher-forced scoring: the mean token NLL of a target after a prompt."""
+"""Batched teacher-forced scoring of a target after a prompt: its mean token NLL, or the share
+of its tokens that are the model's top-1 prediction (zsRE's token accuracy)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ def completion_nll(
     Returns:
         (n,) float32 tensor on the CPU, in the order of ``pairs``.
     """
+    return _score(model, tok, pairs, batch_size,
+                  lambda logits, target: -logits.log_softmax(-1)[
+                      torch.arange(len(target), device=target.device), target].mean())
+
+
+@torch.no_grad()
+def completion_top1(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
+                    pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
+    """Share of the tokens of ``" " + target`` that are the model's top-1 prediction after
+    ``prompt`` and the target's earlier tokens (memit/eval_utils_zsre.py). (n,) float32."""
+    return _score(model, tok, pairs, batch_size,
+                  lambda logits, target: (logits.argmax(-1) == target).float().mean())
+
+
+def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> torch.Tensor:
+    """``score(logits (T, vocab), target ids (T,))`` of each pair's target positions."""
     device = model.get_input_embeddings().weight.device
     encoded = [(encode_prompt(tok, p), encode_target(tok, t)) for p, t in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
@@ -32,10 +49,9 @@ def completion_nll(
         idx = order[start : start + batch_size]
         seqs = [encoded[i][0] + encoded[i][1] for i in idx]
         ids, mask = pad(seqs, tok.pad_token_id, device=device)
-        logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
         for row, i in enumerate(idx):
             p_len, t_ids = len(encoded[i][0]), encoded[i][1]
             pos = torch.arange(p_len - 1, p_len - 1 + len(t_ids), device=device)
-            target = torch.tensor(t_ids, device=device)
-            out[i] = -logprobs[row, pos, target].mean().cpu()
+            out[i] = score(logits[row, pos], torch.tensor(t_ids, device=device)).cpu()
     return out

@@ -24,9 +24,12 @@ class Measurer:
     """
 
     def __init__(self, handle: ModelHandle, refs: References | None, cfg, general, seed: int,
-                 record: RunRecord, retention: list[Record]) -> None:
-        """``cfg``: the ``measure`` section (editing metrics); ``general``: the ``eval`` group."""
+                 record: RunRecord, retention: list[Record], protocol: str = "probability",
+                 ) -> None:
+        """``cfg``: the ``measure`` section (editing metrics); ``general``: the ``eval`` group;
+        ``protocol``: how the dataset's edits are scored (probability | accuracy)."""
         self.handle, self.refs, self.cfg, self.seed = handle, refs, cfg, seed
+        self.protocol = protocol
         self.tasks = general
         self.record, self.retention = record, retention
         self.pre: dict | None = None
@@ -50,6 +53,10 @@ class Measurer:
             self.warn(f"batch {row['batch']}: only {efficacy:.0f}% of its edits took (efficacy "
                       "right after the edit)")
 
+    def _metrics(self, records: list[Record], families: tuple[str, ...] = tuple(FAMILIES)):
+        return self._timed(evaluate, self.handle, records, self.refs, self.cfg, families,
+                           self.seed, self.protocol)
+
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
         try:
@@ -70,9 +77,8 @@ class Measurer:
 
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
-        self.pre = self._timed(evaluate, self.handle, records, self.refs, self.cfg, FAMILIES,
-                               self.seed)
-        if (self.pre.get("efficacy") or 0.0) > 50.0:
+        self.pre = self._metrics(records)
+        if self.protocol == "probability" and (self.pre.get("efficacy") or 0.0) > 50.0:
             self.warn(f"before editing, the model already prefers target_new over target_true on "
                       f"{self.pre['efficacy']:.0f}% of the records: it does not know these facts, "
                       "so their edits say little")
@@ -87,14 +93,13 @@ class Measurer:
         after the batch that completes it, then every ``retention_every`` batches and at the end.
         """
         cfg = self.cfg
-        now = self._timed(evaluate, self.handle, batch, self.refs, cfg, ("efficacy",))
+        now = self._metrics(batch, ("efficacy",))
         row: dict = {"batch_efficacy": now["efficacy"]}
         every, size = cfg.retention_every, len(self.retention)
         completed = done >= size > done - len(batch)  # this batch made the set's last edit
         due = completed or last or (every > 0 and (index + 1) % every == 0)
         if self.retention and due and done >= size:  # always the whole set, from its first row
-            ret = self._timed(evaluate, self.handle, self.retention, self.refs, cfg, FAMILIES,
-                              self.seed)
+            ret = self._metrics(self.retention)
             self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
@@ -106,7 +111,7 @@ class Measurer:
     def final(self, records: list[Record]) -> dict:
         """The paper's protocol: every metric over every edited record, plus general ability
         (and the figures before editing, under "pre", when they were measured)."""
-        out = self._timed(evaluate, self.handle, records, self.refs, self.cfg, FAMILIES, self.seed)
+        out = self._metrics(records)
         if self.pre is not None:
             out["pre"] = self.pre
             if out.get("efficacy") is not None and out["efficacy"] < self.pre["efficacy"]:

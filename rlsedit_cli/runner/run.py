@@ -168,7 +168,8 @@ class Runner:
                         run_config=OmegaConf.to_container(cfg, resolve=True))
         record = RunRecord(folder, tracker)
         measure = Measurer(self.handle, self.dataset.references, cfg.measure, cfg.eval, cfg.seed,
-                           record, self.edited[: cfg.measure.retention_edits])
+                           record, self.edited[: cfg.measure.retention_edits],
+                           self.dataset.protocol)
         log.info("run folder %s: editor=%s model=%s dataset=%s, %d edits in %d batches on %s",
                  folder.path, cfg.editor.name, cfg.model.name, self.dataset.name,
                  len(self.edited), len(self.batches), self.device)
