@@ -74,6 +74,7 @@ class TargetConfig:
     clamp_norm_factor: float = MISSING
     loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
     early_stop_loss: float = MISSING
+    stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
     context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
     chunk_size: int = MISSING  # requests optimised together; bounds activation memory
 

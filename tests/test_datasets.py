@@ -77,7 +77,7 @@ def test_zsre_metrics_are_token_top1_accuracies(shipped_handle):
     for metric, values in expected.items():
         assert got[metric] == pytest.approx(100 * sum(values) / len(values), abs=1e-3)
     assert "efficacy_magnitude" not in got
-    assert 0 < got["specificity"] or 0 < got["efficacy"], got  # not all-zero by accident
+    assert got["specificity"] > 0 or got["efficacy"] > 0, got  # not all-zero by accident
 
 
 def test_toy_dataset_has_references():

@@ -232,3 +232,20 @@ def test_ft_l_stops_below_its_loss_floor_and_keeps_its_constraint(make_cfg, toy_
     FT(handle, layer=0, steps=5, lr=0.05, norm_constraint=1e-3).edit(toy_records[:4])
     assert (module.weight - w0).abs().max() <= 1e-3 + 1e-7
     assert (module.bias - b0).abs().max() <= 1e-3 + 1e-7
+
+
+def test_encore_early_stop_ends_a_request_once_its_target_wins_everywhere(shipped_handle,
+                                                                          toy_records):
+    """stop_when_top1 (off by default): fewer steps, and each request that stopped early has
+    every target token top-1 after every prompt at its final delta."""
+    batch, templates = toy_records[10:16], ["{}", "Once. {}"]
+    cfg = target_cfg(steps=20, lr=0.5, early_stop_loss=0.0, loss_layer=3)
+    plain = optimise_targets(shipped_handle, batch, templates, 1, cfg)
+    encore = optimise_targets(shipped_handle, batch, templates, 1,
+                              replace(cfg, stop_when_top1=True))
+    assert (plain.steps == 19).all() and (encore.steps < 19).all()
+    loss = TargetLoss(shipped_handle, batch, templates, 1, 3)
+    loss(torch.zeros_like(encore.z))  # sets h_init
+    loss(encore.z - loss.h_init)
+    assert loss.top1.all()
+    assert compose_cfg([]).editor.target.stop_when_top1 is False

@@ -18,8 +18,9 @@ see is not done: the MLPs of the re-run blocks skip the suffix's padding, and bl
 Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
 + kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
 with h_i the unedited hidden state (or the edited map's output there, for ROME); a request
-stops once its loss is below ``early_stop_loss``; after each step ||delta_i|| is clamped to
-``clamp_norm_factor * ||h_i||``.
+stops once its loss is below ``early_stop_loss`` (or, with ``stop_when_top1``, as ENCORE does,
+once each target token is the most likely one after every prompt); after each step
+||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class TargetLoss:
         self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
         self.h_init: torch.Tensor | None = None
         self.map_init: torch.Tensor | None = None  # the edited map's output there (n, d_model)
+        self.top1: torch.Tensor | None = None  # (n,) every target token top-1 after every prompt
 
     def _hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Block ``loss_layer``'s output (N, S, d_model), exact at ``self.needed`` only."""
@@ -169,6 +171,9 @@ class TargetLoss:
         row_nll = torch.zeros(self.n * self.n_ctx, device=dev).index_add(
             0, self.t_row.to(dev), tok_nll)
         nll = (row_nll / self.t_len.to(dev)).view(self.n, self.n_ctx).mean(1)  # (n,)
+        missed = torch.zeros(self.n * self.n_ctx, device=dev).index_add(
+            0, self.t_row.to(dev), (logits.argmax(-1) != self.t_tok.to(dev)).float())
+        self.top1 = (missed.view(self.n, self.n_ctx).sum(1) == 0).to(delta.device)  # (n,)
         kl_at = (self.kl_rows.to(out.device), self.kl_col.to(out.device))
         kl_logp = _logits(self.handle, out[kl_at]).log_softmax(-1)  # (n, vocab)
         return nll.to(delta.device), kl_logp.to(delta.device)
@@ -213,6 +218,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
             final_loss, final_kl = nll.detach(), kl.detach()
             active &= loss.detach() >= cfg.early_stop_loss
+            if cfg.stop_when_top1:  # ENCORE's early stop: the target already wins everywhere
+                active &= ~target_loss.top1.to(active.device)
             if not bool(active.any()) or it == int(cfg.steps) - 1:
                 break
             frozen = delta.detach()[~active].clone()
