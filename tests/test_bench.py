@@ -33,3 +33,6 @@ def test_bench_targets_reports_equal_targets(shipped_handle):
     assert row["requests"] == 3 and row["repeat"] == 1
     assert row["batched_s"] > 0 and row["one_at_a_time_s"] > 0
     assert row["relative_difference"] < 1e-4
+    assert row["step_gflop"] > 0 and row["gemm_gflops"] > 0
+    assert row["step_gflops_achieved"] == pytest.approx(
+        row["step_gflop"] / (row["batched_s"] / 2), rel=0.05)  # 3 steps: 2 timed updates
