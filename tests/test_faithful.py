@@ -249,3 +249,22 @@ def test_encore_early_stop_ends_a_request_once_its_target_wins_everywhere(shippe
     loss(encore.z - loss.h_init)
     assert loss.top1.all()
     assert compose_cfg([]).editor.target.stop_when_top1 is False
+
+
+def test_ft_on_a_bf16_model_steps_a_float32_master(make_cfg, toy_records):
+    """Item 4 for FT: Adam steps float32 masters of the bf16 map (kept across batches); the
+    model's weights are the masters rounded, and the edits take."""
+    from rlsedit_cli.editors.ft import FT
+
+    cfg = make_cfg("model.dtype=bfloat16")
+    handle = load_model(cfg.model, torch.device("cpu"))
+    module = handle.edited_module(0)
+    assert module.weight.dtype == torch.bfloat16
+    ft = FT(handle, layer=0, steps=30, lr=0.02, norm_constraint=None)
+    stats = ft.edit(toy_records[:3])
+    assert [m.dtype for m in ft.masters] == [torch.float32, torch.float32]
+    assert torch.equal(module.weight, ft.masters[0].to(torch.bfloat16))
+    assert stats["ft_loss_after"] < stats["ft_loss_before"]
+    kept = ft.masters[0].clone()
+    ft.edit(toy_records[3:5])
+    assert not torch.equal(ft.masters[0], kept)  # the same masters go on

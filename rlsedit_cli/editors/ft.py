@@ -34,6 +34,7 @@ class FT(Editor):
         self.handle, self.name, self.layer = handle, name, int(layer)
         self.steps, self.lr, self.eps = int(steps), float(lr), norm_constraint
         self.batch_size, self.weight_decay = int(batch_size), float(weight_decay)
+        self.masters: list[torch.Tensor] = []  # float32 copies of a low-precision map
 
     @property
     def edited_layers(self) -> list[int]:
@@ -53,11 +54,22 @@ class FT(Editor):
         picked = logp.log_softmax(-1).gather(1, t_ids) * t_mask  # (n, T)
         return (-picked.sum(1) / t_mask.sum(1)).mean()
 
+    def _masters(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the optimiser steps: the parameters themselves in float32, else float32 master
+        copies kept across batches (a bf16 model's weights then round once per step, not the
+        optimiser's state; editors/base.py's MasterWeights does the same for the others)."""
+        if all(p.dtype == torch.float32 for p in params):
+            return params
+        if len(self.masters) != len(params):
+            self.masters = [p.detach().float().clone() for p in params]
+        return self.masters
+
     def edit(self, batch: list[Record]) -> dict[str, float]:
         module = self.handle.edited_module(self.layer)
         params = [p for p in (module.weight, getattr(module, "bias", None)) if p is not None]
-        start = [p.detach().clone() for p in params]
-        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        work = self._masters(params)
+        start = [w.detach().clone() for w in work]
+        opt = torch.optim.Adam(work, lr=self.lr, weight_decay=self.weight_decay)
         chunks = [batch[i : i + self.batch_size] for i in range(0, len(batch), self.batch_size)]
         epochs = []
         for p in params:
@@ -72,11 +84,16 @@ class FT(Editor):
                         total += float(loss.detach()) * len(chunk)
                         if float(loss.detach()) >= STOP_LOSS:
                             loss.backward()
+                            for w, p in zip(work, params):
+                                if w is not p:
+                                    w.grad = p.grad.float()
                             opt.step()
-                        if self.eps is not None:
-                            with torch.no_grad():
-                                for p, p0 in zip(params, start):
-                                    p.copy_(p0 + (p - p0).clamp(-self.eps, self.eps))
+                        with torch.no_grad():
+                            for w, w0, p in zip(work, start, params):
+                                if self.eps is not None:
+                                    w.copy_(w0 + (w - w0).clamp(-self.eps, self.eps))
+                                if w is not p:
+                                    p.copy_(w)
                     epochs.append(total / len(batch))
                     if epochs[-1] < STOP_LOSS:
                         break
@@ -86,4 +103,11 @@ class FT(Editor):
                 p.grad = None
         return {"ft_loss_before": epochs[0], "ft_loss_after": epochs[-1],
                 "ft_epochs": float(len(epochs)),
-                f"layer{self.layer}/update_norm": float((module.weight.detach() - start[0]).norm())}
+                f"layer{self.layer}/update_norm": float((work[0].detach() - start[0]).norm())}
+
+    def state_dict(self) -> dict:
+        return {"masters": self.masters}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = self.handle.edited_module(self.layer).weight.device
+        self.masters = [m.to(device) for m in state.get("masters", [])]
