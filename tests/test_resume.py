@@ -197,8 +197,9 @@ def test_resume_checks_its_folder_before_writing_into_it(tmp_path):
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     """SIGINT (Ctrl-C) mid-run: one error line with the resume command, no traceback."""
-    folder = tmp_path / "run"
-    proc = cli(*RUN, f"hydra.run.dir={folder}", f"paths.cache={tmp_path}/cache")
+    folder = tmp_path / "run"  # 300 edits: the interrupt lands mid-stream even on a busy machine
+    proc = cli(*RUN, "stream.num_edits=300", f"hydra.run.dir={folder}",
+               f"paths.cache={tmp_path}/cache")
     metrics = folder / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
