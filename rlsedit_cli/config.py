@@ -148,6 +148,7 @@ class EvalConfig:
     lm_batch_size: int = 8
     strict: bool = False
     allow_code_execution: bool = False
+    data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)
 
 
 @dataclass

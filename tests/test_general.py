@@ -34,7 +34,7 @@ def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
     assert set(errors) == {"sst2", "mrpc", "cola", "rte", "mnli"}
     for task, message in errors.items():
         assert f"lm-eval task '{task}'" in message and "\n" not in message
-        assert "datasets cache" in message
+        assert "set eval.data_dir=DIR" in message
     assert summary["efficacy"] is not None
 
 
@@ -112,3 +112,27 @@ def test_code_tasks_get_what_the_code_eval_metric_needs(shipped_handle, monkeypa
     res = general.evaluate_general(shipped_handle, ["humaneval"], 1, None, 1, True)
     assert seen == {"env": "1", "unsafe": True} and res.scores == {"humaneval": 0.25}
     assert "HF_ALLOW_CODE_EVAL" not in os.environ
+
+
+def test_eval_data_dir_points_the_datasets_library_at_a_local_cache(shipped_handle, tmp_path,
+                                                                    monkeypatch, make_cfg):
+    """An offline cluster's copy of a datasets cache: lm-eval reads from it while it runs."""
+    import datasets
+    import lm_eval
+
+    from rlsedit_cli.errors import ConfigError
+
+    seen = {}
+
+    def fake_evaluate(**kwargs):
+        seen["cache"] = datasets.config.HF_DATASETS_CACHE
+        return {"results": {"sst2": {"acc,none": 0.5}}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    before = datasets.config.HF_DATASETS_CACHE
+    res = general.evaluate_general(shipped_handle, ["sst2"], 1, None, 1, False,
+                                   data_dir=str(tmp_path))
+    assert seen["cache"] == tmp_path and res.scores == {"sst2": 0.5}
+    assert datasets.config.HF_DATASETS_CACHE == before
+    with pytest.raises(ConfigError, match="eval.data_dir=/no/such is not a folder"):
+        run(make_cfg("eval=glue", "eval.data_dir=/no/such"))

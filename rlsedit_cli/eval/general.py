@@ -95,8 +95,25 @@ def _main_metric(values: dict) -> tuple[str, float] | None:
 def _unavailable(task: str, err: Exception) -> str:
     first = first_line(err)[:200]
     return (f"lm-eval task '{task}' could not run ({type(err).__name__}: {first}); make its "
-            "dataset available: run once where there is a network so that the datasets cache "
-            "holds it (HF_DATASETS_CACHE), or point the task at local files")
+            "dataset available offline: load it once where there is a network with "
+            "HF_DATASETS_CACHE=DIR, copy DIR here and set eval.data_dir=DIR")
+
+
+@contextlib.contextmanager
+def _datasets_cache(data_dir: str | None) -> Iterator[None]:
+    """Let the datasets library read the tasks' data from ``data_dir``, a datasets cache made
+    where there is a network (an offline cluster's local copy), while lm-eval runs."""
+    if not data_dir:
+        yield
+        return
+    import datasets
+
+    before = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = Path(data_dir).expanduser()
+    try:
+        yield
+    finally:
+        datasets.config.HF_DATASETS_CACHE = before
 
 
 @contextlib.contextmanager
@@ -117,7 +134,7 @@ def _code_eval(on: bool) -> Iterator[None]:
 
 def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
                      num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
-                     seed: int = 0) -> GeneralResult:
+                     seed: int = 0, data_dir: str | None = None) -> GeneralResult:
     """Run each lm-eval task on the model as it is now (no checkpoint written)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -143,7 +160,7 @@ def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
             continue
         spec = LOCAL_TASKS[task]() if task in LOCAL_TASKS else task
         try:
-            with _code_eval(task in CODE_TASKS):
+            with _code_eval(task in CODE_TASKS), _datasets_cache(data_dir):
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=[spec], task_manager=manager, limit=limit,
                     num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,

@@ -68,7 +68,8 @@ class Measurer:
         """lm-eval on the model as it is now; one general.csv row per task."""
         cfg = self.tasks
         res = evaluate_general(self.handle, list(cfg.tasks), cfg.limit, cfg.num_fewshot,
-                               cfg.lm_batch_size, cfg.allow_code_execution, self.seed)
+                               cfg.lm_batch_size, cfg.allow_code_execution, self.seed,
+                               cfg.data_dir)
         check_strict(res, cfg.strict)
         self.record.general(edits, res.scores)
         self.general.append({"edits": edits, "scores": res.scores, "errors": res.errors})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -56,6 +57,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"editor.target is not set for model {cfg.model.name}: add "
                           f"conf/target/{cfg.model.name}.yaml (as conf/target/llama3_8b.yaml) or "
                           "set editor.target.lr=... and the rest on the command line")
+    if cfg.eval.data_dir and not Path(cfg.eval.data_dir).expanduser().is_dir():
+        raise ConfigError(f"eval.data_dir={cfg.eval.data_dir} is not a folder: give a datasets "
+                          "cache folder (HF_DATASETS_CACHE of a machine that loaded the tasks)")
     if cfg.measure.generation not in ("sample", "greedy"):
         raise ConfigError(f"measure.generation={cfg.measure.generation!r} must be sample or "
                           "greedy")
