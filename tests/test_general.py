@@ -133,6 +133,6 @@ def test_eval_data_dir_points_the_datasets_library_at_a_local_cache(shipped_hand
     res = general.evaluate_general(shipped_handle, ["sst2"], 1, None, 1, False,
                                    data_dir=str(tmp_path))
     assert seen["cache"] == tmp_path and res.scores == {"sst2": 0.5}
-    assert datasets.config.HF_DATASETS_CACHE == before
+    assert before == datasets.config.HF_DATASETS_CACHE
     with pytest.raises(ConfigError, match="eval.data_dir=/no/such is not a folder"):
         run(make_cfg("eval=glue", "eval.data_dir=/no/such"))

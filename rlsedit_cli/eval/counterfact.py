@@ -19,6 +19,7 @@ from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, 
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt, pad
+from rlsedit_cli.progress import progress
 
 FAMILIES = {  # metric -> (record field, which target should win)
     "efficacy": ("rewrite", "new"),
@@ -102,7 +103,9 @@ def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_siz
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     torch.manual_seed(seed)
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in progress(starts, desc="generating texts", unit="batch", leave=False,
+                              disable=len(starts) < 2):
             idx = order[start : start + batch_size]
             ids, mask = pad([encode_prompt(tok, prompts[i]) for i in idx], tok.pad_token_id,
                             left=True)  # left padding for generation

@@ -7,6 +7,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
+from rlsedit_cli.progress import progress
 
 
 @torch.no_grad()
@@ -45,7 +46,9 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> 
     encoded = [(encode_prompt(tok, p), encode_target(tok, t)) for p, t in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
     out = torch.empty(len(pairs))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, desc="scoring prompts", unit="batch", leave=False,
+                          disable=len(starts) < 4):
         idx = order[start : start + batch_size]
         seqs = [encoded[i][0] + encoded[i][1] for i in idx]
         ids, mask = pad(seqs, tok.pad_token_id, device=device)
