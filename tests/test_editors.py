@@ -324,3 +324,14 @@ def test_each_layer_writes_what_the_layers_below_left(arch, tiny_models, toy_rec
     h_after = keys_and_hidden(handle, batch, ["{}"], 1, 1)[1]
     assert (z - h_before).norm() > 0.1
     assert torch.allclose(h_after, z, atol=1e-3 * float(z.norm(dim=-1).max()))
+
+
+def test_rlsedit_in_float32_keeps_w0_apart_from_the_weights_it_updates(make_cfg, toy_records):
+    """The update runs in place: W_0 (the deviation terms' reference) must not be the same
+    tensor as the master W when the model and editor.precision are both float32."""
+    cfg = make_cfg("editor=rlsedit", "editor.precision=float32", *FAST_TARGET)
+    handle = load_model(cfg.model, torch.device("cpu"))
+    original = handle.weight(1).detach().clone()
+    editor = build_editor(cfg, handle, Path(cfg.paths.cache))
+    stats = editor.edit(toy_records[:4])
+    assert torch.equal(editor.W0[1], original) and stats["layer1/param_dev"] > 0

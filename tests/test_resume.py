@@ -27,10 +27,12 @@ METRICS = ("efficacy", "generalization", "specificity", "efficacy_magnitude")
 
 def cli(*args) -> subprocess.Popen:
     """``rlsedit run ARGS`` in a child process; its output goes to a file (a pipe that nobody
-    reads would block it)."""
+    reads would block it). Ctrl-C works in it even when the tests run in the background (a
+    shell starts background jobs with SIGINT ignored, and children inherit that)."""
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "rlsedit_cli", "run", *args], stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.log_path = log.name
     return proc
 

@@ -45,7 +45,7 @@ class RLSEdit(KeyValueEditor):
         self.W0, self.W, self.P, self.P0, self.normal = {}, {}, {}, {}, {}
         for layer in self.layers:
             self.W0[layer] = handle.weight(layer).detach().clone()  # model dtype
-            self.W[layer] = self.W0[layer].to(self.dtype)
+            self.W[layer] = self.W0[layer].to(self.dtype, copy=True)  # updated in place
             d_in = self.W[layer].shape[1]
             if self.lam == 0 and (self.mu == 0 or self.n_anchor == 0):
                 # plain least squares: no prior; start once the edit keys span the input space
