@@ -84,12 +84,17 @@ def run_command(args: list[str]) -> int:
         log.error("error: %s", one_line(e))
         return 2
     except OSError as e:  # e.g. the run folder on a read-only or full file system
-        log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
-                  "folder (hydra.run.dir=..., paths.output_dir=...)", e.filename, e.strerror)
-        return 2
+        return _cannot_write(e, "hydra.run.dir=..., paths.output_dir=...")
     finally:
         sys.argv = argv0
     return 0
+
+
+def _cannot_write(err: OSError, where: str) -> int:
+    """A file-system failure as the one error line; ``where`` names the setting to change."""
+    log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
+              "folder (%s)", err.filename, err.strerror, where)
+    return 2
 
 
 def _check_folder_first(args: list[str]) -> None:
@@ -302,9 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("error: %s", e)
         return 2
     except OSError as e:  # e.g. --out on a read-only or full file system
-        log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
-                  "folder (report --out DIR)", e.filename, e.strerror)
-        return 2
+        return _cannot_write(e, "report --out DIR")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,15 @@ def cli(*args) -> subprocess.Popen:
     return proc
 
 
+def wait_for_lines(proc, path: Path, lines: int, timeout: float = 300) -> None:
+    """Wait until the running ``proc`` has written ``lines`` lines to ``path`` (or ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            return
+        time.sleep(0.05)
+
+
 def finish(proc) -> str:
     proc.wait(timeout=600)
     with open(proc.log_path) as f:
@@ -56,11 +65,7 @@ def test_killed_run_resumes_without_losing_or_repeating_an_edit(uninterrupted, t
     folder = tmp_path / "run"
     proc = cli(*RUN, f"hydra.run.dir={folder}", f"paths.cache={tmp_path}/cache")
     metrics = folder / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    wait_for_lines(proc, metrics, 3)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -203,11 +208,7 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
     proc = cli(*RUN, "stream.num_edits=300", f"hydra.run.dir={folder}",
                f"paths.cache={tmp_path}/cache")
     metrics = folder / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    wait_for_lines(proc, metrics, 2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     os.kill(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)

@@ -25,6 +25,23 @@ def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list
         h: the residual stream after block ``z_layer`` at the subject's last token of the plain
             prompt (the first template, "{}"). (n, d_model) float32
     """
+    keys, h = template_keys_and_hidden(handle, requests, templates, layer, z_layer)
+    return weighted_keys(keys, weights), h
+
+
+def weighted_keys(keys: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
+    """(n, n_ctx, d_in) keys per template -> (d_in, n), their ``weights``-mean (None: alike)."""
+    n_ctx = keys.shape[1]
+    w = torch.tensor(weights if weights is not None else [1 / n_ctx] * n_ctx,
+                     device=keys.device)  # (n_ctx,)
+    return torch.einsum("ncd,c->dn", keys, w)
+
+
+@torch.no_grad()
+def template_keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list[str],
+                             layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the key of every (request, template) pair, (n, n_ctx, d_in) float32,
+    and h as in :func:`keys_and_hidden`."""
     n, n_ctx = len(requests), len(templates)
     items = [(ctx.format(r.prompt), r.subject, [], i)
              for i, r in enumerate(requests) for ctx in templates]
@@ -44,8 +61,5 @@ def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list
     forward_until(handle, rows.inputs, max(layer, z_layer),
                   [(handle.edited_module(layer), "pre", take_key),
                    (handle.layer_module(z_layer), "post", take_hidden)])
-    w = torch.tensor(weights if weights is not None else [1 / n_ctx] * n_ctx,
-                     device=found["k"].device)  # (n_ctx,)
-    K = torch.einsum("ncd,c->dn", found["k"].view(n, n_ctx, -1), w)  # (d_in, n)
     h = found["h"].view(n, n_ctx, -1)[:, 0]  # (n, d_model)
-    return K, h
+    return found["k"].view(n, n_ctx, -1), h

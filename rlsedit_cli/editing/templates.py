@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import GenerationConfig
 
+from rlsedit_cli.models.generation import fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt
 
@@ -20,15 +20,6 @@ class _NoMaskWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "attention_mask" not in record.getMessage()
-
-
-def _sampling(tok, new_tokens: int) -> GenerationConfig:
-    """Plain top-5 sampling at temperature 1 of exactly ``new_tokens`` tokens, whatever the
-    checkpoint's generation_config says (an instruct model's temperature or top_p must not
-    change the templates)."""
-    return GenerationConfig(do_sample=True, top_k=5, top_p=1.0, temperature=1.0,
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
 
 @torch.no_grad()
@@ -49,29 +40,24 @@ def context_templates(handle: ModelHandle, spec: list[list[int]], seed: int,
         starts = [([begin], 1.0)]
     else:
         raise ValueError(f"context template style {style!r} is not memit or rome")
-    generator_state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
     out = ["{}"]
     hush = _NoMaskWarning()
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addFilter(hush)
     try:
-        for length, count in spec:
-            for start, share in starts:
-                per = max(1, int(int(count) * share))
-                ids = torch.tensor([start] * per, device=handle.device)
-                new = max(1, int(length) - ids.shape[1])
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     generation_config=_sampling(tok, new))
-                for row in gen:
-                    text = tok.decode(row, skip_special_tokens=True)
-                    out.append(text.lstrip().replace("{", " ").replace("}", " ") + ". {}")
+        with seeded(seed):
+            for length, count in spec:
+                for start, share in starts:
+                    per = max(1, int(int(count) * share))
+                    ids = torch.tensor([start] * per, device=handle.device)
+                    new = max(1, int(length) - ids.shape[1])
+                    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         generation_config=fixed_length(tok, new))
+                    for row in gen:
+                        text = tok.decode(row, skip_special_tokens=True)
+                        out.append(text.lstrip().replace("{", " ").replace("}", " ") + ". {}")
     finally:
         hf_logger.removeFilter(hush)
-        torch.random.set_rng_state(generator_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
     return out
 
 

@@ -106,7 +106,27 @@ def target_stats(result) -> dict[str, float]:
             "target_steps": float(result.steps.float().mean())}
 
 
-class KeyValueEditor(Editor):
+class TargetEditor(Editor):
+    """An editor that optimises target values (MEMIT's, AlphaEdit's, RLSEdit's and ROME's): its
+    target settings, its context templates and the float32 masters of the maps it writes."""
+
+    def __init__(self, handle: ModelHandle, target: dict | None, seed: int,
+                 style: str = "memit") -> None:
+        self.handle = handle
+        self.target = target_config(target)
+        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed),
+                                          style)
+        self.master = MasterWeights(handle)
+
+    def state_dict(self) -> dict:
+        return {"templates": self.templates.texts, "master": self.master.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.templates.texts = state.get("templates")
+        self.master.load_state_dict(state.get("master"))
+
+
+class KeyValueEditor(TargetEditor):
     """An editor that writes (keys -> target values) into the MLP output maps of ``layers``."""
 
     def __init__(self, handle: ModelHandle, layers: list[int], target: dict | None, seed: int,
@@ -114,13 +134,10 @@ class KeyValueEditor(Editor):
         if not layers:
             raise ConfigError(f"editor.layers is empty: give {name} at least one layer")
         handle.check_layers(layers, "editor.layers")
-        self.handle = handle
+        super().__init__(handle, target, seed)
         self.name = name
         self.layers = sorted(int(layer) for layer in layers)
         self.z_layer = self.layers[-1]
-        self.target = target_config(target)
-        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed))
-        self.master = MasterWeights(handle)
 
     @property
     def edited_layers(self) -> list[int]:
@@ -152,10 +169,3 @@ class KeyValueEditor(Editor):
     def after_batch(self, batch: list[Record]) -> dict[str, float]:
         """Hook after all layers are written (e.g. AlphaEdit accumulates the edited keys)."""
         return {}
-
-    def state_dict(self) -> dict:
-        return {"templates": self.templates.texts, "master": self.master.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.templates.texts = state.get("templates")
-        self.master.load_state_dict(state.get("master"))

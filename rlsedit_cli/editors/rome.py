@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from rlsedit_cli.datasets.records import Record
-from rlsedit_cli.editing.keys import keys_and_hidden
+from rlsedit_cli.editing.keys import template_keys_and_hidden, weighted_keys
 from rlsedit_cli.editing.targets import optimise_targets
-from rlsedit_cli.editing.templates import ContextTemplates
-from rlsedit_cli.editors.base import Editor, MasterWeights, target_config, target_stats
+from rlsedit_cli.editors.base import TargetEditor, target_stats
 from rlsedit_cli.ops.baselines import rome_delta
 from rlsedit_cli.ops.rls import spd_inverse
 from rlsedit_cli.progress import PhaseClock
 
 
-class ROME(Editor):
+class ROME(TargetEditor):
     """Each request of a batch is written after the previous one (ROME edits one fact at a time).
 
     As compute_v.py: the target is the edited layer's MLP output at the subject's last token,
@@ -25,11 +24,8 @@ class ROME(Editor):
     def __init__(self, handle, anchor=None, *, name: str = "rome", layer: int,
                  target: dict | None = None, seed: int = 0, mom2_adjustment: bool = True) -> None:
         handle.check_layers([layer], "editor.layer")
-        self.handle, self.name, self.layer = handle, name, int(layer)
-        self.target = target_config(target)
-        self.templates = ContextTemplates(handle, self.target.context_templates, int(seed),
-                                          style="rome")
-        self.master = MasterWeights(handle)
+        super().__init__(handle, target, seed, style="rome")
+        self.name, self.layer = name, int(layer)
         self.C_inv = None
         if mom2_adjustment:
             C = anchor.moments([self.layer])[self.layer]
@@ -49,10 +45,9 @@ class ROME(Editor):
                 result = optimise_targets(self.handle, [request], templates, self.layer,
                                           self.target, scale_by="map")
             with clock("keys"):
-                K, _ = keys_and_hidden(self.handle, [request], templates, self.layer, self.layer,
-                                       self.templates.weights)
-                k_plain, h = keys_and_hidden(self.handle, [request], ["{}"], self.layer,
-                                             self.layer)
+                keys, h = template_keys_and_hidden(self.handle, [request], templates,
+                                                   self.layer, self.layer)  # "{}" first
+                K, k_plain = weighted_keys(keys, self.templates.weights), keys[:, 0].T
             with clock("update"):
                 delta = rome_delta(self.C_inv, K[:, 0], k_plain[:, 0],
                                    (result.z - h)[0])  # (d_out, d_in)
@@ -61,10 +56,3 @@ class ROME(Editor):
                                | {f"layer{self.layer}/update_norm": float(delta.norm())})
         means = {key: sum(s[key] for s in per_request) / len(batch) for key in per_request[0]}
         return means | clock.seconds()
-
-    def state_dict(self) -> dict:
-        return {"templates": self.templates.texts, "master": self.master.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.templates.texts = state.get("templates")
-        self.master.load_state_dict(state.get("master"))

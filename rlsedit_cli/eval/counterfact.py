@@ -11,12 +11,12 @@ import unicodedata
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
+from rlsedit_cli.models.generation import fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt, pad
 from rlsedit_cli.progress import progress
@@ -30,6 +30,15 @@ FAMILIES = {  # metric -> (record field, which target should win)
 
 def _prompts(record: Record, field: str) -> tuple[str, ...]:
     return (record.rewrite_prompt,) if field == "rewrite" else getattr(record, field)
+
+
+def _per_record(owner: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """Mean of ``values`` over each record's prompts (``owner``: the record of each value),
+    NaN for a record with none: every record counts once, however many prompts it has."""
+    sums = np.bincount(owner, weights=values, minlength=n)
+    counts = np.bincount(owner, minlength=n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
 def accuracy_metrics(handle: ModelHandle, records: list[Record], batch_size: int,
@@ -53,10 +62,7 @@ def accuracy_metrics(handle: ModelHandle, records: list[Record], batch_size: int
     for metric in families:
         rows = [k for k, (m, _) in enumerate(owners) if m == metric]
         owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
-        sums = np.bincount(owner, weights=acc[rows], minlength=len(records))
-        counts = np.bincount(owner, minlength=len(records))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[metric] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        out[metric] = _per_record(owner, acc[rows], len(records))
     return out
 
 
@@ -79,11 +85,8 @@ def probability_metrics(handle: ModelHandle, records: list[Record], batch_size: 
         ok = prefers(new, true) if winner == "new" else prefers(true, new)
         gap = prob_gap(new, true) if winner == "new" else prob_gap(true, new)
         owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
-        for name, values in ((metric, ok), (f"{metric}_magnitude", gap)):
-            sums = np.bincount(owner, weights=values, minlength=len(records))
-            counts = np.bincount(owner, minlength=len(records))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[name] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        out[metric] = _per_record(owner, ok, len(records))
+        out[f"{metric}_magnitude"] = _per_record(owner, gap, len(records))
     return out
 
 
@@ -99,10 +102,7 @@ def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_siz
     limit = handle.context_length or 2048
     texts: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    state = torch.random.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    torch.manual_seed(seed)
-    try:
+    with seeded(seed):
         starts = range(0, len(order), batch_size)
         for start in progress(starts, desc="generating texts", unit="batch", leave=False,
                               disable=len(starts) < 2):
@@ -111,19 +111,12 @@ def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_siz
                             left=True)  # left padding for generation
             width = ids.shape[1]
             new = max(1, min(max_length, limit) - width)  # ROME: max_out_len tokens in all
-            config = GenerationConfig(do_sample=sample, top_k=5 if sample else None,
-                                      top_p=1.0, temperature=1.0, max_new_tokens=new,
-                                      min_new_tokens=new, pad_token_id=tok.pad_token_id,
-                                      eos_token_id=tok.eos_token_id)
             out = model.generate(input_ids=ids.to(handle.device),
-                                 attention_mask=mask.to(handle.device), generation_config=config)
+                                 attention_mask=mask.to(handle.device),
+                                 generation_config=fixed_length(tok, new, sample))
             for row, i in enumerate(idx):
                 text = prompts[i] + tok.decode(out[row, width:], skip_special_tokens=True)
                 texts[i] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")
-    finally:
-        torch.random.set_rng_state(state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
     return texts
 
 

@@ -44,9 +44,9 @@ def disk_errors(folder: Path, what: str) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _nearly_full(folder):
-            raise
         full = getattr(e, "errno", None) == errno.ENOSPC or _nearly_full(folder)
+        if isinstance(e, RuntimeError) and not full:  # not a write failure: not ours to word
+            raise
         raise RlseditError(
             f"cannot write {what} in {folder} ({'disk full' if full else first_line(e)[:120]}): "
             "free space there, or make it writable, or set paths.output_dir to another folder"

@@ -78,8 +78,7 @@ def check_lengths(handle, records) -> None:
         return
     for r in records:
         target = len(encode_target(handle.tok, r.target_new))
-        needs = [(p, target + TEMPLATE_ROOM) for p in (r.prompt.format(r.subject),
-                                                       *r.paraphrase_prompts,
+        needs = [(p, target + TEMPLATE_ROOM) for p in (r.rewrite_prompt, *r.paraphrase_prompts,
                                                        *r.neighborhood_prompts)]
         needs += [(p, 1) for p in r.generation_prompts]
         for prompt, extra in needs:
