@@ -177,41 +177,76 @@ def toy_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_config(overrides: list[str]):
+    """The config ``rlsedit run OVERRIDES`` would run (outside Hydra's job: no run folder)."""
+    from hydra import compose, initialize_config_dir
+
+    from rlsedit_cli import config
+
+    config.register()
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _bench_targets(args: argparse.Namespace) -> dict:
+    """The first ``--batch`` requests of the configured stream, batched against one at a time."""
+    from omegaconf import OmegaConf
+
+    from rlsedit_cli.bench.targets import bench_targets
+    from rlsedit_cli.datasets.stream import make_stream
+    from rlsedit_cli.editors.base import target_config
+    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.runner.run import build
+
+    cfg = _bench_config([f"model={args.model}", *args.overrides])
+    records = [r for b in make_stream(build(cfg.dataset).records, **cfg.stream) for r in b]
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
+    return bench_targets(handle, records[: args.batch], z_layer=max(cfg.model.edit_layers),
+                         target=target, repeat=args.repeat)
+
+
+def _bench_stream(args: argparse.Namespace) -> dict:
+    """One run of the configured stream in a fresh folder, timed by phase."""
+    import time
+    from pathlib import Path
+
+    from omegaconf import open_dict
+
+    from rlsedit_cli.bench.stream import DEFAULTS, bench_stream
+
+    cfg = _bench_config([f"model={args.model}", f"device={args.device}", *DEFAULTS,
+                         *args.overrides])
+    with open_dict(cfg):
+        cfg.paths.run_dir = args.run_dir or str(
+            Path(cfg.paths.output_dir) / "bench" / "stream" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+    return bench_stream(cfg)
+
+
 def bench_command(args: argparse.Namespace) -> int:
-    """``rlsedit bench update|all``: JSON lines on stdout (and appended to --out)."""
+    """``rlsedit bench update|targets|stream|all``: JSON lines on stdout (and appended to --out)."""
     import json
     from pathlib import Path
 
     from rlsedit_cli.bench.update import bench_update
+    from rlsedit_cli.errors import ConfigError
     from rlsedit_cli.models.loader import resolve_device
 
     for name in ("d_in", "d_out", "u", "batches", "batch", "repeat"):
         if getattr(args, name) < 1:
-            from rlsedit_cli.errors import ConfigError
-
             raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
                               "least 1")
-    device = str(resolve_device(args.device))
+    if args.overrides and args.bench_verb == "update":
+        raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
+                          "are for bench targets and bench stream")
     rows = []
     if args.bench_verb in ("update", "all"):
-        rows += bench_update(args.d_in, args.d_out, args.u, args.batches, device, args.dtype)
+        rows += bench_update(args.d_in, args.d_out, args.u, args.batches,
+                             str(resolve_device(args.device)), args.dtype)
     if args.bench_verb in ("targets", "all"):
-        from hydra import compose, initialize_config_dir
-        from omegaconf import OmegaConf
-
-        from rlsedit_cli import config
-        from rlsedit_cli.bench.targets import bench_targets
-        from rlsedit_cli.editors.base import target_config
-        from rlsedit_cli.models.loader import load_model
-
-        config.register()
-        with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=[f"model={args.model}"])
-        handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
-        target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
-        rows.append(bench_targets(handle, cfg.dataset.path, args.batch,
-                                  z_layer=max(cfg.model.edit_layers), target=target,
-                                  repeat=args.repeat))
+        rows.append(_bench_targets(args))
+    if args.bench_verb in ("stream", "all"):
+        rows.append(_bench_stream(args))
     for row in rows:
         line = json.dumps(row)
         sys.stdout.write(line + "\n")
@@ -274,9 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped one)")
 
     bench = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
-    bench.add_argument("bench_verb", choices=["update", "targets", "all"],
+    bench.add_argument("bench_verb", choices=["update", "targets", "stream", "all"],
                        help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history; "
-                            "targets: batched target optimisation vs one request at a time")
+                            "targets: batched target optimisation vs one request at a time; "
+                            "stream: one run, seconds per edit by phase")
+    bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="targets, stream: config overrides as for `rlsedit run` (e.g. "
+                            "model=smollm2_135m dataset=counterfact_easyedit dataset.path=F)")
     bench.add_argument("--d-in", type=int, default=4096)
     bench.add_argument("--d-out", type=int, default=4096)
     bench.add_argument("--u", type=int, default=100, help="keys per batch")
@@ -284,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
-    bench.add_argument("--model", default="gpt2_tiny", help="targets: model config")
+    bench.add_argument("--model", default="gpt2_tiny",
+                       help="targets, stream: model config (as the override model=...)")
+    bench.add_argument("--run-dir", help="stream: the run's folder (default: a new one under "
+                                         "outputs/bench/stream)")
     bench.add_argument("--repeat", type=int, default=3,
                        help="targets: timed runs of each path (the median is reported)")
     bench.add_argument("--out", help="also append the JSON lines to this file")
@@ -296,7 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] %(message)s")
     if argv and argv[0] == "run":
         return run_command(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)  # a bench's overrides may follow its options
+    if rest and (args.command != "bench" or any(x.startswith("-") for x in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     from rlsedit_cli.errors import RlseditError
 
     handlers = {"ls": ls_command, "toy": toy_command, "bench": bench_command,

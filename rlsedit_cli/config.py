@@ -145,10 +145,12 @@ class EvalConfig:
     every_edits: int = 0  # every this many edits (0: before and after the stream only)
     limit: int | None = None
     num_fewshot: int | None = None
+    fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
     lm_batch_size: int = 8
     strict: bool = False
     allow_code_execution: bool = False
     data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)
+    paper_glue_dir: str | None = None  # AlphaEdit's glue_eval/dataset files (eval=paper_glue)
 
 
 @dataclass

@@ -9,6 +9,7 @@ import pytest
 from rlsedit_cli.bench.targets import bench_targets
 from rlsedit_cli.bench.update import rls_step_flops
 from rlsedit_cli.cli import main
+from rlsedit_cli.datasets.toy import load as load_toy
 
 from .conftest import TINY_BUNDLE, target_cfg
 
@@ -28,11 +29,37 @@ def test_bench_update_prints_one_line_per_editor(capsys, tmp_path):
 
 
 def test_bench_targets_reports_equal_targets(shipped_handle):
-    row = bench_targets(shipped_handle, str(TINY_BUNDLE), batch=3, z_layer=1,
+    records = load_toy(str(TINY_BUNDLE)).records[:3]
+    row = bench_targets(shipped_handle, records, z_layer=1,
                         target=target_cfg(loss_layer=3), steps=3, repeat=1)
     assert row["requests"] == 3 and row["repeat"] == 1
     assert row["batched_s"] > 0 and row["one_at_a_time_s"] > 0
-    assert row["relative_difference"] < 1e-4
+    assert row["relative_difference"] < 1e-4 and row["relative_difference_references_way"] < 1e-4
+    assert row["references_way_s"] > 0 and row["speedup_vs_references_way"] > 0
     assert row["step_gflop"] > 0 and row["gemm_gflops"] > 0
     assert row["step_gflops_achieved"] == pytest.approx(
         row["step_gflop"] / (row["batched_s"] / 2), rel=0.05)  # 3 steps: 2 timed updates
+
+
+def test_bench_stream_times_a_real_run_by_phase(capsys, tmp_path):
+    """`bench stream` runs the configured stream (any model, editor, dataset) in its own folder
+    and breaks the editing time into the editor's phases."""
+    run_dir = tmp_path / "stream"
+    assert main(["bench", "stream", "--device", "cpu", "--run-dir", str(run_dir),
+                 "stream.num_edits=6", "stream.batch_size=2", "editor.target.steps=3",
+                 "measure.retention_edits=0", f"paths.cache={tmp_path / 'cache'}"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (row["bench"], row["editor"], row["edits"], row["batches"]) == ("stream", "rlsedit",
+                                                                           6, 3)
+    assert (run_dir / "summary.json").is_file()
+    phases = row["phase_s_per_edit"]
+    assert set(phases) == {"templates", "targets", "keys", "update", "other", "evaluation"}
+    assert phases["targets"] > 0 and phases["update"] > 0
+    edit_phases = sum(v for k, v in phases.items() if k != "evaluation")
+    assert edit_phases == pytest.approx(row["edit_s_per_edit"], abs=6e-4)
+    assert row["edit_s_per_batch"]["slope_se"] >= 0
+
+
+def test_bench_refuses_overrides_it_cannot_use(caplog):
+    assert main(["bench", "update", "model=smollm2_135m"]) == 2
+    assert "bench update takes no config overrides (model=smollm2_135m)" in caplog.text

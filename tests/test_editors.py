@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlsedit_cli.datasets.toy import load as load_toy
-from rlsedit_cli.editing.reference import plain_target_loss
+from rlsedit_cli.editing.reference import FullForwardLoss, plain_target_loss
 from rlsedit_cli.editing.targets import TargetLoss, kl_divergence, optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.editors import rlsedit as rlsedit_mod
@@ -219,6 +219,10 @@ def test_fast_target_loss_equals_its_plain_definition(arch, tiny_models, toy_rec
             ref_nll, ref_logp = plain_target_loss(handle, batch, CONTEXTS, 0, delta)
             assert torch.allclose(nll, ref_nll, rtol=1e-4, atol=1e-4), scale
             assert torch.allclose(logp, ref_logp, rtol=1e-4, atol=1e-4), scale
+            # the references' way (one padded full forward) computes the same
+            full_nll, full_logp = FullForwardLoss(handle, batch, CONTEXTS, 0, 2)(delta)
+            assert torch.allclose(full_nll, ref_nll, rtol=1e-4, atol=1e-4), scale
+            assert torch.allclose(full_logp, ref_logp, rtol=1e-4, atol=1e-4), scale
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -300,6 +304,20 @@ def test_default_run_on_cuda_edits(make_cfg):
     summary = run(make_cfg("device=cuda", "eval=none", "stream.num_edits=40",
                            "stream.batch_size=10"))
     assert summary["device"].startswith("cuda") and summary["efficacy"] >= 85
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m"])
+def test_every_editor_makes_the_same_edits_on_cuda_as_on_the_cpu(editor, tmp_path):
+    """The same 20 edits on both devices: the figures agree to within rounding-level noise."""
+    common = [f"editor={editor}", "eval=none", "stream.num_edits=20", "stream.batch_size=10",
+              "measure.fluency=false", "measure.pre_edit=false"]
+    cpu = run(compose_cfg(["device=cpu", *common], tmp_path / "cpu"))
+    gpu = run(compose_cfg(["device=cuda", *common], tmp_path / "cuda"))
+    assert gpu["device"].startswith("cuda")
+    for key in ("efficacy", "generalization", "specificity"):
+        assert gpu[key] == pytest.approx(cpu[key], abs=10.0), key
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

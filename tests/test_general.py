@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -136,3 +137,106 @@ def test_eval_data_dir_points_the_datasets_library_at_a_local_cache(shipped_hand
     assert before == datasets.config.HF_DATASETS_CACHE
     with pytest.raises(ConfigError, match="eval.data_dir=/no/such is not a folder"):
         run(make_cfg("eval=glue", "eval.data_dir=/no/such"))
+
+
+def _paper_glue_folder(folder, rows: int = 12):
+    """Files in the layout of AlphaEdit's glue_eval/dataset (as JSON lines, one as a pickle)."""
+    import pickle
+
+    folder.mkdir()
+    make = {
+        "sst2": lambda i: {"sentence": f"film number {i} is fine", "label": i % 2},
+        "mrpc": lambda i: {"sentence1": f"A {i}.", "sentence2": f"B {i}.", "label": i % 2},
+        "cola": lambda i: {"sentence": f"The cat {i} sat.", "label": i % 2},
+        "rte": lambda i: {"sentence1": f"A {i}.", "sentence2": f"B {i}.", "label": i % 2},
+        "nli": lambda i: {"sentence1": f"A {i}.", "sentence2": f"B {i}.",
+                          "label": "entailment" if i % 2 else "neutral"},
+        "mmlu": lambda i: {"question": f"Q {i}?", "choices": ["w", "x", "y", "z"],
+                           "answer": i % 4},
+    }
+    for name, row in make.items():
+        data = [{"idx": i, **row(i)} for i in range(rows)]
+        if name == "sst2":
+            (folder / "sst2.pkl").write_bytes(pickle.dumps(data))
+        else:
+            (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    return folder
+
+
+def test_paper_glue_prompts_and_answers_are_alphaedits():
+    """glue_eval's prompts, the words each task looks for and their order, and -1 for none."""
+    from rlsedit_cli.eval.paper_glue import TASKS
+
+    assert TASKS["paper_sst2"].prompt({"sentence": "great"}) == "Review :great\nSentiment :"
+    assert TASKS["paper_mrpc"].prompt({"sentence1": "a", "sentence2": "b"}) == (
+        "Are the sentences paraphrases of each other.\nSentence 1: a\nSentence 2: b\nAnswer:")
+    assert TASKS["paper_cola"].prompt({"sentence": "s"}) == (
+        "Is this sentence linguistically acceptable?\nSentence: s\nAnswer: ")
+    assert TASKS["paper_rte"].prompt({"sentence1": "a", "sentence2": "b"}) == (
+        "a\nquestion: b True or False?\nanswer:")
+    assert TASKS["paper_nli"].prompt({"sentence1": "a", "sentence2": "b"}) == (
+        "a entails the b True or False? Answer:")
+    assert TASKS["paper_mmlu"].prompt({"question": "q", "choices": list("wxyz")}) == (
+        "Question: q\n(A) w\n(B) x\n(C) y\n(D) z\nAnswer:")
+    assert TASKS["paper_mrpc"].answer(" No, yes") == 1  # "yes" is looked for first
+    assert TASKS["paper_rte"].answer(" True or false") == 0  # "false" first
+    assert TASKS["paper_sst2"].answer(" positive\nReview :x\nSentiment : negative") == 0
+    assert TASKS["paper_cola"].answer(" maybe") == -1
+    assert TASKS["paper_mmlu"].answer(" B\n\nQuestion") == 1
+    assert TASKS["paper_nli"].label({"label": "entailment"}) == 1
+    assert TASKS["paper_nli"].label({"label": "contradiction"}) == 0
+
+
+def test_paper_glue_scores_as_sklearn_does_with_invalid_answers():
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from rlsedit_cli.eval.paper_glue import mcc, weighted_f1
+
+    pairs = [(1, 1), (0, 1), (1, -1), (0, 0), (1, 0), (0, -1)]
+    labels, preds = zip(*pairs)
+    assert weighted_f1(pairs) == pytest.approx(f1_score(labels, preds, average="weighted"))
+    assert weighted_f1(pairs) == pytest.approx((2 / 5 + 2 / 5) / 2)  # class 1 F1 .4, class 0 .4
+    assert mcc(pairs) == pytest.approx(matthews_corrcoef(labels, preds))
+
+
+def test_eval_paper_glue_runs_the_tests_after_the_fewshot_pool(shipped_handle, tmp_path,
+                                                               make_cfg):
+    """Every task of eval=paper_glue runs offline from local files (AlphaEdit's .pkl or JSON
+    lines) on the rows after the first 10; CoLA reports Matthews' correlation, the rest F1."""
+    from rlsedit_cli.eval.paper_glue import TASKS, lm_eval_task
+
+    folder = _paper_glue_folder(tmp_path / "glue")
+    spec = lm_eval_task("paper_mrpc", str(folder), tmp_path / "scratch")
+    data = Path(spec["dataset_kwargs"]["data_files"]["test"]).read_text(encoding="utf-8")
+    used = [json.loads(x)["idx"] for x in data.splitlines()]
+    assert used == [10, 11] and spec["generation_kwargs"]["max_gen_toks"] == 5
+    cfg = make_cfg("eval=paper_glue", f"eval.paper_glue_dir={folder}")
+    res = general.evaluate_general(shipped_handle, list(cfg.eval.tasks), None, None, 4, False,
+                                   paper_glue_dir=cfg.eval.paper_glue_dir)
+    assert not res.errors and set(res.scores) == set(TASKS)
+    assert res.scores["paper_cola"] == res.metrics["paper_cola"]["mcc,none"]
+    assert res.scores["paper_sst2"] == res.metrics["paper_sst2"]["f1,none"]
+    missing = general.evaluate_general(shipped_handle, ["paper_rte"], None, None, 4, False)
+    assert "needs eval.paper_glue_dir" in missing.errors["paper_rte"]
+    (folder / "rte.jsonl").unlink()
+    gone = general.evaluate_general(shipped_handle, ["paper_rte"], None, None, 4, False,
+                                    paper_glue_dir=str(folder))
+    assert "holds no rte.pkl or rte.jsonl" in gone.errors["paper_rte"]
+
+
+def test_few_shot_is_set_per_task(shipped_handle, monkeypatch, make_cfg):
+    """eval.fewshot gives a task its own number of examples (eval=paper: MMLU 5-shot, as
+    eval=mmlu); the others keep num_fewshot."""
+    import lm_eval
+
+    seen = {}
+
+    def fake_evaluate(**kwargs):
+        seen[kwargs["tasks"][0]] = kwargs["num_fewshot"]
+        return {"results": {}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+    assert make_cfg("eval=paper").eval.fewshot == {"mmlu": 5}
+    general.evaluate_general(shipped_handle, ["mmlu", "sst2"], 1, None, 1, False,
+                             fewshot={"mmlu": 5})
+    assert seen == {"mmlu": 5, "sst2": None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.editing.inputs import build_rows
 from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, subject_last_index
 
@@ -59,3 +60,66 @@ def plain_target_loss(handle: ModelHandle, requests: list[Record], templates: li
         logp, at = _log_probs(handle, KL_PROMPT, request.subject, [], z_layer, d)
         kl_logp.append(logp[at])
     return torch.stack(nll), torch.stack(kl_logp)
+
+
+class FullForwardLoss:
+    """The target loss as the references compute it at every step (MEMIT's compute_z.py): ONE
+    left-padded forward pass of every prompt of the chunk (its rewrite prompts and KL prompts)
+    through the whole model, log-softmax over the logits at every position, nothing cached.
+
+    The same interface and values as :class:`rlsedit_cli.editing.targets.TargetLoss`; given one
+    request at a time it is the references' one-request path, which ``rlsedit bench targets``
+    times against the batched fast one.
+    """
+
+    def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
+                 z_layer: int, loss_layer: int) -> None:
+        del loss_layer  # the references read the model's own logits (its last layer)
+        self.handle, self.z_layer = handle, z_layer
+        self.n, self.n_ctx = len(requests), len(templates)
+        items, self.targets = [], []
+        for i, r in enumerate(requests):
+            t_ids = encode_target(handle.tok, r.target_new)
+            for ctx in templates:
+                items.append((ctx.format(r.prompt), r.subject, t_ids[:-1], i))
+                self.targets.append(t_ids)
+        items += [(KL_PROMPT, r.subject, [], i) for i, r in enumerate(requests)]
+        self.rows = build_rows(handle, items)
+        self.first_rows = torch.arange(0, self.n * self.n_ctx, self.n_ctx)
+        self.h_init = self.map_init = self.top1 = None
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, handle = self.rows, self.handle
+        at = (torch.arange(len(rows.lookup), device=rows.lookup.device), rows.lookup)
+
+        def add(module, args, output):
+            hidden = block_hidden(output)  # (N, T, d_model)
+            if self.h_init is None:
+                self.h_init = hidden[at][self.first_rows].detach().float()
+            moved = hidden.index_put(at, hidden[at] + delta[rows.owner].to(hidden))
+            return with_hidden(output, moved)
+
+        def map_output(module, args, output):
+            self.map_init = output[at][self.first_rows].detach().float()
+
+        hooks = [handle.layer_module(self.z_layer).register_forward_hook(add)]
+        if self.map_init is None:
+            hooks.append(handle.edited_module(self.z_layer).register_forward_hook(map_output))
+        try:
+            logits = handle.model(**rows.inputs, use_cache=False).logits  # (N, T, vocab)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        logp = logits.float().log_softmax(-1)
+        width = logp.shape[1]
+        nll, hits = [], []
+        for row, target in enumerate(self.targets):
+            cols = width - len(target) + torch.arange(len(target))  # rows end at column T-1
+            row_logp = logp[row, cols.to(logp.device)]  # (len(target), vocab)
+            target_t = torch.tensor(target, device=logp.device)
+            nll.append(-row_logp.gather(1, target_t[:, None]).mean())
+            hits.append(bool((row_logp.argmax(-1) == target_t).all()))
+        nll = torch.stack(nll).view(self.n, self.n_ctx).mean(1)
+        self.top1 = torch.tensor(hits).view(self.n, self.n_ctx).all(1)
+        kl_rows = torch.arange(self.n * self.n_ctx, len(rows.lookup), device=logp.device)
+        return nll, logp[kl_rows, rows.lookup[kl_rows]]

@@ -180,24 +180,27 @@ class TargetLoss:
 
 
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
-                     z_layer: int, cfg, scale_by: str = "residual") -> TargetResult:
+                     z_layer: int, cfg, scale_by: str = "residual",
+                     loss: type = TargetLoss) -> TargetResult:
     """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``).
 
     ``scale_by``: the norm that scales the weight decay and the clamp: of the residual stream
     after ``z_layer`` (MEMIT's compute_z.py) or of the edited map's output there ("map": ROME's
-    compute_v.py, whose target is the MLP's output).
+    compute_v.py, whose target is the MLP's output). ``loss``: how the loss is computed (the
+    fast :class:`TargetLoss`, or the references' full forward pass,
+    :class:`rlsedit_cli.editing.reference.FullForwardLoss`, for benchmarks and tests).
     """
     parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg,
-                             scale_by)
+                             scale_by, loss)
              for s in range(0, len(requests), max(1, cfg.chunk_size))]
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts])
                           for f in ("z", "init_loss", "final_loss", "final_kl", "steps")))
 
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
-                    z_layer: int, cfg, scale_by: str) -> TargetResult:
+                    z_layer: int, cfg, scale_by: str, loss: type) -> TargetResult:
     """Adam on the deltas of one chunk; each request stops on its own (see module doc)."""
-    target_loss = TargetLoss(handle, requests, templates, z_layer, int(cfg.loss_layer))
+    target_loss = loss(handle, requests, templates, z_layer, int(cfg.loss_layer))
     n = len(requests)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)
     d_model = handle.weight_shape(z_layer)[0]

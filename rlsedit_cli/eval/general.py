@@ -14,12 +14,15 @@ import json
 import logging
 import os
 import random
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlsedit_cli.datasets.toy import HELD_OUT
-from rlsedit_cli.errors import RlseditError, first_line
+from rlsedit_cli.errors import DataError, RlseditError, first_line
+from rlsedit_cli.eval.paper_glue import TASKS as PAPER_TASKS
+from rlsedit_cli.eval.paper_glue import lm_eval_task as paper_task
 from rlsedit_cli.models.handle import ModelHandle
 
 log = logging.getLogger(__name__)
@@ -80,10 +83,12 @@ class GeneralResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _main_metric(values: dict) -> tuple[str, float] | None:
-    for key in ("acc,none", "word_perplexity,none", "exact_match,strict-match",
-                "exact_match,flexible-extract", "pass@1,create_test", "pass_at_1,none", "mcc,none",
-                "f1,none"):
+def _main_metric(values: dict, first: str | None = None) -> tuple[str, float] | None:
+    """The task's headline figure: ``first`` when given, else the first known metric."""
+    known = ("acc,none", "word_perplexity,none", "exact_match,strict-match",
+             "exact_match,flexible-extract", "pass@1,create_test", "pass_at_1,none", "mcc,none",
+             "f1,none")
+    for key in ((first,) if first else ()) + known:
         if key in values and isinstance(values[key], (int, float)):
             return key, float(values[key])
     for key, value in values.items():
@@ -134,20 +139,34 @@ def _code_eval(on: bool) -> Iterator[None]:
 
 def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
                      num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
-                     seed: int = 0, data_dir: str | None = None) -> GeneralResult:
-    """Run each lm-eval task on the model as it is now (no checkpoint written)."""
+                     seed: int = 0, data_dir: str | None = None,
+                     fewshot: dict[str, int] | None = None,
+                     paper_glue_dir: str | None = None) -> GeneralResult:
+    """Run each lm-eval task on the model as it is now (no checkpoint written).
+
+    ``fewshot``: per-task numbers of examples in the prompt, over ``num_fewshot`` (None: each
+    task's own); the paper's GLUE tasks (eval/paper_glue.py) are always zero-shot.
+    """
+    with tempfile.TemporaryDirectory(prefix="rlsedit_tasks_") as scratch:
+        return _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_execution,
+                         seed, data_dir, fewshot or {}, paper_glue_dir, Path(scratch))
+
+
+def _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_execution, seed,
+              data_dir, fewshot, paper_glue_dir, scratch: Path) -> GeneralResult:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     result = GeneralResult()
-    builtin = [t for t in tasks if t not in LOCAL_TASKS]
+    local = set(LOCAL_TASKS) | set(PAPER_TASKS)
+    builtin = [t for t in tasks if t not in local]
     manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
     lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
               device=str(handle.device))
     known = set(manager.all_tasks) if builtin else set()
     for task in tasks:
-        if task not in LOCAL_TASKS and task not in known:
+        if task not in local and task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=3)
             result.errors[task] = (f"lm-eval has no task '{task}': check eval.tasks"
                                    + (f" (close: {', '.join(close)})" if close else ""))
@@ -158,20 +177,28 @@ def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
                                    "eval.allow_code_execution=true to run it")
             log.warning("%s", result.errors[task])
             continue
-        spec = LOCAL_TASKS[task]() if task in LOCAL_TASKS else task
+        shots = 0 if task in PAPER_TASKS else fewshot.get(task, num_fewshot)
         try:
+            spec = (LOCAL_TASKS[task]() if task in LOCAL_TASKS
+                    else paper_task(task, paper_glue_dir, scratch) if task in PAPER_TASKS
+                    else task)
             with _code_eval(task in CODE_TASKS), _datasets_cache(data_dir):
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=[spec], task_manager=manager, limit=limit,
-                    num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=0,
+                    num_fewshot=shots, log_samples=False, bootstrap_iters=0,
                     confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
                     numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        except DataError as e:  # the paper's GLUE files: missing or unreadable
+            result.errors[task] = f"lm-eval task '{task}' could not run: {first_line(e)}"
+            log.warning("%s", result.errors[task])
+            continue
         except Exception as e:  # any harness/dataset failure is this task's failure only
             result.errors[task] = _unavailable(task, e)
             log.warning("%s", result.errors[task])
             continue
         for name, values in (out or {}).get("results", {}).items():
-            main = _main_metric(values)
+            main = _main_metric(values, f"{PAPER_TASKS[name].metric},none"
+                                if name in PAPER_TASKS else None)
             if main is not None:
                 result.scores[name] = main[1]
                 result.metrics[name] = {k: v for k, v in values.items()

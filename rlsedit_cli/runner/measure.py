@@ -69,7 +69,7 @@ class Measurer:
         cfg = self.tasks
         res = evaluate_general(self.handle, list(cfg.tasks), cfg.limit, cfg.num_fewshot,
                                cfg.lm_batch_size, cfg.allow_code_execution, self.seed,
-                               cfg.data_dir)
+                               cfg.data_dir, dict(cfg.fewshot), cfg.paper_glue_dir)
         check_strict(res, cfg.strict)
         self.record.general(edits, res.scores)
         self.general.append({"edits": edits, "scores": res.scores, "errors": res.errors})
