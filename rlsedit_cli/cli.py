@@ -223,6 +223,17 @@ def _bench_stream(args: argparse.Namespace) -> dict:
     return bench_stream(cfg)
 
 
+def _bench_stats(args: argparse.Namespace) -> dict:
+    """The anchor statistics of the model's edited layers against a plain forward pass."""
+    from rlsedit_cli.bench.stats import bench_stats
+    from rlsedit_cli.models.loader import load_model, resolve_device
+
+    cfg = _bench_config([f"model={args.model}", *args.overrides])
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    return bench_stats(handle, list(cfg.model.edit_layers), cfg.stats.corpus, args.samples,
+                       cfg.stats.max_length, cfg.stats.batch_size, cfg.stats.seed)
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``rlsedit bench update|targets|stream|all``: JSON lines on stdout (and appended to --out)."""
     import json
@@ -232,7 +243,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from rlsedit_cli.errors import ConfigError
     from rlsedit_cli.models.loader import resolve_device
 
-    for name in ("d_in", "d_out", "u", "batches", "batch", "repeat"):
+    for name in ("d_in", "d_out", "u", "batches", "batch", "repeat", "samples"):
         if getattr(args, name) < 1:
             raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
                               "least 1")
@@ -245,6 +256,8 @@ def bench_command(args: argparse.Namespace) -> int:
                              str(resolve_device(args.device)), args.dtype)
     if args.bench_verb in ("targets", "all"):
         rows.append(_bench_targets(args))
+    if args.bench_verb in ("stats", "all"):
+        rows.append(_bench_stats(args))
     if args.bench_verb in ("stream", "all"):
         rows.append(_bench_stream(args))
     for row in rows:
@@ -309,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped one)")
 
     bench = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
-    bench.add_argument("bench_verb", choices=["update", "targets", "stream", "all"],
+    bench.add_argument("bench_verb", choices=["update", "targets", "stats", "stream", "all"],
                        help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history; "
                             "targets: batched target optimisation vs one request at a time; "
+                            "stats: anchor statistics vs a plain forward; "
                             "stream: one run, seconds per edit by phase")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="targets, stream: config overrides as for `rlsedit run` (e.g. "
@@ -329,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "outputs/bench/stream)")
     bench.add_argument("--repeat", type=int, default=3,
                        help="targets: timed runs of each path (the median is reported)")
+    bench.add_argument("--samples", type=int, default=200, help="stats: texts to read")
     bench.add_argument("--out", help="also append the JSON lines to this file")
     return parser
 

@@ -63,3 +63,10 @@ def test_bench_stream_times_a_real_run_by_phase(capsys, tmp_path):
 def test_bench_refuses_overrides_it_cannot_use(caplog):
     assert main(["bench", "update", "model=smollm2_135m"]) == 2
     assert "bench update takes no config overrides (model=smollm2_135m)" in caplog.text
+
+
+def test_bench_stats_compares_the_statistics_with_a_plain_forward(capsys):
+    assert main(["bench", "stats", "--device", "cpu", "--samples", "24"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["bench"] == "stats" and row["samples"] == 24 and row["tokens"] > 0
+    assert row["stats_s"] > 0 and row["forward_s"] > 0 and 0 <= row["padding_share"] < 1

@@ -12,7 +12,8 @@ trajectory as one-at-a-time runs.
 Work that the deltas cannot change is done once, not at every step: the tokens before the
 subject's last token (their keys and values are cached, :func:`prefix_cache`) and blocks
 0..``z_layer`` on the remaining tokens (replayed, :func:`replay_blocks`). Work the loss cannot
-see is not done: the MLPs of the re-run blocks skip the suffix's padding, and block
+see is not done: the MLPs of the re-run blocks skip the suffix's padding and the KL prompts'
+tokens after the subject, and block
 ``loss_layer``'s runs only at the positions the loss reads (:func:`mlp_only_at`).
 
 Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-token NLL
@@ -121,7 +122,11 @@ class TargetLoss:
         self.kl_col = torch.zeros_like(self.kl_rows)  # the subject's last token (compute_z.py)
         self.needed = (torch.cat([self.t_row, self.kl_rows]),
                        torch.cat([self.t_col, self.kl_col]))  # positions the loss reads
-        self.real = torch.nonzero(rows.suffix_mask, as_tuple=True)  # tokens, not padding
+        # tokens whose MLP output can reach what the loss reads: not the padding, and of a KL
+        # row only column 0 (causal attention: the later columns feed nothing the loss reads)
+        useful = rows.suffix_mask.clone()
+        useful[n_rewrite:, 1:] = 0
+        self.real = torch.nonzero(useful, as_tuple=True)
         self.first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev)  # the "{}" contexts
         self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
         self.h_init: torch.Tensor | None = None

@@ -1,0 +1,73 @@
+"""`rlsedit bench stats`: the anchor statistics' rate against a plain forward pass.
+
+The statistics (:func:`rlsedit_cli.stats.moments.accumulate`) run the model up to the highest
+edited map and add ``K^T K`` per edited layer. The reference rate is a plain forward pass of the
+same blocks on the same batches (texts sorted by length in windows, as ``accumulate`` batches
+them), stopped at the same layer, with no key collection: the statistics cannot run faster than
+that. Also reported: the share of padded positions in those batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from itertools import islice
+
+import torch
+
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+from rlsedit_cli.models.tokens import pad
+from rlsedit_cli.stats.corpus import iter_texts
+from rlsedit_cli.stats.moments import SORT_WINDOW, accumulate
+
+
+def _batches(handle: ModelHandle, texts: list[str], max_length: int, batch_size: int):
+    """The (ids, mask) batches ``accumulate`` makes of ``texts``."""
+    for w in range(0, len(texts), batch_size * SORT_WINDOW):
+        window = texts[w : w + batch_size * SORT_WINDOW]
+        ids = handle.tok(window, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for s in range(0, len(order), batch_size):
+            yield pad([ids[i] for i in order[s : s + batch_size]], handle.tok.pad_token_id)
+
+
+@torch.no_grad()
+def _plain_forward(handle: ModelHandle, batches, top: int) -> None:
+    def stop(module, args):
+        raise StopForwardError
+
+    hook = handle.edited_module(top).register_forward_pre_hook(stop)
+    try:
+        for ids, mask in batches:
+            with contextlib.suppress(StopForwardError):
+                handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
+    finally:
+        hook.remove()
+
+
+def bench_stats(handle: ModelHandle, layers: list[int], corpus: str, samples: int,
+                max_length: int, batch_size: int, seed: int = 1) -> dict:
+    """Samples per second of the statistics and of the plain forward on the same texts."""
+    texts = list(islice(iter_texts(corpus, "random", seed), samples))
+    batches = list(_batches(handle, texts, max_length, batch_size))
+    sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
+    _plain_forward(handle, batches[:1], max(layers))  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    _plain_forward(handle, batches, max(layers))
+    sync()
+    forward_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = accumulate(handle, layers, iter(texts), len(texts), max_length, batch_size)
+    sync()
+    stats_s = time.perf_counter() - t0
+    real = sum(int(m.sum()) for _, m in batches)
+    padded = sum(m.numel() for _, m in batches)
+    return {"bench": "stats", "device": str(handle.device), "model": str(handle.spec.name),
+            "layers": list(layers), "samples": len(texts), "tokens": state.tokens,
+            "batch_size": batch_size, "max_length": max_length,
+            "stats_s": round(stats_s, 3), "forward_s": round(forward_s, 3),
+            "stats_samples_per_s": round(len(texts) / stats_s, 2),
+            "forward_samples_per_s": round(len(texts) / forward_s, 2),
+            "stats_share_of_forward_rate": round(forward_s / stats_s, 3),
+            "padding_share": round(1 - real / padded, 4)}
