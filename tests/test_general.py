@@ -240,3 +240,15 @@ def test_few_shot_is_set_per_task(shipped_handle, monkeypatch, make_cfg):
     general.evaluate_general(shipped_handle, ["mmlu", "sst2"], 1, None, 1, False,
                              fewshot={"mmlu": 5})
     assert seen == {"mmlu": 5, "sst2": None}
+
+
+def test_lm_eval_bars_stay_off_the_console(shipped_handle, capfd, caplog):
+    """One bar over the tasks on the console; lm-eval's own request bars go to the log."""
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="rlsedit_cli.eval.general"):
+        res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"], 8, None, 8, False)
+    err = capfd.readouterr().err
+    assert "rlsedit_smoke" in res.scores and "general ability (lm-eval)" in err
+    assert "Running loglikelihood requests" not in err
+    assert "Running loglikelihood requests" in caplog.text

@@ -99,7 +99,10 @@ def test_corrupt_cache_is_detected_and_recomputed(handle, corpus, tmp_path, capl
 
 
 def test_interrupted_computation_resumes(handle, corpus, tmp_path, monkeypatch):
+    from rlsedit_cli.stats import moments
+
     monkeypatch.setattr(anchor_mod, "SAVE_PARTIAL_EVERY_S", -1.0)  # save after every batch
+    monkeypatch.setattr(moments, "SORT_WINDOW", 4)  # windows of 20 texts: two in the corpus
     calls = {"n": 0}
     real = anchor_mod.accumulate
 

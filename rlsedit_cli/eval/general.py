@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from rlsedit_cli.errors import DataError, RlseditError, first_line
 from rlsedit_cli.eval.paper_glue import TASKS as PAPER_TASKS
 from rlsedit_cli.eval.paper_glue import lm_eval_task as paper_task
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.progress import progress
 
 log = logging.getLogger(__name__)
 SMOKE_DATA = Path(__file__).resolve().parent / "tasks" / "rlsedit_smoke.jsonl"
@@ -137,6 +139,21 @@ def _code_eval(on: bool) -> Iterator[None]:
             os.environ["HF_ALLOW_CODE_EVAL"] = before
 
 
+@contextlib.contextmanager
+def _quiet(task: str) -> Iterator[None]:
+    """lm-eval's own progress bars and prints go to the run's log (debug), not the console,
+    where one bar over the tasks stands for them; its logged warnings still show."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        text = captured.getvalue().replace("\r", "\n").strip()
+        if text:
+            log.debug("lm-eval output for %s (last lines):\n%s", task,
+                      "\n".join(text.splitlines()[-20:]))
+
+
 def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
                      num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
                      seed: int = 0, data_dir: str | None = None,
@@ -165,7 +182,7 @@ def _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_executio
     lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
               device=str(handle.device))
     known = set(manager.all_tasks) if builtin else set()
-    for task in tasks:
+    for task in progress(tasks, desc="general ability (lm-eval)", unit="task", leave=False):
         if task not in local and task not in known:
             close = difflib.get_close_matches(task, sorted(known), n=3)
             result.errors[task] = (f"lm-eval has no task '{task}': check eval.tasks"
@@ -182,7 +199,7 @@ def _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_executio
             spec = (LOCAL_TASKS[task]() if task in LOCAL_TASKS
                     else paper_task(task, paper_glue_dir, scratch) if task in PAPER_TASKS
                     else task)
-            with _code_eval(task in CODE_TASKS), _datasets_cache(data_dir):
+            with _code_eval(task in CODE_TASKS), _datasets_cache(data_dir), _quiet(task):
                 out = lm_eval.simple_evaluate(
                     model=lm, tasks=[spec], task_manager=manager, limit=limit,
                     num_fewshot=shots, log_samples=False, bootstrap_iters=0,

@@ -179,13 +179,18 @@ class Runner:
         ok = False
         try:
             start, done = 0, 0
+            pre = state is None and cfg.measure.pre_edit
+            # one display for the whole run: the measurement before, each batch, the final one
+            bar = progress(total=int(pre) + len(self.batches) + 1, unit="step",
+                           desc=f"run ({cfg.editor.name}): before editing")
             if state is not None:
                 start, done = self._restore(state, measure, record)
-            elif cfg.measure.pre_edit:
+                bar.update(start)
+            elif pre:
                 measure.before(self.edited)
-            bar = progress(range(start, len(self.batches)), desc=f"edit ({cfg.editor.name})",
-                           unit="batch", initial=start, total=len(self.batches))
-            for i in bar:
+                bar.update(1)
+            bar.set_description(f"run ({cfg.editor.name}): editing")
+            for i in range(start, len(self.batches)):
                 batch, last = self.batches[i], i == len(self.batches) - 1
                 done += len(batch)
                 row = {"batch": i, "edits": done, **self._edit(batch)}
@@ -196,7 +201,11 @@ class Runner:
                 record.batch(row)
                 if cfg.checkpoint.every > 0 and ((i + 1) % cfg.checkpoint.every == 0 or last):
                     self._save(i + 1, done, measure, record)
+                bar.update(1)
+            bar.set_description(f"run ({cfg.editor.name}): final measurements")
             summary = self._summary(measure.final(self.edited), measure.seconds)
+            bar.update(1)
+            bar.close()
             record.summary(summary)
             record.plots()
             ok = True
