@@ -177,12 +177,12 @@ class Runner:
                  folder.path, cfg.editor.name, cfg.model.name, self.dataset.name,
                  len(self.edited), len(self.batches), self.device)
         ok = False
+        pre = state is None and cfg.measure.pre_edit
+        # one display for the whole run: the measurement before, each batch, the final one
+        bar = progress(total=int(pre) + len(self.batches) + 1, unit="step",
+                       desc=f"run ({cfg.editor.name}): before editing")
         try:
             start, done = 0, 0
-            pre = state is None and cfg.measure.pre_edit
-            # one display for the whole run: the measurement before, each batch, the final one
-            bar = progress(total=int(pre) + len(self.batches) + 1, unit="step",
-                           desc=f"run ({cfg.editor.name}): before editing")
             if state is not None:
                 start, done = self._restore(state, measure, record)
                 bar.update(start)
@@ -205,12 +205,12 @@ class Runner:
             bar.set_description(f"run ({cfg.editor.name}): final measurements")
             summary = self._summary(measure.final(self.edited), measure.seconds)
             bar.update(1)
-            bar.close()
             record.summary(summary)
             record.plots()
             ok = True
             return summary
         finally:
+            bar.close()  # before any error line, which must stay the console's last
             record.finish(ok)
             if ok:  # the last lines of the console: where the run is, and its headline
                 log.info("run folder: %s", folder.path)
