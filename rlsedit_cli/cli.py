@@ -208,7 +208,7 @@ def _bench_targets(args: argparse.Namespace) -> dict:
 
 def _bench_stream(args: argparse.Namespace) -> dict:
     """One run of the configured stream in a fresh folder, timed by phase."""
-    import time
+    from datetime import datetime
     from pathlib import Path
 
     from omegaconf import open_dict
@@ -218,8 +218,9 @@ def _bench_stream(args: argparse.Namespace) -> dict:
     cfg = _bench_config([f"model={args.model}", f"device={args.device}", *DEFAULTS,
                          *args.overrides])
     with open_dict(cfg):
-        cfg.paths.run_dir = args.run_dir or str(
-            Path(cfg.paths.output_dir) / "bench" / "stream" / time.strftime("%Y-%m-%d_%H-%M-%S"))
+        cfg.paths.run_dir = args.run_dir or str(  # a new folder, named as Hydra's run folders
+            Path(cfg.paths.output_dir) / "bench" / "stream"
+            / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
     return bench_stream(cfg)
 
 
@@ -235,7 +236,8 @@ def _bench_stats(args: argparse.Namespace) -> dict:
 
 
 def bench_command(args: argparse.Namespace) -> int:
-    """``rlsedit bench update|targets|stream|all``: JSON lines on stdout (and appended to --out)."""
+    """``rlsedit bench update|targets|stats|stream|all``: JSON lines on stdout (and appended to
+    --out)."""
     import json
     from pathlib import Path
 
@@ -249,7 +251,7 @@ def bench_command(args: argparse.Namespace) -> int:
                               "least 1")
     if args.overrides and args.bench_verb == "update":
         raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
-                          "are for bench targets and bench stream")
+                          "are for bench targets, stats and stream")
     rows = []
     if args.bench_verb in ("update", "all"):
         rows += bench_update(args.d_in, args.d_out, args.u, args.batches,
@@ -328,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "stats: anchor statistics vs a plain forward; "
                             "stream: one run, seconds per edit by phase")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="targets, stream: config overrides as for `rlsedit run` (e.g. "
+                       help="targets, stats, stream: config overrides as for `rlsedit run` (e.g. "
                             "model=smollm2_135m dataset=counterfact_easyedit dataset.path=F)")
     bench.add_argument("--d-in", type=int, default=4096)
     bench.add_argument("--d-out", type=int, default=4096)
@@ -338,9 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
     bench.add_argument("--model", default="gpt2_tiny",
-                       help="targets, stream: model config (as the override model=...)")
+                       help="targets, stats, stream: model config (as the override model=...)")
     bench.add_argument("--run-dir", help="stream: the run's folder (default: a new one under "
-                                         "outputs/bench/stream)")
+                                         "outputs/bench/stream/DATE/TIME)")
     bench.add_argument("--repeat", type=int, default=3,
                        help="targets: timed runs of each path (the median is reported)")
     bench.add_argument("--samples", type=int, default=200, help="stats: texts to read")

@@ -9,47 +9,36 @@ that. Also reported: the share of padded positions in those batches.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from itertools import islice
 
 import torch
 
+from rlsedit_cli.editing.inputs import forward_until
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
-from rlsedit_cli.models.tokens import pad
 from rlsedit_cli.stats.corpus import iter_texts
-from rlsedit_cli.stats.moments import SORT_WINDOW, accumulate
-
-
-def _batches(handle: ModelHandle, texts: list[str], max_length: int, batch_size: int):
-    """The (ids, mask) batches ``accumulate`` makes of ``texts``."""
-    for w in range(0, len(texts), batch_size * SORT_WINDOW):
-        window = texts[w : w + batch_size * SORT_WINDOW]
-        ids = handle.tok(window, truncation=True, max_length=max_length)["input_ids"]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for s in range(0, len(order), batch_size):
-            yield pad([ids[i] for i in order[s : s + batch_size]], handle.tok.pad_token_id)
+from rlsedit_cli.stats.moments import SORT_WINDOW, accumulate, sorted_batches
 
 
 @torch.no_grad()
 def _plain_forward(handle: ModelHandle, batches, top: int) -> None:
+    """The model on each batch, stopped where ``accumulate`` stops: at the top edited map."""
     def stop(module, args):
         raise StopForwardError
 
-    hook = handle.edited_module(top).register_forward_pre_hook(stop)
-    try:
-        for ids, mask in batches:
-            with contextlib.suppress(StopForwardError):
-                handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
-    finally:
-        hook.remove()
+    for ids, mask in batches:
+        forward_until(handle, {"input_ids": ids.to(handle.device),
+                               "attention_mask": mask.to(handle.device)}, top,
+                      [(handle.edited_module(top), "pre", stop)])
 
 
 def bench_stats(handle: ModelHandle, layers: list[int], corpus: str, samples: int,
                 max_length: int, batch_size: int, seed: int = 1) -> dict:
     """Samples per second of the statistics and of the plain forward on the same texts."""
     texts = list(islice(iter_texts(corpus, "random", seed), samples))
-    batches = list(_batches(handle, texts, max_length, batch_size))
+    window = batch_size * SORT_WINDOW  # the batches accumulate makes of these texts
+    batches = [b for w in range(0, len(texts), window)
+               for b in sorted_batches(handle.tok, texts[w : w + window], max_length, batch_size)]
     sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
     _plain_forward(handle, batches[:1], max(layers))  # warm-up
     sync()

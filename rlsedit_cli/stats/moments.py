@@ -38,6 +38,16 @@ class MomentState:
         return self.sums[layer] / max(self.tokens, 1)
 
 
+def sorted_batches(tok, window: list[str], max_length: int, batch_size: int,
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, mask) batches (b, longest) of one window of texts, sorted by length (little
+    padding), each text truncated at ``max_length`` tokens."""
+    ids = tok(window, truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        yield pad([ids[i] for i in order[start : start + batch_size]], tok.pad_token_id)
+
+
 @torch.no_grad()
 def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num_samples: int,
                max_length: int, batch_size: int, state: MomentState | None = None,
@@ -78,11 +88,7 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
             window = list(islice(stream, min(batch_size * SORT_WINDOW, remaining)))
             if not window:
                 break
-            ids = tok(window, truncation=True, max_length=max_length)["input_ids"]
-            order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding
-            for start in range(0, len(order), batch_size):
-                input_ids, mask = pad([ids[i] for i in order[start : start + batch_size]],
-                                      tok.pad_token_id)  # (b, longest)
+            for input_ids, mask in sorted_batches(tok, window, max_length, batch_size):
                 mask = mask.bool()
                 mask_ref["mask"] = mask
                 acc.clear()
