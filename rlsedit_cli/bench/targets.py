@@ -13,17 +13,18 @@ same number of steps:
   compute_z.py, which AlphaEdit's and the paper's code share).
 
 Each path is warmed up, then timed ``repeat`` times in turn; the medians are reported, with how
-far the targets of each path are from the batched ones.
+far the targets of each path are from the batched ones. Then single batched steps are timed
+between float32 GEMMs: the step's FLOPs, its GFLOP/s and its share of the GEMM rate.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import replace
 
 import torch
 
+from rlsedit_cli.bench.gemm import share_of_gemm, timed
 from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.reference import FullForwardLoss
@@ -33,8 +34,10 @@ from rlsedit_cli.models.handle import ModelHandle
 
 
 def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
-                  target: TargetConfig, steps: int = 25, repeat: int = 3) -> dict:
-    """Seconds for ``records`` optimised together and one by one, and the speed-up.
+                  target: TargetConfig, steps: int = 25, repeat: int = 3,
+                  step_repeat: int = 10) -> dict:
+    """Seconds for ``records`` optimised together and one by one, and the speed-up; then
+    ``step_repeat`` single batched steps against the GEMM rate (:func:`time_target_step`).
 
     ``target``: the model's target settings (conf/target/MODEL.yaml); early stopping is turned
     off and ``steps`` fixed so that both paths do the same work.
@@ -43,7 +46,6 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
     cfg = replace(target, steps=steps, early_stop_loss=0.0, stop_when_top1=False,
                   chunk_size=batch)
     templates = context_templates(handle, cfg.context_templates, seed=0)
-    sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
 
     def together() -> torch.Tensor:
         return optimise_targets(handle, records, templates, z_layer, cfg).z
@@ -56,25 +58,16 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
         return torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg,
                                            loss=FullForwardLoss).z for r in records])
 
-    def timed(fn) -> tuple[float, torch.Tensor]:
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        return time.perf_counter() - t0, out
-
     optimise_targets(handle, records[:2], templates, z_layer, cfg)  # warm-up
     paths = {"batched": together, "one_at_a_time": alone, "references_way": references}
     runs: dict[str, list[float]] = {name: [] for name in paths}
     z: dict[str, torch.Tensor] = {}
     for _ in range(max(1, repeat)):
         for name, fn in paths.items():
-            seconds, z[name] = timed(fn)
+            seconds, z[name] = timed(fn, handle.device)
             runs[name].append(seconds)
     med = {name: statistics.median(times) for name, times in runs.items()}
     gap = {name: float((z["batched"] - z[name]).norm() / z[name].norm()) for name in paths}
-    step_flops = target_step_flops(handle, records, templates, z_layer, cfg)
-    step_s = med["batched"] / max(1, steps - 1)  # the last step reads the loss and stops
     return {"bench": "targets", "device": str(handle.device), "model": str(handle.spec.name),
             "requests": batch, "templates": len(templates), "steps": steps, "repeat": repeat,
             "batched_s": round(med["batched"], 3),
@@ -85,43 +78,44 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
             "relative_difference": round(gap["one_at_a_time"], 8),
             "relative_difference_references_way": round(gap["references_way"], 8),
             **{f"{name}_runs_s": [round(x, 3) for x in times] for name, times in runs.items()},
-            "step_gflop": round(step_flops / 1e9, 4),
-            "step_gflops_achieved": round(step_flops / step_s / 1e9, 2),
-            "gemm_gflops": round(gemm_rate(handle.device), 2)}
+            **time_target_step(handle, records, templates, z_layer, cfg, repeat=step_repeat)}
 
 
-def target_step_flops(handle: ModelHandle, records, templates: list[str], z_layer: int,
-                      cfg) -> float:
-    """Floating-point operations of one batched target step (forward and backward), counted by
-    torch's FlopCounterMode (matrix products; the elementwise rest is not counted)."""
+def time_target_step(handle: ModelHandle, records, templates: list[str], z_layer: int, cfg,
+                     repeat: int = 10) -> dict:
+    """One batched target step (forward, backward, Adam) against the machine's GEMM rate.
+
+    The step's floating-point operations are counted by torch's FlopCounterMode (matrix products;
+    the elementwise rest is not counted). Each of ``repeat`` timed steps sits between two timed
+    float32 GEMMs (:func:`rlsedit_cli.bench.gemm.share_of_gemm`), so that its share of the GEMM
+    rate compares the two at the same moment of a machine whose speed drifts; medians reported.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rlsedit_cli.editing.targets import TargetLoss
+    from rlsedit_cli.editing.targets import TargetLoss, kl_divergence
 
     loss = TargetLoss(handle, records, templates, z_layer, int(cfg.loss_layer))
     d_model = handle.weight_shape(z_layer)[0]
     delta = torch.zeros(len(records), d_model, device=handle.weight(z_layer).device,
                         requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
     with torch.enable_grad():
-        loss(delta)  # the first call records what later steps replay
+        kl_init = loss(delta)[1].detach()  # the first call records what later steps replay
+
+        def step() -> None:
+            nll, kl_logp = loss(delta)
+            (nll + cfg.kl_factor * kl_divergence(kl_logp, kl_init)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
         with FlopCounterMode(display=False) as counter:
-            nll, _ = loss(delta)
-            nll.sum().backward()
-    return float(counter.get_total_flops())
-
-
-def gemm_rate(device: torch.device, n: int = 2048, repeat: int = 3) -> float:
-    """The machine's float32 matrix-multiply rate (GFLOP/s) on ``device``: a reference for how
-    close a target step runs to the limit, timed in the same run."""
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+            step()
+        flops = float(counter.get_total_flops())
+        measure = share_of_gemm(handle.device)
+        _, seconds, rates, shares = zip(*(measure(step, flops) for _ in range(max(1, repeat))))
+    step_s = statistics.median(seconds)
+    return {"step_gflop": round(flops / 1e9, 4), "step_s": round(step_s, 4),
+            "step_gflops_achieved": round(flops / step_s / 1e9, 2),
+            "gemm_gflops": round(statistics.median(rates), 2),
+            "step_share_of_gemm": round(statistics.median(shares), 3),
+            "step_share_runs": [round(x, 3) for x in shares]}

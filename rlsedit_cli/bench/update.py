@@ -3,17 +3,20 @@
 Synthetic keys and values of the given sizes; the rules are the ones the editors call
 (:mod:`rlsedit_cli.ops`). For each editor: median milliseconds per batch, the slope of the time
 against the batch index (with its standard error: a flat cost has a slope within noise), and for
-RLSEdit the achieved GFLOP/s of ``rls_step``.
+RLSEdit the achieved GFLOP/s of ``rls_step`` and its share of the machine's GEMM rate (each step
+timed between two reference GEMMs of the run's dtype, :mod:`rlsedit_cli.bench.gemm`).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 import torch
 
+from rlsedit_cli.bench.gemm import share_of_gemm
 from rlsedit_cli.ops.baselines import alphaedit_delta, memit_delta, nullspace_projector
 from rlsedit_cli.ops.rls import rls_init, rls_step
 
@@ -62,15 +65,17 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
                torch.randn(d_out, u, generator=g, dtype=dt).to(dev)) for _ in range(batches)]
     results = []
     for editor in editors:
-        times = []
+        times, shares, rates = [], [], []
         if editor == "rlsedit":
             P, W = rls_init(C, 1.0, 1.0, 1000.0, dt), W0.clone()
+            measure = share_of_gemm(dev, dt)  # each step between two reference GEMMs
+            flops = rls_step_flops(d_in, d_out, u)
             for K, V in stream:
-                _sync(dev)
-                t0 = time.perf_counter()
-                P, W = rls_step(P, W, K, V)
-                _sync(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
+                (P, W), seconds, rate, share = measure(partial(rls_step, P, W, K, V, inplace=True),
+                                                       flops)  # as the editor calls it
+                times.append(seconds * 1e3)
+                rates.append(rate)
+                shares.append(share)
         elif editor == "alphaedit":
             Pi = nullspace_projector(C, threshold=2e-2)
             past = torch.zeros_like(C)
@@ -103,5 +108,7 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
         row["last_batch_residual"] = round(float((W @ K - V).norm() / (W0 @ K - V).norm()), 6)
         if editor == "rlsedit":
             row["gflops"] = round(rls_step_flops(d_in, d_out, u) / (med / 1e3) / 1e9, 2)
+            row["gemm_gflops"] = round(statistics.median(rates), 2)  # the run's dtype
+            row["share_of_gemm"] = round(statistics.median(shares), 3)
         results.append(row)
     return results

@@ -170,17 +170,21 @@ class TargetLoss:
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self._hidden(delta)
         dev = out.device
-        logits = _logits(self.handle, out[self.t_row.to(dev), self.t_col.to(dev)])  # (n_tok, V)
+        # one pass of the LM head over every position the loss reads: the target tokens' rows,
+        # then the KL prompts' subject tokens (one product over the vocabulary, not two)
+        logits = _logits(self.handle, out[self.needed[0].to(dev), self.needed[1].to(dev)])
         dev = logits.device  # the LM head's device
-        tok_nll = torch.nn.functional.cross_entropy(logits, self.t_tok.to(dev), reduction="none")
+        n_tok = self.t_tok.shape[0]
+        tok_logits = logits[:n_tok]  # (n_tok, vocab)
+        tok = self.t_tok.to(dev)
+        tok_nll = torch.nn.functional.cross_entropy(tok_logits, tok, reduction="none")
         row_nll = torch.zeros(self.n * self.n_ctx, device=dev).index_add(
             0, self.t_row.to(dev), tok_nll)
         nll = (row_nll / self.t_len.to(dev)).view(self.n, self.n_ctx).mean(1)  # (n,)
         missed = torch.zeros(self.n * self.n_ctx, device=dev).index_add(
-            0, self.t_row.to(dev), (logits.argmax(-1) != self.t_tok.to(dev)).float())
+            0, self.t_row.to(dev), (tok_logits.argmax(-1) != tok).float())
         self.top1 = (missed.view(self.n, self.n_ctx).sum(1) == 0).to(delta.device)  # (n,)
-        kl_at = (self.kl_rows.to(out.device), self.kl_col.to(out.device))
-        kl_logp = _logits(self.handle, out[kl_at]).log_softmax(-1)  # (n, vocab)
+        kl_logp = logits[n_tok:].log_softmax(-1)  # (n, vocab)
         return nll.to(delta.device), kl_logp.to(delta.device)
 
 
