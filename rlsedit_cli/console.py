@@ -7,10 +7,17 @@ import logging
 
 OWN = ("rlsedit", "__main__", "HYDRA", "hydra")
 
+# Warnings a library gives about how rlsedit calls it on purpose: run.log only. lm-eval warns on
+# every model object handed to it, which is how the edited model is evaluated in memory.
+EXPECTED = {
+    "lm_eval.models.huggingface": ("`pretrained` model kwarg is not of type `str`",
+                                   "Passed an already-initialized model through `pretrained`"),
+}
+
 
 class ConsoleFilter(logging.Filter):
     """rlsedit's records at any level; a library's (transformers, lm-eval, datasets, ...) only
-    from WARNING up, and each distinct message once."""
+    from WARNING up, each distinct message once, and not the EXPECTED ones."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -20,6 +27,8 @@ class ConsoleFilter(logging.Filter):
         if record.name.split(".")[0].startswith(OWN):
             return True
         if record.levelno < logging.WARNING:
+            return False
+        if record.getMessage().startswith(EXPECTED.get(record.name, ())):
             return False
         key = (record.name, record.getMessage())
         if key in self.seen:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
+from rlsedit_cli.bench.gemm import GEMM_N, share_of_gemm
 from rlsedit_cli.bench.targets import bench_targets
 from rlsedit_cli.bench.update import rls_step_flops
 from rlsedit_cli.cli import main
@@ -25,8 +27,18 @@ def test_bench_update_prints_one_line_per_editor(capsys, tmp_path):
     flops = rls_step_flops(48, 16, 4)
     assert rls["gflops"] == pytest.approx(flops / (rls["median_ms"] / 1e3) / 1e9, rel=0.02,
                                           abs=0.01)
-    assert rls["gemm_gflops"] > 0 and rls["share_of_gemm"] > 0  # timed beside each step
+    assert rls["gemm_gflops"] > 0 and rls["share_of_gemm"] >= 0  # tiny sizes: near 0
     assert out.read_text().count("\n") == 3
+
+
+def test_share_of_gemm_of_the_reference_product_itself_is_about_one():
+    """The share arithmetic: the reference GEMM, timed between two of itself, reaches about
+    its own rate (not 1000x off, nor 1/1000)."""
+    a = torch.randn(GEMM_N, GEMM_N)
+    measure = share_of_gemm(torch.device("cpu"))
+    out, seconds, rate, share = measure(lambda: a @ a, 2 * GEMM_N**3)
+    assert out.shape == (GEMM_N, GEMM_N) and seconds > 0 and rate > 0
+    assert 0.2 < share < 5
 
 
 def test_bench_targets_reports_equal_targets(shipped_handle):

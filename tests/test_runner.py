@@ -115,3 +115,22 @@ def test_the_default_run_gives_at_least_five_retention_points():
     rows = [i for i in batches if i >= first and (i == first or (i + 1) % m.retention_every == 0
                                                    or i == batches[-1])]
     assert len(rows) >= 5
+
+
+def test_the_console_leaves_out_what_lm_eval_says_of_the_in_memory_model():
+    """lm-eval warns that it was handed a model object (how every checkpoint is evaluated):
+    run.log keeps it, the console does not show it; its other warnings still show."""
+    import logging
+
+    from rlsedit_cli.console import ConsoleFilter
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+    shown = ConsoleFilter().filter
+    hf = "lm_eval.models.huggingface"
+    assert not shown(record(hf, "`pretrained` model kwarg is not of type `str`. Many other ..."))
+    assert not shown(record(hf, "Passed an already-initialized model through `pretrained`, ..."))
+    assert shown(record(hf, "the tokenizer has no pad token"))
+    assert shown(record("lm_eval.evaluator", "Passed an already-initialized model through "
+                                             "`pretrained`"))  # only where it is expected
