@@ -225,6 +225,45 @@ def test_fast_target_loss_equals_its_plain_definition(arch, tiny_models, toy_rec
             assert torch.allclose(full_logp, ref_logp, rtol=1e-4, atol=1e-4), scale
 
 
+def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_records,
+                                                            monkeypatch):
+    """Padded rows on a GQA model (the tiny Llama: 4 query heads, 2 key/value heads): inside
+    forward_until torch's SDPA gets the grouped heads (enable_gqa) and gives the same hidden
+    states as transformers' default (heads repeated); the switch is gone afterwards."""
+    import os
+
+    from rlsedit_cli.editing.inputs import FORCE_GQA, build_rows, forward_until
+
+    cfg = compose_cfg(tiny_overrides("llama", tiny_models["llama"]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    rows = build_rows(handle, [(c, r.subject, [], 0) for r in toy_records[:3] for c in
+                               (r.prompt, "A much longer context than the others. " + r.prompt)])
+    assert (rows.mask == 0).any()  # padded: transformers passes a mask
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("enable_gqa", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    monkeypatch.delenv(FORCE_GQA, raising=False)
+    out = []
+
+    def keep(module, args, output):
+        out.append(output[0] if isinstance(output, tuple) else output)
+
+    forward_until(handle, rows.inputs, 2, [(handle.layer_module(2), "post", keep)])
+    assert seen and all(seen) and FORCE_GQA not in os.environ
+    seen.clear()
+    hook = handle.layer_module(2).register_forward_hook(keep)
+    with torch.no_grad():
+        handle.model(**rows.inputs)  # transformers' default: heads repeated, no enable_gqa
+    hook.remove()
+    assert seen and not any(seen)
+    real = rows.mask.bool()
+    assert torch.allclose(out[0][real], out[1][real], atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_last_step_loss_and_kl_match_a_plain_forward(arch, tiny_models, toy_records):
     """After steps with replayed blocks and MLPs cut to the positions that count, the NLL and

@@ -11,6 +11,7 @@ target optimisation re-runs only the suffix (see :func:`prefix_cache`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,9 +183,32 @@ def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch
     return patched_forward([handle.mlp_module(layer)], make)
 
 
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextmanager
+def grouped_kv_attention(device: torch.device) -> Iterator[None]:
+    """On the CPU, transformers' SDPA attention hands grouped key/value heads (GQA: SmolLM2,
+    Llama 3, Qwen 2.5) to torch as they are (``enable_gqa``) where, given a padding mask, it
+    would repeat them for every query head first: the same numbers (tests), a SmolLM2 target step
+    about 11% faster (docs/benchmarks.md 6.1). transformers reads the switch, the environment
+    variable FORCE_GQA, at every call; a value the user set is left alone. CUDA keeps
+    transformers' default (not measured there).
+    """
+    if torch.device(device).type != "cpu" or FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FORCE_GQA, None)
+
+
 def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,
                   hooks: list[tuple[torch.nn.Module, str, Callable]]) -> None:
-    """Run the model on ``inputs`` with the given hooks, stopping after block ``stop_layer``.
+    """Run the model on ``inputs`` with the given hooks, stopping after block ``stop_layer``
+    (on the CPU with :func:`grouped_kv_attention`).
 
     Args:
         inputs: keyword arguments of the model's forward (``Rows.inputs`` and the like).
@@ -201,7 +225,8 @@ def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,
 
     handles.append(handle.layer_module(stop_layer).register_forward_hook(stop))
     try:
-        handle.model(**{"use_cache": False, **inputs})
+        with grouped_kv_attention(handle.device):
+            handle.model(**{"use_cache": False, **inputs})
     except StopForwardError:
         pass
     finally:
