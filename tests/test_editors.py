@@ -232,7 +232,8 @@ def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_re
     states as transformers' default (heads repeated); the switch is gone afterwards."""
     import os
 
-    from rlsedit_cli.editing.inputs import FORCE_GQA, build_rows, forward_until
+    from rlsedit_cli.editing.inputs import build_rows, forward_until
+    from rlsedit_cli.models.handle import FORCE_GQA
 
     cfg = compose_cfg(tiny_overrides("llama", tiny_models["llama"]))
     handle = load_model(cfg.model, torch.device("cpu"))

@@ -11,7 +11,6 @@ target optimisation re-runs only the suffix (see :func:`prefix_cache`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
 from rlsedit_cli.models.tokens import encode_prompt, pad, subject_last_index
 
 Item = tuple[str, str, list[int], int]  # (template with "{}", subject, ids after the prompt, owner)
@@ -181,28 +180,6 @@ def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch
         return forward
 
     return patched_forward([handle.mlp_module(layer)], make)
-
-
-FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextmanager
-def grouped_kv_attention(device: torch.device) -> Iterator[None]:
-    """On the CPU, transformers' SDPA attention hands grouped key/value heads (GQA: SmolLM2,
-    Llama 3, Qwen 2.5) to torch as they are (``enable_gqa``) where, given a padding mask, it
-    would repeat them for every query head first: the same numbers (tests), a SmolLM2 target step
-    about 11% faster (docs/benchmarks.md 6.1). transformers reads the switch, the environment
-    variable FORCE_GQA, at every call; a value the user set is left alone. CUDA keeps
-    transformers' default (not measured there).
-    """
-    if torch.device(device).type != "cpu" or FORCE_GQA in os.environ:
-        yield
-        return
-    os.environ[FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(FORCE_GQA, None)
 
 
 def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,

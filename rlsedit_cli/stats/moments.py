@@ -16,7 +16,7 @@ from itertools import islice
 
 import torch
 
-from rlsedit_cli.models.handle import ModelHandle, StopForwardError
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
 from rlsedit_cli.models.tokens import pad
 
 # batches of texts read at once and sorted by length before batching: on SmolLM2's anchor
@@ -92,7 +92,8 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
                 mask = mask.bool()
                 mask_ref["mask"] = mask
                 acc.clear()
-                with contextlib.suppress(StopForwardError):
+                with (contextlib.suppress(StopForwardError),
+                      grouped_kv_attention(handle.device)):
                     model(input_ids=input_ids.to(handle.device),
                           attention_mask=mask.long().to(handle.device))
                 for layer, gram in acc.items():
