@@ -233,7 +233,7 @@ def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_re
     import os
 
     from rlsedit_cli.editing.inputs import build_rows, forward_until
-    from rlsedit_cli.models.handle import FORCE_GQA
+    from rlsedit_cli.models.handle import FORCE_GQA, block_hidden
 
     cfg = compose_cfg(tiny_overrides("llama", tiny_models["llama"]))
     handle = load_model(cfg.model, torch.device("cpu"))
@@ -251,7 +251,7 @@ def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_re
     out = []
 
     def keep(module, args, output):
-        out.append(output[0] if isinstance(output, tuple) else output)
+        out.append(block_hidden(output))
 
     forward_until(handle, rows.inputs, 2, [(handle.layer_module(2), "post", keep)])
     assert seen and all(seen) and FORCE_GQA not in os.environ

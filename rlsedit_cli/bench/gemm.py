@@ -1,5 +1,6 @@
-"""The machine's reference rate: a large dense matrix product, timed beside what a bench
-measures so that both see the same moment of a machine whose speed drifts."""
+"""Timing for the benches (:func:`timed`, CUDA work waited for) and the machine's reference
+rate: a large dense matrix product, timed beside what a bench measures so that both see the same
+moment of a machine whose speed drifts."""
 
 from __future__ import annotations
 

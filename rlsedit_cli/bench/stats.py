@@ -9,11 +9,11 @@ that. Also reported: the share of padded positions in those batches.
 
 from __future__ import annotations
 
-import time
 from itertools import islice
 
 import torch
 
+from rlsedit_cli.bench.gemm import timed
 from rlsedit_cli.editing.inputs import forward_until
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError
 from rlsedit_cli.stats.corpus import iter_texts
@@ -39,17 +39,10 @@ def bench_stats(handle: ModelHandle, layers: list[int], corpus: str, samples: in
     window = batch_size * SORT_WINDOW  # the batches accumulate makes of these texts
     batches = [b for w in range(0, len(texts), window)
                for b in sorted_batches(handle.tok, texts[w : w + window], max_length, batch_size)]
-    sync = torch.cuda.synchronize if handle.device.type == "cuda" else (lambda: None)
     _plain_forward(handle, batches[:1], max(layers))  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    _plain_forward(handle, batches, max(layers))
-    sync()
-    forward_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    state = accumulate(handle, layers, iter(texts), len(texts), max_length, batch_size)
-    sync()
-    stats_s = time.perf_counter() - t0
+    forward_s, _ = timed(lambda: _plain_forward(handle, batches, max(layers)), handle.device)
+    stats_s, state = timed(lambda: accumulate(handle, layers, iter(texts), len(texts),
+                                              max_length, batch_size), handle.device)
     real = sum(int(m.sum()) for _, m in batches)
     padded = sum(m.numel() for _, m in batches)
     return {"bench": "stats", "device": str(handle.device), "model": str(handle.spec.name),

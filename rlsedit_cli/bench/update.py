@@ -10,13 +10,12 @@ timed between two reference GEMMs of the run's dtype, :mod:`rlsedit_cli.bench.ge
 from __future__ import annotations
 
 import statistics
-import time
 from functools import partial
 
 import numpy as np
 import torch
 
-from rlsedit_cli.bench.gemm import share_of_gemm
+from rlsedit_cli.bench.gemm import share_of_gemm, timed
 from rlsedit_cli.ops.baselines import alphaedit_delta, memit_delta, nullspace_projector
 from rlsedit_cli.ops.rls import rls_init, rls_step
 
@@ -31,9 +30,14 @@ def rls_step_flops(d_in: int, d_out: int, u: int) -> float:
             + 2 * 2 * d_out * d_in * u)  # W K and (V - W K) gain
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _alphaedit_batch(Pi, past, W, K, V):
+    """AlphaEdit's update of W by one batch, and its accumulated keys after it."""
+    return W + alphaedit_delta(Pi, past, K, V - W @ K, l2=10.0), past + K @ K.T
+
+
+def _memit_batch(C, W, K, V):
+    """MEMIT's update of W by one batch (a fixed anchor covariance)."""
+    return W + memit_delta(C, K, V - W @ K, n_anchor=1000.0)
 
 
 def slope(times_ms: list[float]) -> tuple[float, float]:
@@ -81,20 +85,13 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
             past = torch.zeros_like(C)
             W = W0.clone()
             for K, V in stream:
-                _sync(dev)
-                t0 = time.perf_counter()
-                W = W + alphaedit_delta(Pi, past, K, V - W @ K, l2=10.0)
-                past = past + K @ K.T
-                _sync(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
+                seconds, (W, past) = timed(partial(_alphaedit_batch, Pi, past, W, K, V), dev)
+                times.append(seconds * 1e3)
         elif editor == "memit":
             W = W0.clone()
             for K, V in stream:
-                _sync(dev)
-                t0 = time.perf_counter()
-                W = W + memit_delta(C, K, V - W @ K, n_anchor=1000.0)
-                _sync(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
+                seconds, W = timed(partial(_memit_batch, C, W, K, V), dev)
+                times.append(seconds * 1e3)
         else:
             raise ValueError(f"unknown editor {editor!r}: use rlsedit, alphaedit or memit")
         med = statistics.median(times)
@@ -107,7 +104,7 @@ def bench_update(d_in: int, d_out: int, u: int, batches: int, device: str = "cpu
         K, V = stream[-1]  # how well the last batch is written: 1.0 would be not at all
         row["last_batch_residual"] = round(float((W @ K - V).norm() / (W0 @ K - V).norm()), 6)
         if editor == "rlsedit":
-            row["gflops"] = round(rls_step_flops(d_in, d_out, u) / (med / 1e3) / 1e9, 2)
+            row["gflops"] = round(flops / (med / 1e3) / 1e9, 2)
             row["gemm_gflops"] = round(statistics.median(rates), 2)  # the run's dtype
             row["share_of_gemm"] = round(statistics.median(shares), 3)
         results.append(row)
