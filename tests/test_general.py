@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlsedit_cli.errors import RlseditError
-from rlsedit_cli.eval import general
+from rlsedit_cli.eval import general, specs
 from rlsedit_cli.runner.run import run
 
 
@@ -27,8 +27,8 @@ def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_pat
     assert all("general" in r for r in rows)
 
 
-def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
-    summary = run(make_cfg("editor=none", "eval=glue", "stream.num_edits=4",
+def test_glue_from_the_hub_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
+    summary = run(make_cfg("editor=none", "eval=glue", "eval.source=hub", "stream.num_edits=4",
                            "stream.batch_size=2", "measure.fluency=false", "eval.limit=5",
                            "measure.pre_edit=false"))
     errors = summary["general"]["errors"]
@@ -41,13 +41,14 @@ def test_glue_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
 
 def test_strict_stops_the_run(make_cfg):
     with pytest.raises(RlseditError, match="eval.strict=true"):
-        run(make_cfg("editor=none", "eval=glue", "eval.tasks=[sst2]", "eval.strict=true",
+        run(make_cfg("editor=none", "eval=glue", "eval.tasks=[cola]", "eval.strict=true",
                      "stream.num_edits=2", "stream.batch_size=2", "measure.fluency=false",
                      "measure.pre_edit=false"))
 
 
 def test_code_tasks_need_the_opt_in(shipped_handle):
-    res = general.evaluate_general(shipped_handle, ["humaneval"], 1, None, 4, False)
+    res = general.evaluate_general(shipped_handle, ["humaneval"],
+                                   general.GeneralSettings(limit=1, batch_size=4))
     assert "eval.allow_code_execution=true" in res.errors["humaneval"] and not res.scores
 
 
@@ -62,7 +63,8 @@ def test_local_tasks_do_not_index_the_builtin_ones(shipped_handle, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lm_eval.tasks, "TaskManager", spy)
-    res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"], 8, None, 8, False)
+    res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"],
+                                   general.GeneralSettings(limit=8))
     assert seen["include_defaults"] is False and "rlsedit_smoke" in res.scores
 
 
@@ -71,12 +73,13 @@ def test_smoke_data_is_what_the_generator_writes(tmp_path):
     from rlsedit_cli.datasets.world import build_world
 
     records = [parse_rome(r) for r in build_world(3000, 0).records]
-    general.write_smoke_data(records, tmp_path / "smoke.jsonl")
-    assert (tmp_path / "smoke.jsonl").read_text() == general.SMOKE_DATA.read_text()
+    specs.write_smoke_data(records, tmp_path / "smoke.jsonl")
+    assert (tmp_path / "smoke.jsonl").read_text() == specs.SMOKE_DATA.read_text()
 
 
 def test_a_misspelt_task_is_named_not_blamed_on_the_network(shipped_handle):
-    res = general.evaluate_general(shipped_handle, ["hellaswagg"], 2, None, 1, False)
+    res = general.evaluate_general(shipped_handle, ["hellaswagg"],
+                                   general.GeneralSettings(limit=2, batch_size=1))
     assert "lm-eval has no task 'hellaswagg': check eval.tasks (close: hellaswag" in \
         res.errors["hellaswagg"] and not res.scores
 
@@ -88,7 +91,7 @@ def test_the_smoke_task_asks_only_about_facts_no_stream_edits():
 
     from .conftest import TINY_BUNDLE
 
-    questions = {json.loads(line)["question"] for line in general.SMOKE_DATA.open()}
+    questions = {json.loads(line)["question"] for line in specs.SMOKE_DATA.open()}
     editable = {r.rewrite_prompt for r in load_toy(str(TINY_BUNDLE)).records}
     assert len(questions) == 200 and not questions & editable
     assert len(editable) == 2800
@@ -110,7 +113,8 @@ def test_code_tasks_get_what_the_code_eval_metric_needs(shipped_handle, monkeypa
 
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
-    res = general.evaluate_general(shipped_handle, ["humaneval"], 1, None, 1, True)
+    res = general.evaluate_general(shipped_handle, ["humaneval"], general.GeneralSettings(
+        batch_size=1, allow_code_execution=True))
     assert seen == {"env": "1", "unsafe": True} and res.scores == {"humaneval": 0.25}
     assert "HF_ALLOW_CODE_EVAL" not in os.environ
 
@@ -131,8 +135,8 @@ def test_eval_data_dir_points_the_datasets_library_at_a_local_cache(shipped_hand
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     before = datasets.config.HF_DATASETS_CACHE
-    res = general.evaluate_general(shipped_handle, ["sst2"], 1, None, 1, False,
-                                   data_dir=str(tmp_path))
+    res = general.evaluate_general(shipped_handle, ["sst2"], general.GeneralSettings(
+        batch_size=1, data_dir=str(tmp_path), source="hub"))
     assert seen["cache"] == tmp_path and res.scores == {"sst2": 0.5}
     assert before == datasets.config.HF_DATASETS_CACHE
     with pytest.raises(ConfigError, match="eval.data_dir=/no/such is not a folder"):
@@ -211,16 +215,17 @@ def test_eval_paper_glue_runs_the_tests_after_the_fewshot_pool(shipped_handle, t
     used = [json.loads(x)["idx"] for x in data.splitlines()]
     assert used == [10, 11] and spec["generation_kwargs"]["max_gen_toks"] == 5
     cfg = make_cfg("eval=paper_glue", f"eval.paper_glue_dir={folder}")
-    res = general.evaluate_general(shipped_handle, list(cfg.eval.tasks), None, None, 4, False,
-                                   paper_glue_dir=cfg.eval.paper_glue_dir)
+    res = general.evaluate_general(shipped_handle, list(cfg.eval.tasks),
+                                   general.GeneralSettings.from_cfg(cfg.eval, 0))
     assert not res.errors and set(res.scores) == set(TASKS)
     assert res.scores["paper_cola"] == res.metrics["paper_cola"]["mcc,none"]
     assert res.scores["paper_sst2"] == res.metrics["paper_sst2"]["f1,none"]
-    missing = general.evaluate_general(shipped_handle, ["paper_rte"], None, None, 4, False)
-    assert "needs eval.paper_glue_dir" in missing.errors["paper_rte"]
+    missing = general.evaluate_general(shipped_handle, ["paper_cola"],
+                                       general.GeneralSettings(batch_size=4))
+    assert "set eval.paper_glue_dir to AlphaEdit's" in missing.errors["paper_cola"]
     (folder / "rte.jsonl").unlink()
-    gone = general.evaluate_general(shipped_handle, ["paper_rte"], None, None, 4, False,
-                                    paper_glue_dir=str(folder))
+    gone = general.evaluate_general(shipped_handle, ["paper_rte"], general.GeneralSettings(
+        batch_size=4, paper_glue_dir=str(folder)))
     assert "holds no rte.pkl or rte.jsonl" in gone.errors["paper_rte"]
 
 
@@ -237,8 +242,8 @@ def test_few_shot_is_set_per_task(shipped_handle, monkeypatch, make_cfg):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     assert make_cfg("eval=paper").eval.fewshot == {"mmlu": 5}
-    general.evaluate_general(shipped_handle, ["mmlu", "sst2"], 1, None, 1, False,
-                             fewshot={"mmlu": 5})
+    general.evaluate_general(shipped_handle, ["mmlu", "sst2"], general.GeneralSettings(
+        batch_size=1, fewshot={"mmlu": 5}, source="hub"))
     assert seen == {"mmlu": 5, "sst2": None}
 
 
@@ -247,7 +252,8 @@ def test_lm_eval_bars_stay_off_the_console(shipped_handle, capfd, caplog):
     import logging
 
     with caplog.at_level(logging.DEBUG, logger="rlsedit_cli.eval.general"):
-        res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"], 8, None, 8, False)
+        res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"],
+                                       general.GeneralSettings(limit=8))
     err = capfd.readouterr().err
     assert "rlsedit_smoke" in res.scores and "general ability (lm-eval)" in err
     assert "Running loglikelihood requests" not in err

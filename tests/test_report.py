@@ -56,6 +56,23 @@ def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path)
                         "rlsedit_wikitext 21.50 → 23.25 |")
 
 
+def test_the_report_states_documents_limit_and_few_shot_per_task(tmp_path):
+    from rlsedit_cli.report.runs import Run
+    from rlsedit_cli.report.table import general_settings_table
+
+    settings = {"gsm8k": {"limit": 50, "sample": "seeded", "documents": 50, "fewshot": 5,
+                          "source": "local", "note": "few-shot examples drawn from the test split"},
+                "sst2": {"limit": None, "sample": "seeded", "documents": 872, "fewshot": 0,
+                         "source": "local"}}
+    runs = [Run(path=tmp_path, summary={"general": {"settings": settings}}),
+            Run(path=tmp_path, summary={"general": {"settings": settings}})]
+    lines = general_settings_table(runs).splitlines()
+    assert lines[2:] == [
+        "| gsm8k | 50 | 50 (seeded) | 5 | local | few-shot examples drawn from the test split |",
+        "| sst2 | 872 | all | 0 | local |  |"]
+    assert general_settings_table([Run(path=tmp_path, summary={})]) == ""
+
+
 def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run" in caplog.text

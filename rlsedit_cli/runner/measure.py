@@ -8,7 +8,7 @@ import time
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
-from rlsedit_cli.eval.general import check_strict, evaluate_general
+from rlsedit_cli.eval.general import GeneralSettings, check_strict, evaluate_general
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
 
@@ -67,12 +67,12 @@ class Measurer:
     def measure_general(self, edits: int) -> dict:
         """lm-eval on the model as it is now; one general.csv row per task."""
         cfg = self.tasks
-        res = evaluate_general(self.handle, list(cfg.tasks), cfg.limit, cfg.num_fewshot,
-                               cfg.lm_batch_size, cfg.allow_code_execution, self.seed,
-                               cfg.data_dir, dict(cfg.fewshot), cfg.paper_glue_dir)
+        res = evaluate_general(self.handle, list(cfg.tasks),
+                               GeneralSettings.from_cfg(cfg, self.seed))
         check_strict(res, cfg.strict)
         self.record.general(edits, res.scores)
-        self.general.append({"edits": edits, "scores": res.scores, "errors": res.errors})
+        self.general.append({"edits": edits, "scores": res.scores, "errors": res.errors,
+                             "settings": res.settings})
         log.info("general ability after %d edits: %s", edits, res.scores)
         return res.scores
 
@@ -121,7 +121,8 @@ class Measurer:
         out["warnings"] = list(self.warnings)
         if self.general:
             out["general"] = {**self.general[-1]["scores"], "points": self.general,
-                              "errors": self.general[-1]["errors"]}
+                              "errors": self.general[-1]["errors"],
+                              "settings": self.general[-1].get("settings", {})}
         return out
 
     def state_dict(self) -> dict:

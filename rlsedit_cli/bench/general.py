@@ -1,0 +1,42 @@
+"""`rlsedit bench general`: the eval group's lm-eval tasks on the unedited model.
+
+Per task: the headline figure, its 95% interval (1.96 of lm-eval's standard error), the documents
+scored, few-shot, where the data came from, and the seconds it took (what one checkpoint costs).
+docs/results.md's table of the unedited SmolLM2-135M is this bench's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from rlsedit_cli.eval.general import GeneralResult, GeneralSettings, evaluate_general
+from rlsedit_cli.models.handle import ModelHandle
+
+
+def stderr_key(metric: str) -> str:
+    """lm-eval's name of a metric's standard error: ``acc,none`` -> ``acc_stderr,none``."""
+    name, _, flt = metric.partition(",")
+    return f"{name}_stderr,{flt}"
+
+
+def bench_general(handle: ModelHandle, tasks: list[str],
+                  opts: GeneralSettings) -> Iterator[dict]:
+    """One row per task, task by task: figure, interval, documents, few-shot, source, seconds
+    (or its error)."""
+    for task in tasks:
+        yield from _rows(handle, evaluate_general(handle, [task], opts), opts)
+
+
+def _rows(handle: ModelHandle, res: GeneralResult, opts: GeneralSettings) -> list[dict]:
+    base = {"bench": "general", "model": str(handle.spec.name), "device": str(handle.device),
+            "batch_size": opts.batch_size, "seed": opts.seed}
+    rows = []
+    for task, score in res.scores.items():
+        settings = res.settings[task]
+        stderr = res.metrics[task].get(stderr_key(settings["metric"]))
+        rows.append({**base, "task": task, "score": round(score, 4),
+                     "ci95": round(1.96 * stderr, 4) if isinstance(stderr, float) else None,
+                     **settings, "metrics": {k: round(float(v), 4)
+                                             for k, v in res.metrics[task].items()}})
+    rows += [{**base, "task": task, "error": message} for task, message in res.errors.items()]
+    return rows
