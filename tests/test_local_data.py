@@ -39,7 +39,7 @@ def test_glue_reads_sst2_mrpc_rte_locally_and_names_what_no_package_holds(shippe
                                                       "source", "metric")}
         assert stated == {"limit": 6, "sample": "seeded", "documents": 6, "fewshot": 0,
                           "source": "local", "metric": "acc,none"}
-        assert res.settings[task]["seconds"] > 0
+        assert res.seconds[task] > 0
     assert "acc_stderr,none" in res.metrics["sst2"]
     assert set(res.errors) == {"cola", "mnli"}
     for message in res.errors.values():

@@ -36,7 +36,7 @@ def _rows(handle: ModelHandle, res: GeneralResult, opts: GeneralSettings) -> lis
         stderr = res.metrics[task].get(stderr_key(settings["metric"]))
         rows.append({**base, "task": task, "score": round(score, 4),
                      "ci95": round(1.96 * stderr, 4) if isinstance(stderr, float) else None,
-                     **settings, "metrics": {k: round(float(v), 4)
+                     **settings, "seconds": res.seconds[task], "metrics": {k: round(float(v), 4)
                                              for k, v in res.metrics[task].items()}})
     rows += [{**base, "task": task, "error": message} for task, message in res.errors.items()]
     return rows

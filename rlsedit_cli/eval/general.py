@@ -39,6 +39,7 @@ class GeneralResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)  # limit, few-shot, source per task
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per task
 
 
 def _main_metric(values: dict, first: str | None = None) -> tuple[str, float] | None:
@@ -242,8 +243,8 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
                 result.scores[name] = main[1]
                 result.metrics[name] = {k: v for k, v in values.items()
                                         if isinstance(v, (int, float))}
-                result.settings[name] = {"metric": main[0], **_settings(name, out, opts, spec),
-                                         "seconds": round(seconds, 1)}
+                result.settings[name] = {"metric": main[0], **_settings(name, out, opts, spec)}
+                result.seconds[name] = round(seconds, 1)
     return result
 
 
