@@ -156,10 +156,9 @@ def overrides(task: str, scratch: Path) -> dict:
     return out
 
 
-def mmlu_group(scratch: Path) -> dict:
+def mmlu_group() -> dict:
     """lm-eval's ``mmlu`` as one group of its 57 subject tasks (test split; dev for few-shot, as
     lm-eval), accuracy weighted by each subject's size as lm-eval aggregates it."""
-    del scratch
     base = _root(OLMO, "mmlu") / "hf_datasets" / MMLU
     subjects = sorted(p.name for p in base.iterdir() if p.is_dir())
     members = []

@@ -78,7 +78,7 @@ def task_spec(task: str, manager, opts, scratch: Path):
     if task in local_data.ABSENT:
         raise DataError(local_data.absent_message(task))
     if task == "mmlu":
-        return _group(manager, local_data.mmlu_group(scratch))
+        return _group(manager, local_data.mmlu_group())
     if task in local_data.LOCAL_TASKS:
         return {**_registered(manager, task), **local_data.overrides(task, scratch)}
     return task
