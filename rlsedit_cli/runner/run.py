@@ -60,16 +60,16 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.eval.data_dir and not Path(cfg.eval.data_dir).expanduser().is_dir():
         raise ConfigError(f"eval.data_dir={cfg.eval.data_dir} is not a folder: give a datasets "
                           "cache folder (HF_DATASETS_CACHE of a machine that loaded the tasks)")
-    for key, allowed in (("sample", ("seeded", "first")), ("source", ("local", "hub"))):
-        if cfg.eval[key] not in allowed:
-            raise ConfigError(f"eval.{key}={cfg.eval[key]!r} must be {' or '.join(allowed)}")
+    for section, key, allowed in (("eval", "sample", ("seeded", "first")),
+                                  ("eval", "source", ("local", "hub")),
+                                  ("measure", "generation", ("sample", "greedy"))):
+        if cfg[section][key] not in allowed:
+            raise ConfigError(f"{section}.{key}={cfg[section][key]!r} must be "
+                              f"{' or '.join(allowed)}")
     for task, n in {"": cfg.eval.limit, **cfg.eval.limits}.items():
         if n is not None and n < 1:
             raise ConfigError(f"eval.limit{'s.' + task if task else ''}={n} must be at least 1 "
                               "(leave it null for every document)")
-    if cfg.measure.generation not in ("sample", "greedy"):
-        raise ConfigError(f"measure.generation={cfg.measure.generation!r} must be sample or "
-                          "greedy")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
