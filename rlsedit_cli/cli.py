@@ -206,22 +206,32 @@ def _bench_targets(args: argparse.Namespace) -> dict:
                          target=target, repeat=args.repeat)
 
 
-def _bench_stream(args: argparse.Namespace) -> dict:
-    """One run of the configured stream in a fresh folder, timed by phase."""
+def _bench_stream(args: argparse.Namespace) -> list[dict]:
+    """One run of the configured stream in a fresh folder, timed by phase; with --against, a run
+    of each further configuration on the same records and their comparison."""
     from datetime import datetime
     from pathlib import Path
 
     from omegaconf import open_dict
 
-    from rlsedit_cli.bench.stream import DEFAULTS, bench_stream
+    from rlsedit_cli.bench.stream import DEFAULTS, bench_stream, compare_streams
 
-    cfg = _bench_config([f"model={args.model}", f"device={args.device}", *DEFAULTS,
-                         *args.overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = args.run_dir or str(  # a new folder, named as Hydra's run folders
-            Path(cfg.paths.output_dir) / "bench" / "stream"
-            / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
-    return bench_stream(cfg)
+    root = Path(args.run_dir) if args.run_dir else None
+    variants = ["", *args.against]
+    rows = []
+    for k, variant in enumerate(variants):
+        cfg = _bench_config([f"model={args.model}", f"device={args.device}", *DEFAULTS,
+                             *args.overrides, *variant.split()])
+        with open_dict(cfg):
+            folder = root or (Path(cfg.paths.output_dir) / "bench" / "stream"
+                              / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
+            cfg.paths.run_dir = str(folder / f"config{k}" if args.against else folder)
+        rows.append(bench_stream(cfg) | {"config": variant or "(as given)"})
+        if args.against:  # each result as soon as it is measured
+            _emit(rows[-1], args.out)
+    if args.against:
+        return [compare_streams(rows, [r["config"] for r in rows])]
+    return rows
 
 
 def _bench_stats(args: argparse.Namespace) -> dict:
@@ -250,8 +260,6 @@ def _bench_general(args: argparse.Namespace):
 def bench_command(args: argparse.Namespace) -> int:
     """``rlsedit bench update|targets|stats|stream|all``: JSON lines on stdout (and appended to
     --out)."""
-    import json
-    from pathlib import Path
 
     from rlsedit_cli.bench.update import bench_update
     from rlsedit_cli.errors import ConfigError
@@ -261,6 +269,8 @@ def bench_command(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
                               "least 1")
+    if args.against and args.bench_verb != "stream":
+        raise ConfigError(f"bench --against is for bench stream, not bench {args.bench_verb}")
     if args.overrides and args.bench_verb == "update":
         raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
                           "are for bench targets, stats, stream and general")
@@ -273,17 +283,24 @@ def bench_command(args: argparse.Namespace) -> int:
     if args.bench_verb in ("stats", "all"):
         rows.append(_bench_stats(args))
     if args.bench_verb in ("stream", "all"):
-        rows.append(_bench_stream(args))
+        rows += _bench_stream(args)
     if args.bench_verb == "general":  # not in `all`: minutes to hours; a line per task
         rows = _bench_general(args)
     for row in rows:
-        line = json.dumps(row)
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-        if args.out:
-            with open(Path(args.out), "a", encoding="utf-8") as f:
-                f.write(line + "\n")
+        _emit(row, args.out)
     return 0
+
+
+def _emit(row: dict, out: str | None) -> None:
+    """One JSON line on stdout (and appended to ``out``)."""
+    import json
+
+    line = json.dumps(row)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if out:
+        with open(Path(out), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -366,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="targets: timed runs of each path (the median is reported)")
     bench.add_argument("--samples", type=int, default=200, help="stats: texts to read")
     bench.add_argument("--out", help="also append the JSON lines to this file")
+    bench.add_argument("--against", action="append", default=[], metavar="'KEY=VALUE ...'",
+                       help="stream: also run this configuration (overrides added to the "
+                            "common ones, space-separated) on the same records and compare; "
+                            "repeat for more")
     return parser
 
 

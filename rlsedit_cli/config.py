@@ -77,6 +77,7 @@ class TargetConfig:
     stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
     context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
     chunk_size: int = MISSING  # requests optimised together; bounds activation memory
+    compute_dtype: str = MISSING  # the frozen blocks' products: float32 | bfloat16 (autocast)
 
 
 @dataclass
@@ -134,6 +135,10 @@ class MeasureConfig:
     generation_prompts: int | None = MISSING  # per record; None: all of them
     retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
     retention_every: int = MISSING  # ... every this many batches (0: never)
+    reuse_unedited: bool = MISSING  # the unedited model's figures from paths.cache when cached
+    fluency_records: int | None = MISSING  # texts of a seeded subset of N records; None: all
+    fluency_at: str = MISSING  # every (before, retention points, end) | ends (before and end)
+    compute_dtype: str = MISSING  # of the measuring forward passes: float32 | bfloat16
 
 
 @dataclass
@@ -194,6 +199,19 @@ class CheckpointConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """A speed preset (conf/speed/NAME.yaml): the settings that trade exactness for time, read
+    by the target settings (conf/target, ROME's) and the measure section through interpolation."""
+
+    name: str = MISSING  # faithful | long_stream | fastest
+    target_dtype: str = MISSING  # editor.target.compute_dtype
+    stop_when_top1: bool = MISSING  # editor.target.stop_when_top1 (ENCORE's stop)
+    measure_dtype: str = MISSING  # measure.compute_dtype
+    fluency_records: int | None = MISSING  # measure.fluency_records
+    fluency_at: str = MISSING  # measure.fluency_at
+
+
+@dataclass
 class RootConfig:
     model: ModelConfig = MISSING
     editor: Any = MISSING
@@ -210,6 +228,7 @@ class RootConfig:
     resume: str | None = None
     overwrite: bool = MISSING  # replace the earlier run in hydra.run.dir (else refused)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
+    speed: SpeedConfig = field(default_factory=lambda: SpeedConfig())
     objective: str = MISSING  # what a sweep maximises: hmean (of efficacy, generalization,
     # specificity) or any summary metric (efficacy, fluency, ...)
 

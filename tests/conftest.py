@@ -125,5 +125,5 @@ def target_cfg(**values):
 
     base = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
                 loss_layer=2, early_stop_loss=0.05, stop_when_top1=False,
-                context_templates=[[5, 5]], chunk_size=64)
+                context_templates=[[5, 5]], chunk_size=64, compute_dtype="float32")
     return TargetConfig(**(base | values))

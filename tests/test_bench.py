@@ -74,6 +74,36 @@ def test_bench_stream_times_a_real_run_by_phase(capsys, tmp_path):
     assert row["edit_s_per_batch"]["slope_se"] >= 0
 
 
+def test_bench_stream_compares_configurations_on_the_same_records(capsys, tmp_path):
+    """--against runs another configuration on the same records: editing and measuring seconds
+    per edit side by side for each, the ratio to the first run, the figures against the first
+    run's 95% intervals; every measurement phase is timed."""
+    run_dir = tmp_path / "stream"
+    common = ["stream.num_edits=4", "stream.batch_size=2", "editor.target.steps=3",
+              "measure.retention_edits=2", "measure.generation_prompts=1",
+              f"paths.cache={tmp_path / 'cache'}"]
+    assert main(["bench", "stream", "--device", "cpu", "--run-dir", str(run_dir), *common,
+                 "--against", "editor.target.compute_dtype=bfloat16 stream.batch_size=4"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    first, second, compare = lines[-3:]
+    assert (first["config"], second["config"]) == (
+        "(as given)", "editor.target.compute_dtype=bfloat16 stream.batch_size=4")
+    assert (first["batches"], second["batches"]) == (2, 1)
+    assert set(first["measure_phase_s_per_edit"]) == {"pre", "batch", "retention", "general",
+                                                      "final"}
+    assert first["measure_phase_s_per_edit"]["pre"] > 0  # measure.pre_edit stays on
+    assert first["measure_phase_s_per_edit"]["retention"] > 0
+    assert compare["bench"] == "stream_compare" and len(compare["runs"]) == 2
+    base, other = compare["runs"]
+    assert base["edit_speedup"] == 1.0
+    assert other["edit_speedup"] == pytest.approx(
+        first["edit_s_per_edit"] / second["edit_s_per_edit"], rel=0.02)
+    assert other["measure_s_per_edit"] == second["measure_s_per_edit"]
+    assert set(other["within_first_ci95"]) >= {"efficacy", "generalization", "specificity"}
+    assert (run_dir / "config0" / "summary.json").is_file()
+    assert (run_dir / "config1" / "summary.json").is_file()
+
+
 def test_bench_refuses_overrides_it_cannot_use(caplog):
     assert main(["bench", "update", "model=smollm2_135m"]) == 2
     assert "bench update takes no config overrides (model=smollm2_135m)" in caplog.text

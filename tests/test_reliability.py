@@ -103,13 +103,13 @@ def test_bad_input_is_one_clear_line(case, tmp_path, bad_records):
 
 
 def test_nan_keys_stop_the_run_with_a_clear_error(make_cfg, monkeypatch):
-    real = editor_base.keys_and_hidden
+    real = editor_base.LayerKeys.read
 
     def nan_keys(*args, **kwargs):
         K, h = real(*args, **kwargs)
         return K * float("nan"), h
 
-    monkeypatch.setattr(editor_base, "keys_and_hidden", nan_keys)
+    monkeypatch.setattr(editor_base.LayerKeys, "read", nan_keys)
     with pytest.raises(NumericalError, match="edit keys K holds NaN or inf.*model.dtype=float32"):
         run(make_cfg("editor=rlsedit", *BASE))
 

@@ -73,6 +73,31 @@ def test_the_report_states_documents_limit_and_few_shot_per_task(tmp_path):
     assert general_settings_table([Run(path=tmp_path, summary={})]) == ""
 
 
+def test_the_report_names_settings_that_trade_figures_for_time(tmp_path):
+    """A run with the long-stream preset gets a row saying what it changed; runs that are all
+    faithful and measured their own unedited figures get no such table."""
+    from rlsedit_cli.report.runs import Run
+    from rlsedit_cli.report.table import speed_table
+
+    faithful = {"editor": "rlsedit", "model": "m",
+                "speed": {"preset": "faithful", "target_dtype": "float32",
+                          "stop_when_top1": False},
+                "measurement": {"fluency_records": None, "fluency_at": "every",
+                                "compute_dtype": "float32", "unedited_from_cache": {}}}
+    fast = {"editor": "memit", "model": "m",
+            "speed": {"preset": "long_stream", "target_dtype": "bfloat16",
+                      "stop_when_top1": True},
+            "measurement": {"fluency_records": 50, "fluency_at": "ends",
+                            "compute_dtype": "bfloat16",
+                            "unedited_from_cache": {"pre": "/c/unedited/pre-1.json"}}}
+    assert speed_table([Run(path=tmp_path, summary=faithful), Run(path=tmp_path, summary={})]) == ""
+    lines = speed_table([Run(path=tmp_path, summary=faithful),
+                         Run(path=tmp_path, summary=fast)]).splitlines()
+    assert lines[2:] == [
+        "| memit | m | - | long_stream | bfloat16 | yes | bfloat16 | 50 | ends | pre |",
+        "| rlsedit | m | - | faithful | float32 | no | float32 | all | every | - |"]
+
+
 def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):
     assert main(["report", str(tmp_path)]) == 2
     assert "no finished run" in caplog.text

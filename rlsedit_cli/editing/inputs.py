@@ -93,6 +93,13 @@ class SplitRows:
         """(N, S): 1 on the suffix's tokens, 0 on its (right) padding."""
         return self.mask[:, self.prefix_ids.shape[1]:]
 
+    def select(self, rows: torch.Tensor, requests: torch.Tensor) -> SplitRows:
+        """Only ``rows`` (their requests, ``requests``, sorted, become 0..m-1)."""
+        picked = {f: getattr(self, f)[rows.to(getattr(self, f).device)]
+                  for f in self.__dataclass_fields__}
+        picked["owner"] = torch.searchsorted(requests.to(self.owner.device), picked["owner"])
+        return SplitRows(**picked)
+
     def suffix_inputs(self, cache: DynamicCache | None) -> dict:
         """Inputs of the suffix after a prefix whose keys and values are in ``cache``."""
         return {"input_ids": self.suffix_ids, "attention_mask": self.mask,
@@ -117,22 +124,38 @@ def build_split_rows(handle: ModelHandle, items: list[Item]) -> SplitRows:
                      owner=torch.tensor([it[3] for it in items]).to(dev))
 
 
-@torch.no_grad()
-def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int):
-    """Keys and values of the prefixes in blocks 0..``stop_layer``, or None without prefixes.
+class PrefixCache:
+    """Keys and values of the prefixes in blocks 0..stop_layer (None above it), per row."""
 
-    Returns a function that gives a fresh cache holding them (a forward pass appends to its
-    cache, so each pass needs its own).
-    """
-    if rows.prefix_ids.shape[1] == 0:
-        return lambda: None
+    def __init__(self, kv: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None,
+                 config) -> None:
+        self.kv, self.config = kv, config
+
+    def fresh(self) -> DynamicCache | None:
+        """A new cache holding them (a forward pass appends to its cache, so each pass needs
+        its own), or None without prefixes."""
+        return None if self.kv is None else DynamicCache(self.kv, config=self.config)
+
+    def select(self, rows: torch.Tensor) -> PrefixCache:
+        """The cache of ``rows`` only."""
+        if self.kv is None:
+            return self
+        return PrefixCache([(k if k is None else k[rows.to(k.device)],
+                             v if v is None else v[rows.to(v.device)]) for k, v in self.kv],
+                           self.config)
+
+
+@torch.no_grad()
+def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int) -> PrefixCache:
+    """The prefixes' keys and values in blocks 0..``stop_layer`` (empty without prefixes)."""
     config = handle.model.config
+    if rows.prefix_ids.shape[1] == 0:
+        return PrefixCache(None, config)
     cache = DynamicCache(config=config)
     forward_until(handle, {**rows.prefix_inputs, "past_key_values": cache, "use_cache": True},
                   stop_layer, [])
-    kv = [(layer.keys, layer.values) if i <= stop_layer else (None, None)
-          for i, layer in enumerate(cache.layers)]
-    return lambda: DynamicCache(kv, config=config)
+    return PrefixCache([(layer.keys, layer.values) if i <= stop_layer else (None, None)
+                        for i, layer in enumerate(cache.layers)], config)
 
 
 @contextmanager
@@ -175,7 +198,7 @@ def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch
         def forward(hidden, *args, **kwargs):  # hidden (N, S, d_model)
             at = (rows.to(hidden.device), cols.to(hidden.device))
             picked = inner(hidden[at][None], *args, **kwargs)[0]  # (k, d_model)
-            return hidden.new_zeros(hidden.shape).index_put(at, picked)
+            return picked.new_zeros(hidden.shape).index_put(at, picked)
 
         return forward
 

@@ -42,6 +42,7 @@ from rlsedit_cli.editing.inputs import (
 )
 from rlsedit_cli.editing.reference import KL_PROMPT
 from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
+from rlsedit_cli.models.precision import compute_dtype, lowered_weights, weights_swapped
 from rlsedit_cli.models.tokens import encode_target
 
 
@@ -103,21 +104,37 @@ class TargetLoss:
     :func:`rlsedit_cli.editing.reference.plain_target_loss` (the readable definition; tests hold
     the two equal on every architecture). ``h_init`` (n, d_model), the unedited residual stream
     after ``z_layer`` at the subject's last token of each plain prompt, is set by the first call.
+    :meth:`keep` drops the rows of requests that stopped, so later steps cost only what is left.
+    ``dtype``: of the frozen blocks' and the LM head's matrix products (:func:`compute_dtype`);
+    the delta, Adam and the loss (log-softmax, NLL, KL) stay float32.
     """
 
     def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
-                 z_layer: int, loss_layer: int) -> None:
-        self.handle, self.z_layer = handle, z_layer
+                 z_layer: int, loss_layer: int, dtype: str = "float32") -> None:
+        self.handle, self.z_layer, self.dtype = handle, z_layer, dtype
         self.loss_layer = max(loss_layer, z_layer)
-        n, n_ctx = len(requests), len(templates)
-        self.n, self.n_ctx = n, n_ctx
+        self.n, self.n_ctx = len(requests), len(templates)
+        self.rows, self.targets = _rows(handle, requests, templates)
+        # the frozen blocks' weights in ``dtype``, cast once (bfloat16; none for float32)
+        self.low = lowered_weights([handle.layer_module(i) for i in range(self.loss_layer + 1)],
+                                   dtype)
+        with compute_dtype(handle.device, dtype), weights_swapped(self.low):
+            self.kv = prefix_cache(handle, self.rows, self.loss_layer)
+        self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
+        self.h_init: torch.Tensor | None = None
+        self.map_init: torch.Tensor | None = None  # the edited map's output there (n, d_model)
+        self.top1: torch.Tensor | None = None  # (n,) every target token top-1 after every prompt
+        self._index()
+
+    def _index(self) -> None:
+        """The index tensors of the current rows (made once per set of rows)."""
+        rows, n, n_ctx = self.rows, self.n, self.n_ctx
         n_rewrite = n * n_ctx
-        rows, targets = _rows(handle, requests, templates)
-        self.rows = rows
-        self.new_cache = prefix_cache(handle, rows, self.loss_layer)
-        dev = rows.mask.device  # index tensors, made once; the .to()s below only cross GPUs
-        self.t_row, self.t_col, self.t_tok = (x.to(dev) for x in _target_index(rows, targets))
-        self.t_len = torch.tensor([len(t) for t in targets], dtype=torch.float32, device=dev)
+        dev = rows.mask.device  # the .to()s below only cross GPUs
+        self.t_row, self.t_col, self.t_tok = (x.to(dev) for x in _target_index(rows,
+                                                                                 self.targets))
+        self.t_len = torch.tensor([len(t) for t in self.targets], dtype=torch.float32,
+                                  device=dev)
         self.kl_rows = torch.arange(n_rewrite, n_rewrite + n, device=dev)
         self.kl_col = torch.zeros_like(self.kl_rows)  # the subject's last token (compute_z.py)
         self.needed = (torch.cat([self.t_row, self.kl_rows]),
@@ -128,10 +145,25 @@ class TargetLoss:
         useful[n_rewrite:, 1:] = 0
         self.real = torch.nonzero(useful, as_tuple=True)
         self.first_rows = torch.arange(0, n_rewrite, n_ctx, device=dev)  # the "{}" contexts
-        self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
-        self.h_init: torch.Tensor | None = None
-        self.map_init: torch.Tensor | None = None  # the edited map's output there (n, d_model)
-        self.top1: torch.Tensor | None = None  # (n,) every target token top-1 after every prompt
+
+    def new_cache(self):
+        """A fresh key/value cache of the prefixes (a pass appends to its cache)."""
+        return self.kv.fresh()
+
+    def keep(self, which: torch.Tensor) -> None:
+        """Only the requests where ``which`` (n,) bool is true are computed from now on."""
+        idx = torch.nonzero(which.to(self.rows.mask.device)).flatten()  # (m,)
+        rewrite = (idx[:, None] * self.n_ctx + torch.arange(self.n_ctx, device=idx.device)
+                   ).flatten()
+        rows = torch.cat([rewrite, self.n * self.n_ctx + idx])  # (m * (n_ctx + 1),)
+        self.targets = [self.targets[i] for i in rewrite.tolist()]
+        self.rows = self.rows.select(rows, idx)
+        self.kv = self.kv.select(rows)
+        if self.z_out is not None:
+            hidden = block_hidden(self.z_out)
+            self.z_out = with_hidden(self.z_out, hidden[rows.to(hidden.device)])
+        self.n = len(idx)
+        self._index()
 
     def _hidden(self, delta: torch.Tensor) -> torch.Tensor:
         """Block ``loss_layer``'s output (N, S, d_model), exact at ``self.needed`` only."""
@@ -163,6 +195,8 @@ class TargetLoss:
                 patches.enter_context(mlp_only_at(handle, layer, *self.real))
             if self.loss_layer > self.z_layer:  # its output is read only where the loss reads
                 patches.enter_context(mlp_only_at(handle, self.loss_layer, *self.needed))
+            patches.enter_context(compute_dtype(delta.device, self.dtype))
+            patches.enter_context(weights_swapped(self.low))
             forward_until(handle, self.rows.suffix_inputs(self.new_cache()), self.loss_layer,
                           hooks)
         return found["out"]
@@ -172,7 +206,8 @@ class TargetLoss:
         dev = out.device
         # one pass of the LM head over every position the loss reads: the target tokens' rows,
         # then the KL prompts' subject tokens (one product over the vocabulary, not two)
-        logits = _logits(self.handle, out[self.needed[0].to(dev), self.needed[1].to(dev)])
+        with compute_dtype(dev, self.dtype):  # the head's product too; the loss in float32
+            logits = _logits(self.handle, out[self.needed[0].to(dev), self.needed[1].to(dev)])
         dev = logits.device  # the LM head's device
         n_tok = self.t_tok.shape[0]
         tok_logits = logits[:n_tok]  # (n_tok, vocab)
@@ -208,41 +243,59 @@ def optimise_targets(handle: ModelHandle, requests: list[Record], templates: lis
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
                     z_layer: int, cfg, scale_by: str, loss: type) -> TargetResult:
-    """Adam on the deltas of one chunk; each request stops on its own (see module doc)."""
-    target_loss = loss(handle, requests, templates, z_layer, int(cfg.loss_layer))
+    """Adam on the deltas of one chunk; each request stops on its own (see module doc).
+
+    A request that stopped keeps its delta; from the next step on, a loss that can
+    (:meth:`TargetLoss.keep`) computes only the requests still running: each request's loss and
+    gradient depend on its own rows only, so this changes no figure, only the time.
+    """
+    target_loss = loss(handle, requests, templates, z_layer, int(cfg.loss_layer),
+                       **({"dtype": cfg.compute_dtype} if loss is TargetLoss else {}))
+    compacts = hasattr(target_loss, "keep")
     n = len(requests)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)
     d_model = handle.weight_shape(z_layer)[0]
     delta = torch.zeros(n, d_model, device=z_device, dtype=torch.float32, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     active = torch.ones(n, dtype=torch.bool, device=z_device)
+    idx = torch.arange(n, device=z_device)  # the requests the loss computes, (m,)
     steps = torch.zeros(n, dtype=torch.long, device=z_device)
-    init_loss = final_loss = final_kl = kl_init = None
+    final_loss = torch.zeros(n, device=z_device)
+    final_kl = torch.zeros(n, device=z_device)
+    init_loss = kl_init = h_norm = None
     with torch.enable_grad():
         for it in range(int(cfg.steps)):
-            nll, kl_logp = target_loss(delta)  # (n,), (n, vocab)
+            nll, kl_logp = target_loss(delta[idx] if compacts else delta)  # (m,), (m, vocab)
+            top1 = target_loss.top1
+            if not compacts:
+                nll, kl_logp, top1 = nll[idx], kl_logp[idx], top1.to(z_device)[idx]
             if kl_init is None:
-                kl_init = kl_logp.detach()
-                init_loss = nll.detach()
-            kl = kl_divergence(kl_logp, kl_init)
-            scale = target_loss.h_init if scale_by == "residual" else target_loss.map_init
-            h_norm = scale.to(z_device).norm(dim=-1)  # (n,)
-            loss = nll + cfg.kl_factor * kl + cfg.weight_decay * delta.norm(dim=-1) / h_norm**2
-            final_loss, final_kl = nll.detach(), kl.detach()
-            active &= loss.detach() >= cfg.early_stop_loss
+                kl_init, init_loss = kl_logp.detach(), nll.detach()
+                scale = target_loss.h_init if scale_by == "residual" else target_loss.map_init
+                h_norm = scale.to(z_device).norm(dim=-1)  # (n,)
+            kl = kl_divergence(kl_logp, kl_init[idx])
+            loss = (nll + cfg.kl_factor * kl
+                    + cfg.weight_decay * delta[idx].norm(dim=-1) / h_norm[idx] ** 2)
+            final_loss[idx], final_kl[idx] = nll.detach(), kl.detach()
+            stop = loss.detach() < cfg.early_stop_loss  # (m,)
             if cfg.stop_when_top1:  # ENCORE's early stop: the target already wins everywhere
-                active &= ~target_loss.top1.to(active.device)
+                stop |= top1.to(stop.device)
+            active[idx[stop]] = False
             if not bool(active.any()) or it == int(cfg.steps) - 1:
                 break
             frozen = delta.detach()[~active].clone()
             opt.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            loss[~stop].sum().backward()
             opt.step()
             with torch.no_grad():
                 delta[~active] = frozen
                 steps += active.long()
                 max_norm = cfg.clamp_norm_factor * h_norm
                 delta.mul_((max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)[:, None])
+            if bool(stop.any()):
+                if compacts:
+                    target_loss.keep(~stop)
+                idx = idx[~stop]
     z = target_loss.h_init.to(z_device) + delta.detach()
     return TargetResult(z=z, init_loss=init_loss, final_loss=final_loss, final_kl=final_kl,
                         steps=steps)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_cli.datasets.records import Record
-from rlsedit_cli.editing.keys import keys_and_hidden
+from rlsedit_cli.editing.keys import keys_of_layers
 from rlsedit_cli.editors.base import KeyValueEditor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.baselines import alphaedit_delta, nullspace_projector
@@ -32,10 +32,10 @@ class AlphaEdit(KeyValueEditor):
 
     def after_batch(self, batch: list[Record]) -> dict[str, float]:
         """Accumulate the batch's keys, recomputed on the edited model (as AlphaEdit does)."""
+        keys = keys_of_layers(self.handle, batch, self.templates.get(), self.layers,
+                              self.templates.weights)
         for layer in self.layers:
-            K, _ = keys_and_hidden(self.handle, batch, self.templates.get(), layer, self.z_layer,
-                                   self.templates.weights)
-            self.past[layer] += K @ K.T
+            self.past[layer] += keys[layer] @ keys[layer].T
         return {}
 
     def state_dict(self) -> dict:

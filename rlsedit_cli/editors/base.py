@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
-from rlsedit_cli.editing.keys import keys_and_hidden
+from rlsedit_cli.editing.keys import LayerKeys
 from rlsedit_cli.editing.targets import optimise_targets
 from rlsedit_cli.editing.templates import ContextTemplates
 from rlsedit_cli.errors import ConfigError
@@ -150,10 +150,10 @@ class KeyValueEditor(TargetEditor):
         with clock("targets"):
             result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
         stats = target_stats(result)
+        keys = LayerKeys(self.handle, batch, templates, self.z_layer)
         for i, layer in enumerate(self.layers):
             with clock("keys"):  # h is read again: the layers below have just been written
-                K, h = keys_and_hidden(self.handle, batch, templates, layer, self.z_layer,
-                                       self.templates.weights)
+                K, h = keys.read(layer, self.templates.weights)
             R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
             R = R.to(self.handle.weight(layer).device)
             with clock("update"):

@@ -18,6 +18,7 @@ from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, 
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.generation import fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.models.precision import compute_dtype
 from rlsedit_cli.models.tokens import encode_prompt, pad
 from rlsedit_cli.progress import progress
 
@@ -137,10 +138,17 @@ def generation_metrics(handle: ModelHandle, records: list[Record], refs: Referen
     kind of prompts the texts came from ("generation", "rewrite" or "generation+rewrite").
 
     ``cfg``: the ``measure`` section (generation_prompts per record, None for all of them;
-    max_length; generation: sample | greedy; batch_size).
+    max_length; generation: sample | greedy; batch_size; fluency_records: None for every record,
+    or N: only a seeded subset of N records get texts, the others NaN, left out of the means).
     """
     prompts, owner, kinds = [], [], set()
-    for i, r in enumerate(records):
+    chosen_records = range(len(records))
+    limit = getattr(cfg, "fluency_records", None)
+    if limit is not None and limit < len(records):
+        chosen_records = sorted(np.random.default_rng(seed).choice(len(records), limit,
+                                                                    replace=False).tolist())
+    for i in chosen_records:
+        r = records[i]
         chosen, kind = fluency_prompts(r)
         kinds.add(kind)
         for p in chosen[: cfg.generation_prompts]:
@@ -182,19 +190,26 @@ def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
 
 def evaluate(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
              families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0,
-             protocol: str = "probability") -> dict[str, float | None]:
+             protocol: str = "probability", texts: bool = True) -> dict[str, float | None]:
     """CounterFact metrics over ``records`` (``cfg``: the ``measure`` section; ``seed``: of the
     sampled texts, the same at every measurement).
 
     ``families`` picks the probability metrics; the generation metrics (fluency, consistency)
-    are computed when all families are asked for and ``cfg.fluency`` is on.
+    are computed when all families are asked for, ``cfg.fluency`` is on and ``texts``.
+    ``cfg.compute_dtype``: of the forward passes' products (bfloat16: a named setting).
     """
     if not records:
         return {}
+    with compute_dtype(handle.device, getattr(cfg, "compute_dtype", "float32")):
+        return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts)
+
+
+def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts):
+    """:func:`evaluate` inside its compute dtype."""
     score = accuracy_metrics if protocol == "accuracy" else probability_metrics
     per_record = score(handle, records, cfg.batch_size, families)
     kind = None
-    if set(families) == set(FAMILIES) and cfg.fluency:
-        texts, kind = generation_metrics(handle, records, refs, cfg, seed)
-        per_record |= texts
+    if set(families) == set(FAMILIES) and cfg.fluency and texts:
+        generated, kind = generation_metrics(handle, records, refs, cfg, seed)
+        per_record |= generated
     return summarize(per_record) | ({"fluency_prompts": kind} if kind else {})

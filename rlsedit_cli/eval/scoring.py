@@ -41,8 +41,14 @@ def completion_top1(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
 
 
 def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> torch.Tensor:
-    """``score(logits (T, vocab), target ids (T,))`` of each pair's target positions."""
+    """``score(logits (T, vocab), target ids (T,))`` of each pair's target positions.
+
+    The LM head runs only at the positions read (the prompt's last token and the target's tokens
+    but its last), not at every position of every row: the same logits, about a fifth of a
+    small model's scoring work saved (SmolLM2's head is 49,152 words wide).
+    """
     device = model.get_input_embeddings().weight.device
+    body, head = model.base_model, model.get_output_embeddings()
     encoded = [(encode_prompt(tok, p), encode_target(tok, t)) for p, t in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
     out = torch.empty(len(pairs))
@@ -52,9 +58,19 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> 
         idx = order[start : start + batch_size]
         seqs = [encoded[i][0] + encoded[i][1] for i in idx]
         ids, mask = pad(seqs, tok.pad_token_id, device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, d_model)
+        rows, cols = [], []
         for row, i in enumerate(idx):
-            p_len, t_ids = len(encoded[i][0]), encoded[i][1]
-            pos = torch.arange(p_len - 1, p_len - 1 + len(t_ids), device=device)
-            out[i] = score(logits[row, pos], torch.tensor(t_ids, device=device)).cpu()
+            p_len, n_tok = len(encoded[i][0]), len(encoded[i][1])
+            rows += [row] * n_tok
+            cols += range(p_len - 1, p_len - 1 + n_tok)
+        read = hidden[torch.tensor(rows, device=hidden.device),
+                      torch.tensor(cols, device=hidden.device)]  # (sum of target lengths, d)
+        logits = head(read.to(head.weight.device)).float()
+        at = 0
+        for i in idx:
+            t_ids = encoded[i][1]
+            out[i] = score(logits[at : at + len(t_ids)],
+                           torch.tensor(t_ids, device=logits.device)).cpu()
+            at += len(t_ids)
     return out

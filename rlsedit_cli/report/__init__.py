@@ -7,7 +7,12 @@ from pathlib import Path
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.report.plots import all_plots
 from rlsedit_cli.report.runs import find_runs
-from rlsedit_cli.report.table import cost_table, general_settings_table, markdown_table
+from rlsedit_cli.report.table import (
+    cost_table,
+    general_settings_table,
+    markdown_table,
+    speed_table,
+)
 
 
 def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficacy") -> dict:
@@ -30,6 +35,12 @@ def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficac
         lines += ["## General-ability tasks", "", "Documents scored per task (MMLU: over its "
                   "subjects), the limit and how its documents were chosen, few-shot examples, "
                   "where the data came from.", "", settings]
+    speed = speed_table(runs)
+    if speed:
+        lines += ["## Speed and measurement settings", "", "Settings that change figures a "
+                  "little for time (conf/speed; docs/benchmarks.md), and the unedited model's "
+                  "figures read from the cache (the same figures, measured by an earlier run).",
+                  "", speed]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"runs": len(runs), "table": table, "plots": [str(p) for p in plots],

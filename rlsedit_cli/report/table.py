@@ -100,6 +100,31 @@ def general_settings_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def speed_table(runs: list[Run]) -> str:
+    """The settings that trade exactness for time (conf/speed), per run, and where the unedited
+    model's figures came from; empty when every run is faithful and measured its own."""
+    rows = []
+    for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
+                                          r.setting)):
+        s = run.summary
+        speed, measured = s.get("speed") or {}, s.get("measurement") or {}
+        cached = ", ".join(sorted(measured.get("unedited_from_cache") or {})) or "-"
+        values = [speed.get("preset", "faithful"), str(speed.get("target_dtype", "float32")),
+                  "yes" if speed.get("stop_when_top1") else "no",
+                  str(measured.get("compute_dtype", "float32")),
+                  "all" if measured.get("fluency_records") is None
+                  else str(measured["fluency_records"]),
+                  str(measured.get("fluency_at", "every")), cached]
+        rows.append([s.get("editor", "?"), s.get("model", "?"), run.setting or "-", *values])
+    if all(r[3:] == ["faithful", "float32", "no", "float32", "all", "every", "-"] for r in rows):
+        return ""
+    head = ["Method", "Model", "Setting", "Speed preset", "Target step dtype", "ENCORE stop",
+            "Measuring dtype", "Fluency records", "Fluency at", "Unedited figures from cache"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def json_key(value: dict) -> str:
     import json
 

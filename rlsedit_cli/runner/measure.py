@@ -5,14 +5,18 @@ from __future__ import annotations
 import logging
 import time
 
+from omegaconf import OmegaConf
+
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
 from rlsedit_cli.eval.general import GeneralSettings, check_strict, evaluate_general
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
+from rlsedit_cli.runner.unedited import UneditedFigures
 
 log = logging.getLogger(__name__)
+PHASES = ("pre", "batch", "retention", "general", "final")  # the measurements of a run
 UNCONVERGED_NLL = 1.0  # mean target NLL after the optimisation above it: p(target) < 0.37
 
 
@@ -25,16 +29,18 @@ class Measurer:
 
     def __init__(self, handle: ModelHandle, refs: References | None, cfg, general, seed: int,
                  record: RunRecord, retention: list[Record], protocol: str = "probability",
-                 ) -> None:
+                 unedited: UneditedFigures | None = None) -> None:
         """``cfg``: the ``measure`` section (editing metrics); ``general``: the ``eval`` group;
-        ``protocol``: how the dataset's edits are scored (probability | accuracy)."""
+        ``protocol``: how the dataset's edits are scored (probability | accuracy);
+        ``unedited``: where the unedited model's figures are reused from (None: measure)."""
         self.handle, self.refs, self.cfg, self.seed = handle, refs, cfg, seed
-        self.protocol = protocol
+        self.protocol, self.unedited = protocol, unedited
         self.tasks = general
         self.record, self.retention = record, retention
         self.pre: dict | None = None
         self.general: list[dict] = []
         self.seconds = 0.0
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # where the measuring time went
         self.warnings: list[str] = []  # runs that do not work say so (summary["warnings"])
 
     def warn(self, message: str) -> None:
@@ -53,38 +59,52 @@ class Measurer:
             self.warn(f"batch {row['batch']}: only {efficacy:.0f}% of its edits took (efficacy "
                       "right after the edit)")
 
-    def _metrics(self, records: list[Record], families: tuple[str, ...] = tuple(FAMILIES)):
-        return self._timed(evaluate, self.handle, records, self.refs, self.cfg, families,
-                           self.seed, self.protocol)
+    def _metrics(self, phase: str, records: list[Record],
+                 families: tuple[str, ...] = tuple(FAMILIES), texts: bool = True):
+        return self._timed(phase, evaluate, self.handle, records, self.refs, self.cfg, families,
+                           self.seed, self.protocol, texts)
 
-    def _timed(self, fn, *args):
+    def _timed(self, phase: str, fn, *args):
         t0 = time.perf_counter()
         try:
             return fn(*args)
         finally:
-            self.seconds += time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.seconds += seconds
+            self.phase_seconds[phase] += seconds
 
     def measure_general(self, edits: int) -> dict:
         """lm-eval on the model as it is now; one general.csv row per task."""
         cfg = self.tasks
-        res = evaluate_general(self.handle, list(cfg.tasks),
-                               GeneralSettings.from_cfg(cfg, self.seed))
-        check_strict(res, cfg.strict)
-        self.record.general(edits, res.scores)
-        self.general.append({"edits": edits, "scores": res.scores, "errors": res.errors,
-                             "settings": res.settings})
-        log.info("general ability after %d edits: %s", edits, res.scores)
-        return res.scores
+        key = {"eval": OmegaConf.to_container(cfg, resolve=True)}
+        point = (self.unedited.get("general", [], extra=key)
+                 if edits == 0 and self.unedited else None)
+        if point is None:
+            res = evaluate_general(self.handle, list(cfg.tasks),
+                                   GeneralSettings.from_cfg(cfg, self.seed))
+            check_strict(res, cfg.strict)
+            point = {"scores": res.scores, "errors": res.errors, "settings": res.settings}
+            if edits == 0 and self.unedited:
+                self.unedited.put("general", [], point, extra=key)
+        self.record.general(edits, point["scores"])
+        self.general.append({"edits": edits, **point})
+        scores = point["scores"]
+        log.info("general ability after %d edits: %s", edits, scores)
+        return scores
 
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
-        self.pre = self._metrics(records)
+        self.pre = self.unedited.get("pre", records, self.refs) if self.unedited else None
+        if self.pre is None:
+            self.pre = self._metrics("pre", records)
+            if self.unedited:
+                self.unedited.put("pre", records, self.pre, self.refs)
         if self.protocol == "probability" and (self.pre.get("efficacy") or 0.0) > 50.0:
             self.warn(f"before editing, the model already prefers target_new over target_true on "
                       f"{self.pre['efficacy']:.0f}% of the records: it does not know these facts, "
                       "so their edits say little")
         if self.tasks.tasks:
-            self._timed(self.measure_general, 0)
+            self._timed("general", self.measure_general, 0)
         log.info("before editing: %s", brief(self.pre))
 
     def after_batch(self, index: int, last: bool, batch: list[Record], done: int) -> dict:
@@ -94,31 +114,38 @@ class Measurer:
         after the batch that completes it, then every ``retention_every`` batches and at the end.
         """
         cfg = self.cfg
-        now = self._metrics(batch, ("efficacy",))
+        now = self._metrics("batch", batch, ("efficacy",))
         row: dict = {"batch_efficacy": now["efficacy"]}
         every, size = cfg.retention_every, len(self.retention)
         completed = done >= size > done - len(batch)  # this batch made the set's last edit
         due = completed or last or (every > 0 and (index + 1) % every == 0)
         if self.retention and due and done >= size:  # always the whole set, from its first row
-            ret = self._metrics(self.retention)
+            ret = self._metrics("retention", self.retention,
+                                texts=cfg.fluency_at == "every")
             self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
         step = self.tasks.every_edits
         if self.tasks.tasks and (last or (step > 0 and done // step > (done - len(batch)) // step)):
-            row["general"] = self._timed(self.measure_general, done)
+            row["general"] = self._timed("general", self.measure_general, done)
         return row
 
     def final(self, records: list[Record]) -> dict:
         """The paper's protocol: every metric over every edited record, plus general ability
         (and the figures before editing, under "pre", when they were measured)."""
-        out = self._metrics(records)
+        out = self._metrics("final", records)
         if self.pre is not None:
             out["pre"] = self.pre
             if out.get("efficacy") is not None and out["efficacy"] < self.pre["efficacy"]:
                 self.warn(f"the edits lowered efficacy ({self.pre['efficacy']:.1f} before, "
                           f"{out['efficacy']:.1f} after)")
         out["warnings"] = list(self.warnings)
+        out["measure_seconds"] = {k: round(v, 3) for k, v in self.phase_seconds.items()}
+        out["measurement"] = {"fluency_records": self.cfg.fluency_records,
+                              "fluency_at": self.cfg.fluency_at,
+                              "compute_dtype": self.cfg.compute_dtype,
+                              "unedited_from_cache": dict(self.unedited.used)
+                              if self.unedited else {}}
         if self.general:
             out["general"] = {**self.general[-1]["scores"], "points": self.general,
                               "errors": self.general[-1]["errors"],
@@ -127,11 +154,12 @@ class Measurer:
 
     def state_dict(self) -> dict:
         return {"pre": self.pre, "general": self.general, "seconds": self.seconds,
-                "warnings": self.warnings}
+                "phase_seconds": self.phase_seconds, "warnings": self.warnings}
 
     def load_state_dict(self, state: dict) -> None:
         self.pre, self.general, self.seconds = state.get("pre"), state["general"], state["seconds"]
         self.warnings = list(state.get("warnings", []))
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0) | state.get("phase_seconds", {})
 
 
 def brief(metrics: dict) -> str:

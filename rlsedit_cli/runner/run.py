@@ -28,6 +28,7 @@ from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.folder import RunFolder, check_target, holds_run
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
+from rlsedit_cli.runner.unedited import UneditedFigures
 from rlsedit_cli.stats.anchor import AnchorStats
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,8 @@ def check_config(cfg: DictConfig) -> None:
     """Value checks the schemas cannot express; each error names the key and the fix."""
     for section, key, low in (("measure", "batch_size", 1), ("measure", "max_length", 1),
                               ("measure", "retention_edits", 0), ("measure", "retention_every", 0),
-                              ("measure", "generation_prompts", 0), ("eval", "every_edits", 0)):
+                              ("measure", "generation_prompts", 0),
+                              ("measure", "fluency_records", 1), ("eval", "every_edits", 0)):
         if cfg[section][key] is not None and cfg[section][key] < low:
             raise ConfigError(f"{section}.{key}={cfg[section][key]} must be "
                               + ("at least 1" if low else "not negative"))
@@ -62,16 +64,28 @@ def check_config(cfg: DictConfig) -> None:
                           "cache folder (HF_DATASETS_CACHE of a machine that loaded the tasks)")
     for section, key, allowed in (("eval", "sample", ("seeded", "first")),
                                   ("eval", "source", ("local", "hub")),
-                                  ("measure", "generation", ("sample", "greedy"))):
+                                  ("measure", "generation", ("sample", "greedy")),
+                                  ("measure", "fluency_at", ("every", "ends"))):
         if cfg[section][key] not in allowed:
             raise ConfigError(f"{section}.{key}={cfg[section][key]!r} must be "
                               f"{' or '.join(allowed)}")
+    for key, dtype in (("editor.target", cfg.editor.get("target", {}).get("compute_dtype")),
+                       ("measure", cfg.measure.compute_dtype)):
+        if dtype not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"{key}.compute_dtype={dtype!r} must be float32 or bfloat16")
     for task, n in {"": cfg.eval.limit, **cfg.eval.limits}.items():
         if n is not None and n < 1:
             raise ConfigError(f"eval.limit{'s.' + task if task else ''}={n} must be at least 1 "
                               "(leave it null for every document)")
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+
+def speed_settings(cfg: DictConfig) -> dict:
+    """The speed preset and the editor's target-step settings it shapes (summary.json)."""
+    target = cfg.editor.get("target") or {}
+    return {"preset": cfg.speed.name, "target_dtype": target.get("compute_dtype"),
+            "stop_when_top1": target.get("stop_when_top1")}
 
 
 TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
@@ -147,7 +161,8 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 if "logger" not in given and saved_file.is_file():  # and its own tracker
                     cfg.logger = OmegaConf.load(saved_file).get("logger", cfg.logger)
                 for key, value in state["config"].items():
-                    fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint")
+                    fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint",
+                                           "speed")
                     cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
         return Runner(cfg, folder, overrides).run(state)
 
@@ -177,9 +192,12 @@ class Runner:
                         run_name=folder.path.name + ("-resumed" if state else ""),
                         run_config=OmegaConf.to_container(cfg, resolve=True))
         record = RunRecord(folder, tracker)
+        settings = OmegaConf.to_container(cfg.measure, resolve=True)  # presets' values, resolved
+        unedited = UneditedFigures(cfg.paths.cache if cfg.measure.reuse_unedited else None,
+                                   self.handle.model, settings, cfg.seed, self.dataset.protocol)
         measure = Measurer(self.handle, self.dataset.references, cfg.measure, cfg.eval, cfg.seed,
                            record, self.edited[: cfg.measure.retention_edits],
-                           self.dataset.protocol)
+                           self.dataset.protocol, unedited)
         log.info("run folder %s: editor=%s model=%s dataset=%s, %d edits in %d batches on %s",
                  folder.path, cfg.editor.name, cfg.model.name, self.dataset.name,
                  len(self.edited), len(self.batches), self.device)
@@ -242,6 +260,7 @@ class Runner:
                    "batch_size": cfg.stream.batch_size,
                    "skipped_records": len(self.dataset.skipped), "device": str(self.device),
                    "overrides": self.overrides, **measured,
+                   "speed": speed_settings(cfg),
                    "edit_seconds": round(self.edit_seconds, 3),
                    "eval_seconds": round(eval_seconds, 3),
                    "versions": {"torch": torch.__version__,

@@ -1,0 +1,92 @@
+"""The unedited model's figures, measured once and reused: every run on the same model, records
+and measurement settings (the editors of a sweep, a benchmark's configurations) reads the
+figures before editing, and general ability at 0 edits, from ``paths.cache``/unedited/.
+
+The key holds everything the figures depend on: a fingerprint of all the model's weights, the
+records (every field), their reference texts, the measurement settings that shape the figures,
+the seed and the scoring protocol; anything else measures again. The measurement is
+deterministic, so a cached figure is the figure the run would measure (tests hold the two equal).
+A cache that cannot be written costs the reuse, never the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.references import References
+from rlsedit_cli.files import replaced_atomically
+
+log = logging.getLogger(__name__)
+NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited")
+
+
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every parameter (name, shape, float64 sum and sum of squares)."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        x = p.detach().double()
+        digest.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:"
+                      f"{float((x * x).sum()):.12e}".encode())
+    return digest.hexdigest()
+
+
+class UneditedFigures:
+    """Figures of the unedited model by kind ("pre", "general"), cached under ``root``."""
+
+    def __init__(self, root: str | Path | None, model: torch.nn.Module, measure: dict,
+                 seed: int, protocol: str) -> None:
+        self.root = None if root is None else Path(root).expanduser() / "unedited"
+        self.model, self.seed, self.protocol = model, seed, protocol
+        self.settings = {k: v for k, v in measure.items() if k not in NOT_IN_KEY}
+        self._weights: str | None = None
+        self.used: dict[str, str] = {}  # kind -> cache file the figures were read from
+
+    def _path(self, kind: str, records: list[Record], refs: References | None,
+              extra: dict | None) -> Path:
+        if self._weights is None:
+            self._weights = weights_fingerprint(self.model)
+        key = {"kind": kind, "weights": self._weights, "settings": self.settings,
+               "seed": self.seed, "protocol": self.protocol, "extra": extra or {},
+               "records": [dataclasses.asdict(r) for r in records],
+               "references": None if refs is None else [refs.texts(r) for r in records],
+               "idf": None if refs is None else [len(refs.vocab), float(refs.idf.sum())]}
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+        return self.root / f"{kind}-{digest.hexdigest()[:24]}.json"
+
+    def get(self, kind: str, records: list[Record], refs: References | None = None,
+            extra: dict | None = None) -> dict | None:
+        """The cached figures, or None (no cache, nothing cached, or unreadable)."""
+        if self.root is None:
+            return None
+        path = self._path(kind, records, refs, extra)
+        try:
+            figures = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        self.used[kind] = str(path)
+        log.info("the unedited model's %s figures read from %s (measured by an earlier run on the "
+                 "same model, records and settings; measure.reuse_unedited=false measures again)",
+                 kind, path)
+        return figures
+
+    def put(self, kind: str, records: list[Record], figures: dict,
+            refs: References | None = None, extra: dict | None = None) -> None:
+        """Cache ``figures``; a cache that cannot be written is only logged."""
+        if self.root is None:
+            return
+        path = self._path(kind, records, refs, extra)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with replaced_atomically(path) as tmp:
+                tmp.write_text(json.dumps(figures), encoding="utf-8")
+        except OSError as err:
+            log.warning("the unedited model's figures were not cached (%s: %s): set paths.cache "
+                        "to a writable folder to reuse them", path.parent, err.strerror or err)

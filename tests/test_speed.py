@@ -1,0 +1,96 @@
+"""The editing shortcuts that must not change a figure (a request's rows leave the target step
+once it stopped; keys read layer after layer replay the unchanged blocks below; AlphaEdit's keys
+of all layers from one pass), and the bfloat16 target step (a named setting: close, not equal)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlsedit_cli.datasets.toy import load as load_toy
+from rlsedit_cli.editing.keys import LayerKeys, keys_and_hidden, keys_of_layers
+from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
+from rlsedit_cli.models.loader import load_model
+
+from .conftest import TINY_BUNDLE, compose_cfg, target_cfg, tiny_overrides
+
+CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
+
+
+class EveryRowLoss(TargetLoss):
+    """TargetLoss computing every request at every step (as before compaction)."""
+
+    keep = property()  # hasattr(loss, "keep") is false: the optimiser does not compact
+
+
+@pytest.fixture(scope="module")
+def toy_records():
+    return load_toy(str(TINY_BUNDLE)).records
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny(request, tiny_models):
+    cfg = compose_cfg(tiny_overrides(request.param, tiny_models[request.param]))
+    return load_model(cfg.model, torch.device("cpu"))
+
+
+def test_stopped_requests_leave_the_step_without_changing_any_target(shipped_handle,
+                                                                    toy_records):
+    """With a stop that fires at different steps (ENCORE's, and the references' threshold set
+    where some requests cross it; the shipped tiny GPT-2), the compacting optimisation ends
+    where computing every row at every step ends."""
+    batch = toy_records[:6]
+    for stop in ({"stop_when_top1": True}, {"early_stop_loss": 3.0}):
+        cfg = target_cfg(steps=12, loss_layer=2, **stop)
+        fast = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg)
+        full = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg, loss=EveryRowLoss)
+        assert len(set(fast.steps.tolist())) > 1, stop  # the requests stopped apart
+        assert torch.equal(fast.steps, full.steps), stop
+        assert torch.allclose(fast.z, full.z, rtol=1e-5, atol=1e-5), stop
+        assert torch.allclose(fast.final_loss, full.final_loss, rtol=1e-4, atol=1e-5), stop
+
+
+def test_keys_read_layer_after_layer_equal_full_passes(tiny, toy_records):
+    """LayerKeys replays the blocks below the layer written last: after each write, its keys
+    and h equal a fresh full pass's, to the bit."""
+    batch = toy_records[:4]
+    layers = [0, 1, 2]
+    reader = LayerKeys(tiny, batch, CONTEXTS, 2)
+    torch.manual_seed(0)
+    for layer in layers:
+        K, h = reader.read(layer)
+        K_ref, h_ref = keys_and_hidden(tiny, batch, CONTEXTS, layer, 2)
+        assert torch.equal(K, K_ref) and torch.equal(h, h_ref), layer
+        W = tiny.weight(layer)
+        tiny.set_weight(layer, W + 0.05 * torch.randn_like(W))  # the editor writes the layer
+    keys = keys_of_layers(tiny, batch, CONTEXTS, layers)
+    for layer in layers:
+        assert torch.equal(keys[layer], keys_and_hidden(tiny, batch, CONTEXTS, layer, 2)[0])
+
+
+def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_records):
+    """compute_dtype=bfloat16: the blocks' products in bfloat16, torch's attention on float32
+    inputs, targets within 10% of float32's (random tiny models)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):  # sees the kernels torch runs, below autocast and autograd
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                seen.append(args[0].dtype)
+            if func.__name__.startswith("mm"):
+                seen_mm.append(args[0].dtype)
+            return func(*args, **(kwargs or {}))
+
+    seen_mm = []
+    batch = toy_records[:4]
+    exact = optimise_targets(tiny, batch, CONTEXTS, 1, target_cfg(steps=8, loss_layer=2))
+    with Spy():
+        low = optimise_targets(tiny, batch, CONTEXTS, 1,
+                               target_cfg(steps=8, loss_layer=2, compute_dtype="bfloat16"))
+    assert torch.bfloat16 in seen_mm
+    assert seen and set(seen) == {torch.float32}
+    assert low.z.dtype == torch.float32
+    gap = float((low.z - exact.z).norm() / exact.z.norm())
+    assert 0 < gap < 0.1  # random 2-layer models; SmolLM2: docs/benchmarks.md
