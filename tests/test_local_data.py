@@ -103,6 +103,7 @@ def test_code_eval_scores_as_hugging_faces_metric(monkeypatch):
     assert scores == {"pass@1": 0.5, "pass@2": 1.0}  # no pass@3 from 2 candidates
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI's 30-minute budget (make test-all runs it)
 @needs_olmo
 def test_commonsense_suite_reads_its_five_tasks_locally(shipped_handle, make_cfg):
     cfg = make_cfg("eval=commonsense", "eval.limit=3")
@@ -205,6 +206,7 @@ def test_gold_answers_score_full_marks_on_the_local_generation_tasks(monkeypatch
     assert res.scores == {"humaneval": 1.0, "mbpp": 1.0, "gsm8k": 1.0}
 
 
+@pytest.mark.slow  # minutes on 2 cores; CI's 30-minute budget (make test-all runs it)
 @needs_olmo
 def test_gold_choices_score_full_marks_on_the_local_multiple_choice_tasks():
     """Each document's gold choice, read from the local rows as lm-eval's task reads it, is what
