@@ -46,6 +46,12 @@ def template_keys_and_hidden(handle: ModelHandle, requests: list[Record], templa
     return LayerKeys(handle, requests, templates, z_layer).read_templates(layer)
 
 
+def template_rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
+    """Rows of every (request, template) prompt, request-major."""
+    return build_rows(handle, [(ctx.format(r.prompt), r.subject, [], i)
+                               for i, r in enumerate(requests) for ctx in templates])
+
+
 class LayerKeys:
     """Keys and h of one batch, read layer after layer as the key-value editors read them:
     lowest layer first, each read after the layers below it were written.
@@ -60,8 +66,7 @@ class LayerKeys:
                  z_layer: int) -> None:
         self.handle, self.z_layer = handle, z_layer
         self.n, self.n_ctx = len(requests), len(templates)
-        self.rows = build_rows(handle, [(ctx.format(r.prompt), r.subject, [], i)
-                                        for i, r in enumerate(requests) for ctx in templates])
+        self.rows = template_rows(handle, requests, templates)
         self.below: tuple[int, object] | None = None  # (block, its output in the last pass)
 
     def read(self, layer: int, weights: list[float] | None = None,
@@ -109,8 +114,7 @@ def keys_of_layers(handle: ModelHandle, requests: list[Record], templates: list[
                    layers: list[int], weights: list[float] | None = None,
                    ) -> dict[int, torch.Tensor]:
     """Keys K (d_in, n) of several layers of an unchanging model, from one forward pass."""
-    rows = build_rows(handle, [(ctx.format(r.prompt), r.subject, [], i)
-                               for i, r in enumerate(requests) for ctx in templates])
+    rows = template_rows(handle, requests, templates)
     n, found = len(requests), {}
 
     def take(layer):

@@ -22,20 +22,10 @@ import torch
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.files import replaced_atomically
+from rlsedit_cli.stats.anchor import parameters_digest
 
 log = logging.getLogger(__name__)
 NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited")
-
-
-@torch.no_grad()
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every parameter (name, shape, float64 sum and sum of squares)."""
-    digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        x = p.detach().double()
-        digest.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:"
-                      f"{float((x * x).sum()):.12e}".encode())
-    return digest.hexdigest()
 
 
 class UneditedFigures:
@@ -52,7 +42,7 @@ class UneditedFigures:
     def _path(self, kind: str, records: list[Record], refs: References | None,
               extra: dict | None) -> Path:
         if self._weights is None:
-            self._weights = weights_fingerprint(self.model)
+            self._weights = parameters_digest(self.model.named_parameters())
         key = {"kind": kind, "weights": self._weights, "settings": self.settings,
                "seed": self.seed, "protocol": self.protocol, "extra": extra or {},
                "records": [dataclasses.asdict(r) for r in records],

@@ -36,14 +36,22 @@ def fingerprint(handle: ModelHandle, upto_layer: int) -> str:
     Sums and sums of squares (float64) of the embeddings and of every parameter of the blocks
     0..upto_layer: cheap on any device, different for any other model.
     """
-    digest = hashlib.sha256()
     prefixes = [handle.spec.layer_template.format(i) + "." for i in range(upto_layer + 1)]
-    for name, p in handle.model.named_parameters():
-        if "emb" in name or "wte" in name or "wpe" in name or name.startswith(tuple(prefixes)):
-            x = p.detach().double()
-            digest.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:"
-                          f"{float((x * x).sum()):.12e}".encode())
-    return digest.hexdigest()[:16]
+    return parameters_digest(
+        (name, p) for name, p in handle.model.named_parameters()
+        if "emb" in name or "wte" in name or "wpe" in name or name.startswith(tuple(prefixes))
+    )[:16]
+
+
+@torch.no_grad()
+def parameters_digest(named) -> str:
+    """sha256 over (name, shape, float64 sum and sum of squares) of each (name, parameter)."""
+    digest = hashlib.sha256()
+    for name, p in named:
+        x = p.detach().double()
+        digest.update(f"{name}:{tuple(p.shape)}:{float(x.sum()):.12e}:"
+                      f"{float((x * x).sum()):.12e}".encode())
+    return digest.hexdigest()
 
 
 def _slug(text: str) -> str:
