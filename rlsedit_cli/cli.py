@@ -193,13 +193,13 @@ def _bench_targets(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from rlsedit_cli.bench.targets import bench_targets
-    from rlsedit_cli.datasets.stream import make_stream
+    from rlsedit_cli.datasets.stream import stream_of
     from rlsedit_cli.editors.base import target_config
     from rlsedit_cli.models.loader import load_model, resolve_device
     from rlsedit_cli.runner.run import build
 
     cfg = _bench_config([f"model={args.model}", *args.overrides])
-    records = [r for b in make_stream(build(cfg.dataset).records, **cfg.stream) for r in b]
+    records = [r for b in stream_of(build(cfg.dataset).records, cfg.stream) for r in b]
     handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
     target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
     return bench_targets(handle, records[: args.batch], z_layer=max(cfg.model.edit_layers),

@@ -75,9 +75,11 @@ class TargetConfig:
     loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
     early_stop_loss: float = MISSING
     stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
+    stop_below_nll: float | None = MISSING  # stop a request once its mean target NLL is below this
     context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
     chunk_size: int = MISSING  # requests optimised together; bounds activation memory
     compute_dtype: str = MISSING  # the frozen blocks' products: float32 | bfloat16 (autocast)
+    keys_dtype: str = MISSING  # the key passes' products: float32 | bfloat16 (autocast)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class StreamConfig:
     seed: int = MISSING
     shuffle: bool = MISSING
     offset: int = MISSING
+    stop_on_collapse: bool = MISSING  # end the stream cleanly at measure.collapse_factor's alarm
 
 
 @dataclass
@@ -139,6 +142,8 @@ class MeasureConfig:
     fluency_records: int | None = MISSING  # texts of a seeded subset of N records; None: all
     fluency_at: str = MISSING  # every (before, retention points, end) | ends (before and end)
     compute_dtype: str = MISSING  # of the measuring forward passes: float32 | bfloat16
+    objective_terms: bool = MISSING  # fit, drift, preservation, ||W|| per edited layer per batch
+    collapse_factor: float | None = MISSING  # alarm: perplexity above this x the unedited one
 
 
 @dataclass
@@ -206,6 +211,9 @@ class SpeedConfig:
     name: str = MISSING  # faithful | long_stream | fastest
     target_dtype: str = MISSING  # editor.target.compute_dtype
     stop_when_top1: bool = MISSING  # editor.target.stop_when_top1 (ENCORE's stop)
+    stop_below_nll: float | None = MISSING  # editor.target.stop_below_nll
+    keys_dtype: str = MISSING  # editor.target.keys_dtype
+    target_lr: float | None = MISSING  # editor.target.lr of MEMIT, AlphaEdit, RLSEdit (None: model)
     measure_dtype: str = MISSING  # measure.compute_dtype
     fluency_records: int | None = MISSING  # measure.fluency_records
     fluency_at: str = MISSING  # measure.fluency_at

@@ -124,6 +124,7 @@ def target_cfg(**values):
     from rlsedit_cli.config import TargetConfig
 
     base = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
-                loss_layer=2, early_stop_loss=0.05, stop_when_top1=False,
-                context_templates=[[5, 5]], chunk_size=64, compute_dtype="float32")
+                loss_layer=2, early_stop_loss=0.05, stop_when_top1=False, stop_below_nll=None,
+                context_templates=[[5, 5]], chunk_size=64, compute_dtype="float32",
+                keys_dtype="float32")
     return TargetConfig(**(base | values))

@@ -251,6 +251,26 @@ def test_encore_early_stop_ends_a_request_once_its_target_wins_everywhere(shippe
     assert compose_cfg([]).editor.target.stop_when_top1 is False
 
 
+def test_nll_stop_ends_a_request_once_its_target_nll_alone_is_below_the_threshold(
+        shipped_handle, toy_records):
+    """stop_below_nll (off by default): a request stops at the first step whose mean target
+    NLL is below the threshold, keeping that step's delta; the others run on."""
+    batch, templates = toy_records[10:16], ["{}", "Once. {}"]
+    cfg = target_cfg(steps=20, lr=0.5, early_stop_loss=0.0, loss_layer=3)
+    plain = optimise_targets(shipped_handle, batch, templates, 1, cfg)
+    tau = float(plain.final_loss.median())  # about half of the requests get below it
+    stopped = optimise_targets(shipped_handle, batch, templates, 1,
+                               replace(cfg, stop_below_nll=tau))
+    early = stopped.steps < 19
+    assert early.any() and (stopped.final_loss[early] < tau).all()
+    assert (stopped.steps <= plain.steps).all()
+    loss = TargetLoss(shipped_handle, batch, templates, 1, 3)
+    loss(torch.zeros_like(stopped.z))  # sets h_init
+    nll, _ = loss(stopped.z - loss.h_init)
+    assert torch.allclose(nll[early], stopped.final_loss[early], rtol=1e-4, atol=1e-5)
+    assert compose_cfg([]).editor.target.stop_below_nll is None
+
+
 def test_ft_on_a_bf16_model_steps_a_float32_master(make_cfg, toy_records):
     """Item 4 for FT: Adam steps float32 masters of the bf16 map (kept across batches); the
     model's weights are the masters rounded, and the edits take."""

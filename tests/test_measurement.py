@@ -149,6 +149,8 @@ def test_speed_presets_compose_with_every_editor_and_land_where_read(preset):
         if "target" in cfg.editor:
             assert cfg.editor.target.compute_dtype == node["target_dtype"]
             assert cfg.editor.target.stop_when_top1 == node["stop_when_top1"]
+            assert cfg.editor.target.stop_below_nll == node["stop_below_nll"]
+            assert cfg.editor.target.keys_dtype == node["keys_dtype"]
         assert cfg.measure.compute_dtype == node["measure_dtype"]
         assert cfg.measure.fluency_records == node["fluency_records"]
         assert cfg.measure.fluency_at == node["fluency_at"]

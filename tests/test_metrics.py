@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from rlsedit_cli.datasets.references import tfidf_statistics
 from rlsedit_cli.eval.counterfact import summarize
@@ -126,3 +127,19 @@ def test_fluency_texts_follow_romes_generator(shipped_handle):
     for text, prompt in zip(sampled, prompts):
         assert text.startswith(prompt) and text == unicodedata.normalize("NFKD", text)
         assert len(encode_prompt(shipped_handle.tok, text)) <= 32  # 30 in all (re-tokenised)
+
+
+def test_top_k_draw_samples_romes_distribution():
+    """TopKDraw leaves one token per row, drawn among the 5 most likely with their renormalised
+    probabilities (ROME's generate_fast), never outside them."""
+    from rlsedit_cli.models.generation import TopKDraw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.30, 0.25, 0.15, 0.10, 0.05, 0.04, 0.04, 0.04, 0.03])
+    scores = probs.log().repeat(20000, 1)  # (20000, 9)
+    out = TopKDraw(5)(None, scores)
+    assert ((out == 0).sum(1) == 1).all() and torch.isinf(out).sum() == 20000 * 8
+    counts = torch.bincount(out.argmax(1), minlength=9).float() / 20000
+    assert counts[5:].sum() == 0
+    expected = probs[:5] / probs[:5].sum()
+    assert torch.allclose(counts[:5], expected, atol=0.015)

@@ -40,7 +40,7 @@ def test_stopped_requests_leave_the_step_without_changing_any_target(shipped_han
     where some requests cross it; the shipped tiny GPT-2), the compacting optimisation ends
     where computing every row at every step ends."""
     batch = toy_records[:6]
-    for stop in ({"stop_when_top1": True}, {"early_stop_loss": 3.0}):
+    for stop in ({"stop_when_top1": True}, {"early_stop_loss": 3.0}, {"stop_below_nll": 2.5}):
         cfg = target_cfg(steps=12, loss_layer=2, **stop)
         fast = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg)
         full = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg, loss=EveryRowLoss)
@@ -66,6 +66,20 @@ def test_keys_read_layer_after_layer_equal_full_passes(tiny, toy_records):
     keys = keys_of_layers(tiny, batch, CONTEXTS, layers)
     for layer in layers:
         assert torch.equal(keys[layer], keys_and_hidden(tiny, batch, CONTEXTS, layer, 2)[0])
+
+
+def test_bfloat16_key_passes_are_close_to_float32(tiny, toy_records):
+    """keys_dtype=bfloat16: the key passes' products in bfloat16; keys and h float32, within a
+    few percent of the float32 passes, read layer after layer as the editors read them."""
+    batch = toy_records[:4]
+    exact, low = LayerKeys(tiny, batch, CONTEXTS, 2), LayerKeys(tiny, batch, CONTEXTS, 2,
+                                                                 "bfloat16")
+    for layer in (0, 1):
+        (K, h), (K_low, h_low) = exact.read(layer), low.read(layer)
+        assert K_low.dtype == h_low.dtype == torch.float32
+        for a, b in ((K, K_low), (h, h_low)):
+            gap = float((a - b).norm() / a.norm())
+            assert 0 < gap < 0.05, (layer, gap)
 
 
 def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_records):

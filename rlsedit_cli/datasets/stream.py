@@ -30,3 +30,10 @@ def make_stream(records: list[Record], num_edits: int, batch_size: int, seed: in
         )
     chosen = order[offset : offset + num_edits]
     return [chosen[i : i + batch_size] for i in range(0, num_edits, batch_size)]
+
+
+def stream_of(records: list[Record], stream) -> list[list[Record]]:
+    """:func:`make_stream` with the keys of the ``stream`` config section that order the edits
+    (the section also holds how the stream may end, ``stop_on_collapse``)."""
+    return make_stream(records, stream.num_edits, stream.batch_size, stream.seed,
+                       stream.shuffle, stream.offset)

@@ -10,6 +10,7 @@ import torch
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.inputs import build_rows, forward_until, replay_blocks
 from rlsedit_cli.models.handle import ModelHandle, block_hidden
+from rlsedit_cli.models.precision import compute_dtype
 
 
 @torch.no_grad()
@@ -40,10 +41,11 @@ def weighted_keys(keys: torch.Tensor, weights: list[float] | None) -> torch.Tens
 
 @torch.no_grad()
 def template_keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list[str],
-                             layer: int, z_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                             layer: int, z_layer: int, dtype: str = "float32",
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: the key of every (request, template) pair, (n, n_ctx, d_in) float32,
-    and h as in :func:`keys_and_hidden`."""
-    return LayerKeys(handle, requests, templates, z_layer).read_templates(layer)
+    and h as in :func:`keys_and_hidden` (``dtype``: of the pass's products)."""
+    return LayerKeys(handle, requests, templates, z_layer, dtype).read_templates(layer)
 
 
 def template_rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
@@ -63,8 +65,8 @@ class LayerKeys:
     """
 
     def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
-                 z_layer: int) -> None:
-        self.handle, self.z_layer = handle, z_layer
+                 z_layer: int, dtype: str = "float32") -> None:
+        self.handle, self.z_layer, self.dtype = handle, z_layer, dtype  # dtype: of the products
         self.n, self.n_ctx = len(requests), len(templates)
         self.rows = template_rows(handle, requests, templates)
         self.below: tuple[int, object] | None = None  # (block, its output in the last pass)
@@ -102,7 +104,7 @@ class LayerKeys:
             hooks.append((self.handle.layer_module(layer - 1), "post", keep_below))
         replayed = (replay_blocks(handle, *self.below)
                     if self.below is not None and self.below[0] < layer else nullcontext())
-        with replayed:
+        with replayed, compute_dtype(handle.device, self.dtype):
             forward_until(handle, rows.inputs, max(layer, self.z_layer), hooks)
         self.below = (layer - 1, found["below"]) if layer > 0 else None
         h = found["h"].view(self.n, self.n_ctx, -1)[:, 0]  # (n, d_model)

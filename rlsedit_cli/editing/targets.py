@@ -20,7 +20,8 @@ Per request, as in MEMIT: loss_i = mean over its prompts of the mean target-toke
 + kl_factor * KL(p_now || p_init) on the KL prompt + weight_decay * ||delta_i|| / ||h_i||^2,
 with h_i the unedited hidden state (or the edited map's output there, for ROME); a request
 stops once its loss is below ``early_stop_loss`` (or, with ``stop_when_top1``, as ENCORE does,
-once each target token is the most likely one after every prompt); after each step
+once each target token is the most likely one after every prompt; with ``stop_below_nll``, once
+its mean target NLL alone is below that); after each step
 ||delta_i|| is clamped to ``clamp_norm_factor * ||h_i||``.
 """
 
@@ -280,6 +281,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             stop = loss.detach() < cfg.early_stop_loss  # (m,)
             if cfg.stop_when_top1:  # ENCORE's early stop: the target already wins everywhere
                 stop |= top1.to(stop.device)
+            if cfg.stop_below_nll is not None:  # the target NLL alone, without the KL and decay
+                stop |= nll.detach().to(stop.device) < cfg.stop_below_nll
             active[idx[stop]] = False
             if not bool(active.any()) or it == int(cfg.steps) - 1:
                 break

@@ -77,6 +77,11 @@ class Editor(ABC):
     def edit(self, batch: list[Record]) -> dict[str, float]:
         """Apply one batch of edits to the model; return per-batch statistics to log."""
 
+    def written(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per edited layer, the keys (d_in, n) and wanted outputs (d_out, n) of the last batch
+        (the objective terms, runner/terms.py; docs/design.md section 8). None written: empty."""
+        return {}
+
     def state_dict(self) -> dict:
         """Everything needed to continue the stream after a restart (tensors allowed)."""
         return {}
@@ -117,6 +122,15 @@ class TargetEditor(Editor):
         self.templates = ContextTemplates(handle, self.target.context_templates, int(seed),
                                           style)
         self.master = MasterWeights(handle)
+        self._written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def written(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return self._written
+
+    def map_now(self, layer: int) -> torch.Tensor:
+        """The edited map as the editor holds it before its update: its float32 master."""
+        W = self.master.copies.get(layer)
+        return W if W is not None else self.handle.weight(layer).detach().float()
 
     def state_dict(self) -> dict:
         return {"templates": self.templates.texts, "master": self.master.state_dict()}
@@ -150,12 +164,16 @@ class KeyValueEditor(TargetEditor):
         with clock("targets"):
             result = optimise_targets(self.handle, batch, templates, self.z_layer, self.target)
         stats = target_stats(result)
-        keys = LayerKeys(self.handle, batch, templates, self.z_layer)
+        keys = LayerKeys(self.handle, batch, templates, self.z_layer, self.target.keys_dtype)
+        self._written = {}
         for i, layer in enumerate(self.layers):
             with clock("keys"):  # h is read again: the layers below have just been written
                 K, h = keys.read(layer, self.templates.weights)
             R = (result.z.to(h.device) - h).T / (len(self.layers) - i)  # (d_model, n)
             R = R.to(self.handle.weight(layer).device)
+            K = K.to(R.device)
+            W = self.map_now(layer)  # the wanted outputs: the map's now plus its share of z - h
+            self._written[layer] = (K, (W @ K.to(W) + R.to(W)).float())  # (d_in, n), (d_out, n)
             with clock("update"):
                 stats |= self.update_layer(layer, K, R)
         with clock("update"):

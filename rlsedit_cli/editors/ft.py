@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.editing.keys import template_keys_and_hidden
 from rlsedit_cli.editors.base import Editor
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
@@ -35,6 +36,7 @@ class FT(Editor):
         self.steps, self.lr, self.eps = int(steps), float(lr), norm_constraint
         self.batch_size, self.weight_decay = int(batch_size), float(weight_decay)
         self.masters: list[torch.Tensor] = []  # float32 copies of a low-precision map
+        self._written: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def edited_layers(self) -> list[int]:
@@ -101,9 +103,23 @@ class FT(Editor):
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
+        self._written = self._outputs_at_keys(batch)
         return {"ft_loss_before": epochs[0], "ft_loss_after": epochs[-1],
                 "ft_epochs": float(len(epochs)),
                 f"layer{self.layer}/update_norm": float((work[0].detach() - start[0]).norm())}
+
+    def _outputs_at_keys(self, batch: list[Record]) -> dict[int, tuple[torch.Tensor,
+                                                                        torch.Tensor]]:
+        """FT has no target values: what it wrote is the map's output, after the batch, at each
+        request's key (the map's input at the subject's last token of its plain prompt)."""
+        keys, _ = template_keys_and_hidden(self.handle, batch, ["{}"], self.layer, self.layer)
+        K = keys[:, 0].T  # (d_in, n)
+        W = self.handle.weight(self.layer).detach().float()  # (d_out, d_in)
+        K = K.to(W.device)
+        return {self.layer: (K, W @ K)}
+
+    def written(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        return self._written
 
     def state_dict(self) -> dict:
         return {"masters": self.masters}

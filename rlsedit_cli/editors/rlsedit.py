@@ -4,8 +4,9 @@
 Per edited layer the editor carries P_t = A_t^{-1} and a master copy of W_t in ``precision``
 across the WHOLE stream (never reset, unless ``reset_each_batch`` asks for the published code's
 per-batch behaviour, for comparison). Each batch is one :func:`rls_step` per layer; the model's
-weights receive W_t cast to their dtype. Per batch it reports the terms of the paper's Theorem
-4.1 per layer: ||W_t - W_0||_F, sqrt(tr((W_t - W_0) C (W_t - W_0)^T)) and ||W_t K_t - V_t||_F.
+weights receive W_t cast to their dtype. Per batch it reports ||W_t K_t - V_t||_F per layer, the
+fit of the batch's own keys; the terms over the whole stream are the runner's, for every editor
+(runner/terms.py).
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ log = logging.getLogger(__name__)
 class RLSEdit(KeyValueEditor):
     def __init__(self, handle, anchor=None, *, name: str = "rlsedit", layers: list[int],
                  lam: float, mu: float, n_anchor: float, precision: str = "float32",
-                 reset_each_batch: bool = False, report_deviation: bool = True,
-                 target: dict | None = None, seed: int = 0) -> None:
+                 reset_each_batch: bool = False, target: dict | None = None, seed: int = 0) -> None:
         super().__init__(handle, layers, target, seed, name)
         for key, value in (("lam", lam), ("mu", mu), ("n_anchor", n_anchor)):
             if not 0 <= value < float("inf"):  # also catches NaN
@@ -35,17 +35,13 @@ class RLSEdit(KeyValueEditor):
         self.lam, self.mu, self.n_anchor = float(lam), float(mu), float(n_anchor)
         self.dtype = getattr(torch, precision)
         self.reset_each_batch = reset_each_batch
-        self.report_deviation = report_deviation
         if reset_each_batch:
             log.warning("editor.reset_each_batch=true: P is rebuilt every batch as in the "
                         "paper's published code; earlier batches leave the objective")
-        need_c = (self.mu > 0 and self.n_anchor > 0) or report_deviation
-        C = anchor.moments(self.layers) if need_c else {}
-        self.C = {layer: C[layer].to(self.dtype) for layer in C} if report_deviation else {}
-        self.W0, self.W, self.P, self.P0, self.normal = {}, {}, {}, {}, {}
-        for layer in self.layers:
-            self.W0[layer] = handle.weight(layer).detach().clone()  # model dtype
-            self.W[layer] = self.W0[layer].to(self.dtype, copy=True)  # updated in place
+        C = anchor.moments(self.layers) if self.mu > 0 and self.n_anchor > 0 else {}
+        self.W, self.P, self.P0, self.normal = {}, {}, {}, {}
+        for layer in self.layers:  # W: updated in place, never the model's own tensor
+            self.W[layer] = handle.weight(layer).detach().to(self.dtype, copy=True)
             d_in = self.W[layer].shape[1]
             if self.lam == 0 and (self.mu == 0 or self.n_anchor == 0):
                 # plain least squares: no prior; start once the edit keys span the input space
@@ -57,7 +53,7 @@ class RLSEdit(KeyValueEditor):
             if reset_each_batch:
                 self.P0[layer] = self.P[layer].clone()
         size = self.dtype.itemsize
-        per_layer = [W.shape[1] ** 2 * size * (1 + reset_each_batch + report_deviation)
+        per_layer = [W.shape[1] ** 2 * size * (1 + reset_each_batch)
                      + W.numel() * size for W in self.W.values()]
         log.info("RLSEdit state: %d layers x %.1f MB (%s)", len(self.layers),
                  max(per_layer) / 2**20, precision)
@@ -71,14 +67,10 @@ class RLSEdit(KeyValueEditor):
             P = self.P0[layer].clone() if self.reset_each_batch else self.P[layer]
             self.P[layer], self.W[layer] = rls_step(P, self.W[layer], K, V, inplace=True)
         self.handle.set_weight(layer, self.W[layer])
-        stats = {f"layer{layer}/residual": float((self.W[layer] @ K - V).norm())}
-        if self.report_deviation:
-            D = self.W[layer] - self.W0[layer].to(self.dtype)  # (d_out, d_in)
-            stats[f"layer{layer}/param_dev"] = float(D.norm())
-            if layer in self.C:
-                stats[f"layer{layer}/anchor_dev"] = float(((D @ self.C[layer]) * D).sum()
-                                                          .clamp_min(0).sqrt())
-        return stats
+        return {f"layer{layer}/residual": float((self.W[layer] @ K - V).norm())}
+
+    def map_now(self, layer: int) -> torch.Tensor:
+        return self.W[layer]
 
     def _least_squares(self, layer: int, K: torch.Tensor, V: torch.Tensor) -> None:
         A, B = self.normal[layer]
@@ -96,7 +88,7 @@ class RLSEdit(KeyValueEditor):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        here = {layer: self.W0[layer].device for layer in self.layers}
+        here = {layer: self.handle.weight(layer).device for layer in self.layers}
         self.P = {k: v.to(here[k]) for k, v in state["P"].items()}
         self.W = {k: v.to(here[k]) for k, v in state["W"].items()}
         self.normal = {k: (a.to(here[k]), b.to(here[k])) for k, (a, b) in state["normal"].items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import template_keys_and_hidden, weighted_keys
 from rlsedit_cli.editing.targets import optimise_targets
@@ -39,20 +41,25 @@ class ROME(TargetEditor):
         clock = PhaseClock(self.handle.device)
         with clock("templates"):
             templates = self.templates.get()
-        per_request = []
+        per_request, keys_written, outputs = [], [], []
         for request in batch:
             with clock("targets"):
                 result = optimise_targets(self.handle, [request], templates, self.layer,
                                           self.target, scale_by="map")
             with clock("keys"):
                 keys, h = template_keys_and_hidden(self.handle, [request], templates,
-                                                   self.layer, self.layer)  # "{}" first
+                                                   self.layer, self.layer,
+                                                   self.target.keys_dtype)  # "{}" first
                 K, k_plain = weighted_keys(keys, self.templates.weights), keys[:, 0].T
             with clock("update"):
-                delta = rome_delta(self.C_inv, K[:, 0], k_plain[:, 0],
-                                   (result.z - h)[0])  # (d_out, d_in)
+                r = (result.z - h)[0]  # (d_out,) the wanted change at the plain prompt's key
+                W = self.map_now(self.layer)
+                keys_written.append(k_plain[:, 0].to(W))
+                outputs.append(W @ k_plain[:, 0].to(W) + r.to(W))
+                delta = rome_delta(self.C_inv, K[:, 0], k_plain[:, 0], r)  # (d_out, d_in)
                 self.master.add(self.layer, delta)
             per_request.append(target_stats(result)
                                | {f"layer{self.layer}/update_norm": float(delta.norm())})
+        self._written = {self.layer: (torch.stack(keys_written, 1), torch.stack(outputs, 1))}
         means = {key: sum(s[key] for s in per_request) / len(batch) for key in per_request[0]}
         return means | clock.seconds()

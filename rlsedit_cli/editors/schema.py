@@ -27,7 +27,6 @@ class RLSEditConfig(EditorConfig):
     n_anchor: float = MISSING  # K_0 K_0^T = n_anchor * E[k k^T]
     precision: str = MISSING  # of P and the master weights: float32 | float64
     reset_each_batch: bool = MISSING  # the published code's behaviour (P_0 every batch)
-    report_deviation: bool = MISSING  # Theorem 4.1 terms per batch (keeps C in memory)
     target: TargetConfig = MISSING
     seed: int = MISSING
 

@@ -11,12 +11,13 @@ import unicodedata
 
 import numpy as np
 import torch
+from transformers import LogitsProcessorList
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
-from rlsedit_cli.models.generation import fixed_length, seeded
+from rlsedit_cli.models.generation import TopKDraw, fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.precision import compute_dtype
 from rlsedit_cli.models.tokens import encode_prompt, pad
@@ -96,8 +97,9 @@ def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_siz
              sample: bool = True, seed: int = 0) -> list[str]:
     """Texts of ``max_length`` tokens in all, each prompt included (ROME's generate_fast).
 
-    ``sample``: top-5 sampling at temperature 1, seeded (the references' protocol); otherwise
-    greedy. Texts are NFKD-normalised with blank lines folded, as ROME's are.
+    ``sample``: top-5 sampling at temperature 1, seeded, drawn as ROME's generate_fast draws
+    (:class:`TopKDraw`: the references' protocol); otherwise greedy. Texts are NFKD-normalised
+    with blank lines folded, as ROME's are.
     """
     tok, model = handle.tok, handle.model
     limit = handle.context_length or 2048
@@ -114,7 +116,9 @@ def generate(handle: ModelHandle, prompts: list[str], max_length: int, batch_siz
             new = max(1, min(max_length, limit) - width)  # ROME: max_out_len tokens in all
             out = model.generate(input_ids=ids.to(handle.device),
                                  attention_mask=mask.to(handle.device),
-                                 generation_config=fixed_length(tok, new, sample))
+                                 generation_config=fixed_length(tok, new, sample=False),
+                                 logits_processor=LogitsProcessorList(
+                                     [TopKDraw(5)] if sample else []))
             for row, i in enumerate(idx):
                 text = prompts[i] + tok.decode(out[row, width:], skip_special_tokens=True)
                 texts[i] = unicodedata.normalize("NFKD", text).replace("\n\n", " ")

@@ -1,6 +1,6 @@
 """Text generation settings shared by the context templates and the fluency texts: ROME's and
 MEMIT's top-5 sampling at temperature 1 (or greedy), seeded without touching the caller's
-random state."""
+random state; :class:`TopKDraw`, the draw exactly as ROME's generate_fast makes it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedTokenizerBase
 
 
 def fixed_length(tok: PreTrainedTokenizerBase, new_tokens: int,
@@ -29,3 +29,22 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+class TopKDraw(LogitsProcessor):
+    """ROME's generate_fast draw (util/generate.py): softmax over the vocabulary, its ``k``
+    most likely tokens, one ``torch.multinomial`` draw among their renormalised probabilities.
+    Every other token gets -inf, so that greedy decoding emits the draw. The same distribution
+    as transformers' top-k sampling, at a fraction of its cost: that one draws over the whole
+    vocabulary (an exponential variate per token: 0.1 s per step for 100 texts of SmolLM2).
+    """
+
+    def __init__(self, k: int = 5) -> None:
+        self.k = k
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.float().softmax(-1)  # (B, vocab)
+        top = probs.topk(self.k, dim=-1)  # (B, k)
+        pick = torch.multinomial(top.values / top.values.sum(-1, keepdim=True), 1)  # (B, 1)
+        chosen = top.indices.gather(1, pick)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)

@@ -1,4 +1,5 @@
-"""PNG plots: retention of early edits, every metric against edits made, general ability."""
+"""PNG plots: retention of early edits, every metric against edits made, general ability, the
+objective's terms."""
 
 from __future__ import annotations
 
@@ -111,6 +112,44 @@ def general_plot(runs: list[Run], out: Path) -> Path | None:
     return _save(fig, out / "general.png")
 
 
+TERMS = {"fit": "fitting error ||W K - V|| over all edits", "drift": "drift ||W - W0||",
+         "preservation": "preservation error sqrt(tr(D C D^T))", "norm": "||W||"}
+
+
+def _terms(rows: list[dict], name: str) -> tuple[dict[int, list], list[int]]:
+    """layer -> values of term ``name`` (metrics.jsonl's layer{L}/{name}) and the edits."""
+    rows = [r for r in rows if any(k.endswith("/" + name) for k in r)]
+    layers = sorted({int(k[5:].split("/")[0]) for r in rows for k in r
+                     if k.startswith("layer") and k.endswith("/" + name)})
+    return {layer: [r.get(f"layer{layer}/{name}") for r in rows] for layer in layers}, [
+        r["edits"] for r in rows]
+
+
+def terms_plot(runs: list[Run], out: Path) -> Path | None:
+    """The paper's Figure 2 (and ||W||) against edits made: one line per edited layer for one
+    run; for several, one line per run with its layers taken together (the root of the sum of
+    squares, the term of all edited maps at once)."""
+    runs = [r for r in runs if any(k.endswith("/drift") for row in r.metrics for k in row)]
+    if not runs:
+        return None
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    for ax, (name, title) in zip(axes.flat, TERMS.items()):
+        for run in runs:
+            per_layer, xs = _terms(run.metrics, name)
+            if len(runs) == 1:
+                for layer, ys in per_layer.items():
+                    ax.plot(xs, ys, marker="o", ms=3, label=f"layer {layer}")
+            elif per_layer:
+                ax.plot(xs, [sum(v * v for v in vals) ** 0.5 for vals in zip(*per_layer.values())],
+                        marker="o", ms=3, label=run.label)
+        if all(y > 0 for line in ax.get_lines() for y in line.get_ydata()) and ax.get_lines():
+            ax.set_yscale("log")
+        ax.set(title=title, xlabel="edits made")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes)
+    return _save(fig, out / "objective_terms.png")
+
+
 def sweep_axes(runs: list[Run]) -> list[str]:
     """Override keys whose values differ between runs, numeric ones only (a sweep's axes)."""
     values: dict[str, set] = {}
@@ -159,5 +198,5 @@ def heatmap(runs: list[Run], out: Path, metric: str) -> Path | None:
 def all_plots(runs: list[Run], out: Path, metric: str = "efficacy") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [retention_plot(runs, out), metrics_plot(runs, out), general_plot(runs, out),
-            heatmap(runs, out, metric)]
+            terms_plot(runs, out), heatmap(runs, out, metric)]
     return [p for p in made if p is not None]

@@ -100,6 +100,14 @@ def general_settings_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stop(speed: dict) -> str:
+    """How a request's target optimisation stops, in a few words."""
+    parts = ["ENCORE top-1"] if speed.get("stop_when_top1") else []
+    if speed.get("stop_below_nll") is not None:
+        parts.append(f"NLL < {speed['stop_below_nll']:g}")
+    return " or ".join(parts) or "references'"
+
+
 def speed_table(runs: list[Run]) -> str:
     """The settings that trade exactness for time (conf/speed), per run, and where the unedited
     model's figures came from; empty when every run is faithful and measured its own."""
@@ -109,17 +117,21 @@ def speed_table(runs: list[Run]) -> str:
         s = run.summary
         speed, measured = s.get("speed") or {}, s.get("measurement") or {}
         cached = ", ".join(sorted(measured.get("unedited_from_cache") or {})) or "-"
+        lr = speed.get("target_lr")
         values = [speed.get("preset", "faithful"), str(speed.get("target_dtype", "float32")),
-                  "yes" if speed.get("stop_when_top1") else "no",
+                  _stop(speed), "-" if lr is None else f"{lr:g}",
+                  str(speed.get("keys_dtype") or "float32"),
                   str(measured.get("compute_dtype", "float32")),
                   "all" if measured.get("fluency_records") is None
                   else str(measured["fluency_records"]),
                   str(measured.get("fluency_at", "every")), cached]
         rows.append([s.get("editor", "?"), s.get("model", "?"), run.setting or "-", *values])
-    if all(r[3:] == ["faithful", "float32", "no", "float32", "all", "every", "-"] for r in rows):
+    if all(r[3] == "faithful" and r[4:6] == ["float32", "references'"]
+           and r[7:] == ["float32", "float32", "all", "every", "-"] for r in rows):
         return ""
-    head = ["Method", "Model", "Setting", "Speed preset", "Target step dtype", "ENCORE stop",
-            "Measuring dtype", "Fluency records", "Fluency at", "Unedited figures from cache"]
+    head = ["Method", "Model", "Setting", "Speed preset", "Target step dtype", "Target stop",
+            "Target lr", "Keys dtype", "Measuring dtype", "Fluency records", "Fluency at",
+            "Unedited figures from cache"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from rlsedit_cli.runner.unedited import UneditedFigures
 log = logging.getLogger(__name__)
 PHASES = ("pre", "batch", "retention", "general", "final")  # the measurements of a run
 UNCONVERGED_NLL = 1.0  # mean target NLL after the optimisation above it: p(target) < 0.37
+PERPLEXITY = "word_perplexity,none"  # lm-eval's metric that the collapse alarm follows
 
 
 class Measurer:
@@ -42,6 +43,7 @@ class Measurer:
         self.seconds = 0.0
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # where the measuring time went
         self.warnings: list[str] = []  # runs that do not work say so (summary["warnings"])
+        self.collapse: dict | None = None  # the first point past the collapse alarm
 
     def warn(self, message: str) -> None:
         log.warning(message)
@@ -76,21 +78,41 @@ class Measurer:
     def measure_general(self, edits: int) -> dict:
         """lm-eval on the model as it is now; one general.csv row per task."""
         cfg = self.tasks
-        key = {"eval": OmegaConf.to_container(cfg, resolve=True)}
+        key = {"eval": OmegaConf.to_container(cfg, resolve=True), "point": 2}
         point = (self.unedited.get("general", [], extra=key)
                  if edits == 0 and self.unedited else None)
         if point is None:
             res = evaluate_general(self.handle, list(cfg.tasks),
                                    GeneralSettings.from_cfg(cfg, self.seed))
             check_strict(res, cfg.strict)
-            point = {"scores": res.scores, "errors": res.errors, "settings": res.settings}
+            point = {"scores": res.scores, "errors": res.errors, "settings": res.settings,
+                     "perplexity": {task: values[PERPLEXITY] for task, values in
+                                    res.metrics.items() if PERPLEXITY in values}}
             if edits == 0 and self.unedited:
                 self.unedited.put("general", [], point, extra=key)
         self.record.general(edits, point["scores"])
         self.general.append({"edits": edits, **point})
         scores = point["scores"]
         log.info("general ability after %d edits: %s", edits, scores)
+        self._check_collapse(edits, point.get("perplexity", {}))
         return scores
+
+    def _check_collapse(self, edits: int, perplexity: dict[str, float]) -> None:
+        """The collapse alarm: a perplexity above ``collapse_factor`` times the unedited one
+        (a warning in the console, run.log and summary.json; the first one is kept)."""
+        factor = self.cfg.collapse_factor
+        base = self.general[0].get("perplexity", {}) if self.general[0]["edits"] == 0 else {}
+        if factor is None or edits == 0:
+            return
+        for task, value in perplexity.items():
+            ref = base.get(task)
+            if ref is None or value <= factor * ref:  # NaN is past it too
+                continue
+            self.warn(f"collapse after {edits} edits: {task} word perplexity {value:.4g}, "
+                      f"more than {factor:g}x the unedited model's {ref:.4g}")
+            if self.collapse is None:
+                self.collapse = {"edits": edits, "task": task, "perplexity": value,
+                                 "unedited": ref, "factor": factor}
 
     def before(self, records: list[Record]) -> None:
         """Figures of the unedited model on the records to be edited (summary['pre'])."""
@@ -140,6 +162,7 @@ class Measurer:
                 self.warn(f"the edits lowered efficacy ({self.pre['efficacy']:.1f} before, "
                           f"{out['efficacy']:.1f} after)")
         out["warnings"] = list(self.warnings)
+        out["collapse"] = self.collapse
         out["measure_seconds"] = {k: round(v, 3) for k, v in self.phase_seconds.items()}
         out["measurement"] = {"fluency_records": self.cfg.fluency_records,
                               "fluency_at": self.cfg.fluency_at,
@@ -154,11 +177,13 @@ class Measurer:
 
     def state_dict(self) -> dict:
         return {"pre": self.pre, "general": self.general, "seconds": self.seconds,
-                "phase_seconds": self.phase_seconds, "warnings": self.warnings}
+                "phase_seconds": self.phase_seconds, "warnings": self.warnings,
+                "collapse": self.collapse}
 
     def load_state_dict(self, state: dict) -> None:
         self.pre, self.general, self.seconds = state.get("pre"), state["general"], state["seconds"]
         self.warnings = list(state.get("warnings", []))
+        self.collapse = state.get("collapse")
         self.phase_seconds = dict.fromkeys(PHASES, 0.0) | state.get("phase_seconds", {})
 
 

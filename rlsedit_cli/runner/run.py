@@ -18,7 +18,7 @@ import transformers
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rlsedit_cli.datasets.stream import make_stream
+from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import ConfigError, DataError
 from rlsedit_cli.files import parse_override
 from rlsedit_cli.models.loader import load_model, resolve_device
@@ -28,6 +28,7 @@ from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.folder import RunFolder, check_target, holds_run
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
+from rlsedit_cli.runner.terms import ObjectiveTerms
 from rlsedit_cli.runner.unedited import UneditedFigures
 from rlsedit_cli.stats.anchor import AnchorStats
 
@@ -69,10 +70,18 @@ def check_config(cfg: DictConfig) -> None:
         if cfg[section][key] not in allowed:
             raise ConfigError(f"{section}.{key}={cfg[section][key]!r} must be "
                               f"{' or '.join(allowed)}")
-    for key, dtype in (("editor.target", cfg.editor.get("target", {}).get("compute_dtype")),
-                       ("measure", cfg.measure.compute_dtype)):
+    target = cfg.editor.get("target", {})
+    for key, dtype in (("editor.target.compute_dtype", target.get("compute_dtype")),
+                       ("editor.target.keys_dtype", target.get("keys_dtype")),
+                       ("measure.compute_dtype", cfg.measure.compute_dtype)):
         if dtype not in (None, "float32", "bfloat16"):
-            raise ConfigError(f"{key}.compute_dtype={dtype!r} must be float32 or bfloat16")
+            raise ConfigError(f"{key}={dtype!r} must be float32 or bfloat16")
+    factor = cfg.measure.collapse_factor
+    if factor is not None and not factor > 0:
+        raise ConfigError(f"measure.collapse_factor={factor!r} must be above 0 (null: no alarm)")
+    nll = target.get("stop_below_nll")
+    if nll is not None and not nll > 0:
+        raise ConfigError(f"editor.target.stop_below_nll={nll!r} must be above 0 (null: off)")
     for task, n in {"": cfg.eval.limit, **cfg.eval.limits}.items():
         if n is not None and n < 1:
             raise ConfigError(f"eval.limit{'s.' + task if task else ''}={n} must be at least 1 "
@@ -85,7 +94,9 @@ def speed_settings(cfg: DictConfig) -> dict:
     """The speed preset and the editor's target-step settings it shapes (summary.json)."""
     target = cfg.editor.get("target") or {}
     return {"preset": cfg.speed.name, "target_dtype": target.get("compute_dtype"),
-            "stop_when_top1": target.get("stop_when_top1")}
+            "stop_when_top1": target.get("stop_when_top1"),
+            "stop_below_nll": target.get("stop_below_nll"),
+            "keys_dtype": target.get("keys_dtype"), "target_lr": target.get("lr")}
 
 
 TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
@@ -177,11 +188,14 @@ class Runner:
         self.device = resolve_device(cfg.device)
         self.handle = load_model(cfg.model, self.device, cfg.paths.cache)
         self.dataset = build(cfg.dataset)
-        self.batches = make_stream(self.dataset.records, **cfg.stream)
+        self.batches = stream_of(self.dataset.records, cfg.stream)
         self.edited = [r for b in self.batches for r in b]
         check_lengths(self.handle, self.edited)
         anchor = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
         self.editor = build(cfg.editor, handle=self.handle, anchor=anchor)
+        layers = self.editor.edited_layers if cfg.measure.objective_terms else []
+        self.terms = ObjectiveTerms(self.handle, layers,
+                                    anchor.moments(layers) if layers else {})
         self.edit_seconds = 0.0
 
     def run(self, state: dict | None) -> dict:
@@ -219,16 +233,23 @@ class Runner:
                 batch, last = self.batches[i], i == len(self.batches) - 1
                 done += len(batch)
                 row = {"batch": i, "edits": done, **self._edit(batch)}
+                row |= self.terms.after_batch(self.editor.written())
                 seconds = measure.seconds
                 row |= measure.after_batch(i, last, batch, done)
                 row["eval_seconds"] = round(measure.seconds - seconds, 4)
                 measure.check_batch(row)
                 record.batch(row)
-                if cfg.checkpoint.every > 0 and ((i + 1) % cfg.checkpoint.every == 0 or last):
+                stop = cfg.stream.stop_on_collapse and measure.collapse is not None
+                if cfg.checkpoint.every > 0 and (
+                        (i + 1) % cfg.checkpoint.every == 0 or last or stop):
                     self._save(i + 1, done, measure, record)
                 bar.update(1)
+                if stop and not last:
+                    log.warning("stream.stop_on_collapse: the stream ends after batch %d (%d "
+                                "edits); the final measurements cover those edits", i, done)
+                    break
             bar.set_description(f"run ({cfg.editor.name}): final measurements")
-            summary = self._summary(measure.final(self.edited), measure.seconds)
+            summary = self._summary(measure.final(self.edited[:done]), measure.seconds, done)
             bar.update(1)
             record.summary(summary)
             record.plots()
@@ -239,7 +260,7 @@ class Runner:
             record.finish(ok)
             if ok:  # the last lines of the console: where the run is, and its headline
                 log.info("run folder: %s", folder.path)
-                log.info("after %d edits: %s", len(self.edited), brief(summary))
+                log.info("after %d edits: %s", summary["num_edits"], brief(summary))
 
     def _edit(self, batch: list) -> dict:
         """One batch through the editor: its time, memory and the editor's statistics."""
@@ -252,11 +273,12 @@ class Runner:
         return {"edit_seconds": round(seconds, 4), "memory_mb": memory_mb(self.device),
                 **edit_stats}
 
-    def _summary(self, measured: dict, eval_seconds: float) -> dict:
+    def _summary(self, measured: dict, eval_seconds: float, done: int) -> dict:
         """summary.json: what ran, the final measurements, the time spent, the objective."""
         cfg = self.cfg
         summary = {"editor": cfg.editor.name, "model": cfg.model.name,
-                   "dataset": self.dataset.name, "num_edits": len(self.edited),
+                   "dataset": self.dataset.name, "num_edits": done,
+                   "planned_edits": len(self.edited),
                    "batch_size": cfg.stream.batch_size,
                    "skipped_records": len(self.dataset.skipped), "device": str(self.device),
                    "overrides": self.overrides, **measured,
@@ -273,7 +295,7 @@ class Runner:
         checkpoint.save(self.folder.path, {
             "config": checkpoint.edit_config(self.cfg), "next_batch": next_batch, "done": done,
             "edit_seconds": self.edit_seconds, "measure": measure.state_dict(),
-            "editor": self.editor.state_dict(),
+            "editor": self.editor.state_dict(), "terms": self.terms.state_dict(),
             "weights": {layer: self.handle.weight(layer).detach().cpu().clone()
                         for layer in self.editor.edited_layers},
             "rng": checkpoint.rng_state(), "lines": record.lines()})
@@ -282,6 +304,7 @@ class Runner:
         for layer, weight in state["weights"].items():
             self.handle.set_weight(layer, weight)
         self.editor.load_state_dict(state["editor"])
+        self.terms.load_state_dict(state.get("terms"))
         measure.load_state_dict(state["measure"])
         if measure.pre is None and "summary" in state:  # a checkpoint of an older version
             measure.pre = state["summary"].get("pre")

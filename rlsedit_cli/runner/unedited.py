@@ -25,7 +25,8 @@ from rlsedit_cli.files import replaced_atomically
 from rlsedit_cli.stats.anchor import parameters_digest
 
 log = logging.getLogger(__name__)
-NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited")
+NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited",
+              "objective_terms", "collapse_factor")
 
 
 class UneditedFigures:
@@ -43,7 +44,8 @@ class UneditedFigures:
               extra: dict | None) -> Path:
         if self._weights is None:
             self._weights = parameters_digest(self.model.named_parameters())
-        key = {"kind": kind, "weights": self._weights, "settings": self.settings,
+        key = {"kind": kind, "texts": "topk-draw", "weights": self._weights,
+               "settings": self.settings,
                "seed": self.seed, "protocol": self.protocol, "extra": extra or {},
                "records": [dataclasses.asdict(r) for r in records],
                "references": None if refs is None else [refs.texts(r) for r in records],
