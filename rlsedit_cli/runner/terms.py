@@ -14,8 +14,6 @@ import torch
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.ops.terms import objective_terms
 
-NAMES = ("fit", "drift", "preservation", "norm")  # the metric suffixes, layer{L}/<name>
-
 
 class ObjectiveTerms:
     """Fitting error, drift, preservation error and norm of each edited map, batch after batch.
