@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlsedit_cli import config
-from rlsedit_cli.errors import RlseditError
+from rlsedit_cli.errors import RlseditError, Terminated
 
 config.register()
 log = logging.getLogger("rlsedit")
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     try:
+        config.check_added_keys(cfg, list(hydra_cfg.overrides.task))
         config.log_composition(dict(hydra_cfg.runtime.choices), cfg.editor.name)
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except RlseditError as e:
@@ -36,16 +37,24 @@ def main(cfg: DictConfig) -> float | None:
         (job / "error.txt").write_text(f"{e}\n", encoding="utf-8")
         FAILED_JOBS.append(f"{job.name}: {e}")
         return None
-    except KeyboardInterrupt:
-        log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir)))
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir), how))
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     return summary.get("objective")
 
 
-def interrupted(folder: Path) -> str:
-    """What a user needs after Ctrl-C: where the run stands and how to continue it."""
+def interrupted(folder: Path, how: str = "interrupted") -> str:
+    """What a user needs after Ctrl-C or SIGTERM: where the run stands and how to continue it."""
     if (folder / "checkpoint.pt").is_file():
-        return (f"interrupted; the last checkpoint is in {folder}: continue with "
+        return (f"{how}; the last checkpoint is in {folder}: continue with "
                 f"`rlsedit run resume={folder}`")
-    return (f"interrupted before any checkpoint (checkpoint.every=N saves one every N batches); "
+    return (f"{how} before any checkpoint (checkpoint.every=N saves one every N batches); "
             f"the partial run is in {folder}")
+
+
+def raise_terminated(signum, frame) -> None:
+    """SIGTERM's handler in a run this process leads (not in a submitit job: submitit keeps its
+    own handlers there, and requeues the job on its preemption signal)."""
+    del signum, frame
+    raise Terminated()

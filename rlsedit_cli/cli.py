@@ -1,4 +1,4 @@
-"""The ``rlsedit`` command: run, ls, toy, report, bench.
+"""The ``rlsedit`` command: run, ls, toy, report, bench, export, stats.
 
 ``rlsedit run ARGS`` hands ARGS to Hydra untouched (overrides, ``-m``, ``--cfg job``, ``--help``).
 User errors (bad config, missing file, unreachable hub, ...) end in one ``error:`` line and exit
@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 
 log = logging.getLogger("rlsedit")
 
 GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "target", "editor_model",
-          "hydra/launcher", "hydra/sweeper")
+          "speed", "measure", "hydra/launcher", "hydra/sweeper")
 
 
 NOISE = ("reference_type=", "object_type=", "Config search path", "provider=")
@@ -35,7 +37,8 @@ def _missing_choice(err: BaseException) -> str | None:
 
 def _lines(err: BaseException) -> list[str]:
     """The non-empty lines of an error's text, without Hydra's diagnostic noise."""
-    return [ln.strip().rstrip(".") for ln in str(err).splitlines()
+    text = re.sub(r"To append to your config use \+\S+", "", str(err))  # to a key nothing reads
+    return [ln.strip().rstrip(".") for ln in text.splitlines()
             if ln.strip() and not ln.strip().startswith(NOISE)]
 
 
@@ -73,6 +76,7 @@ def run_command(args: list[str]) -> int:
         from rlsedit_cli import app
 
         app.FAILED_JOBS.clear()
+        signal.signal(signal.SIGTERM, app.raise_terminated)
         app.main()
         if app.FAILED_JOBS:
             log.error("error: %d job(s) of the sweep failed (each folder's error.txt says why): "
@@ -80,6 +84,13 @@ def run_command(args: list[str]) -> int:
             return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
+    except KeyboardInterrupt as e:  # a sweep's launcher interrupted between its jobs
+        from rlsedit_cli.errors import Terminated
+
+        log.error("error: %s; each job's folder keeps what it finished (a job with a "
+                  "checkpoint continues with `rlsedit run resume=FOLDER`)",
+                  "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
+        return 143 if isinstance(e, Terminated) else 130
     except (HydraException, OmegaConfBaseException, RlseditError) as e:
         log.error("error: %s", one_line(e))
         return 2
@@ -87,6 +98,7 @@ def run_command(args: list[str]) -> int:
         return _cannot_write(e, "hydra.run.dir=..., paths.output_dir=...")
     finally:
         sys.argv = argv0
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return 0
 
 
@@ -110,6 +122,8 @@ def _check_folder_first(args: list[str]) -> None:
         return
     given = dict(parse_override(a) for a in args if "=" in a and not a.startswith("-"))
     overwrite = given.get("overwrite", "false").lower() == "true"
+    if given.get("resume_jobs", "false").lower() == "true":
+        return  # the run finds its own earlier attempt (runner/folder.py, continues)
     if given.get("resume") not in (None, "", "null"):
         check_target(given["resume"], True, overwrite)
     elif given.get("hydra.run.dir"):
@@ -320,7 +334,19 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_command(args: argparse.Namespace) -> int:
+    """``rlsedit export RUN --out DIR [--full]``: the run's edited model."""
+    import json
+
+    from rlsedit_cli.runner.export import export_run
+
+    sys.stdout.write(json.dumps(export_run(args.run, args.out, args.full)) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from rlsedit_cli.stats import commands as stats_commands
+
     parser = argparse.ArgumentParser(
         prog="rlsedit",
         description="Lifelong knowledge editing runner: RLSEdit and its baselines, streamed "
@@ -338,6 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="output folder (default: RUN_DIR/report for one folder)")
     report.add_argument("--metric", default="efficacy",
                         help="metric of a sweep's heat map (efficacy, objective, fluency, ...)")
+
+    export = sub.add_parser("export", help="a run's edited model: its edited maps "
+                                           "(safetensors), with --full a transformers model")
+    export.add_argument("run", help="a run folder made with checkpoint.every > 0")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--full", action="store_true",
+                        help="also the whole edited model (OUT/model, from_pretrained loads it)")
+
+    stats_commands.add_parser(sub)
 
     toy = sub.add_parser("toy", help="build or check a tiny GPT-2 that knows a set of facts")
     toy_sub = toy.add_subparsers(dest="toy_verb", required=True, metavar="VERB")
@@ -395,23 +430,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] %(message)s")
     if argv and argv[0] == "run":
         return run_command(argv[1:])
+    from rlsedit_cli.stats.commands import stats_command
+
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # a bench's overrides may follow its options
-    if rest and (args.command != "bench" or any(x.startswith("-") for x in rest)):
+    if rest and (args.command not in ("bench", "stats")
+                 or any(x.startswith("-") for x in rest)):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
         args.overrides = [*args.overrides, *rest]
     from rlsedit_cli.errors import RlseditError
 
     handlers = {"ls": ls_command, "toy": toy_command, "bench": bench_command,
-                "report": report_command}
+                "report": report_command, "export": export_command,
+                "stats": stats_command}
     try:
         return handlers[args.command](args)
     except RlseditError as e:
         log.error("error: %s", e)
         return 2
     except OSError as e:  # e.g. --out on a read-only or full file system
-        return _cannot_write(e, "report --out DIR")
+        return _cannot_write(e, f"{args.command} --out DIR")
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -136,6 +136,7 @@ class MeasureConfig:
     generation: str = MISSING  # sample (top-5, seeded: the references') | greedy
     max_length: int = MISSING  # tokens of each generated text, its prompt included
     generation_prompts: int | None = MISSING  # per record; None: all of them
+    generated_accuracy: bool = MISSING  # efficacy/generalization_generated: greedy answers (WILD)
     retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
     retention_every: int = MISSING  # ... every this many batches (0: never)
     reuse_unedited: bool = MISSING  # the unedited model's figures from paths.cache when cached
@@ -234,6 +235,7 @@ class RootConfig:
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     seed: int = MISSING
     resume: str | None = None
+    resume_jobs: bool = MISSING  # a sweep run again in its hydra.sweep.dir continues its jobs
     overwrite: bool = MISSING  # replace the earlier run in hydra.run.dir (else refused)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
     speed: SpeedConfig = field(default_factory=lambda: SpeedConfig())
@@ -279,6 +281,34 @@ def log_composition(choices: dict[str, str], editor: str) -> None:
                     "them", editor, model, editor, editor, model)
 
 
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a key written with ``+``/``++`` that its section's schema does not have.
+
+    Hydra adds such a key to any section (a misspelt ``+stream.batch_sise=3`` was silently
+    kept); only a config group (``+experiment=...``) or a key of an open map (``eval.limits``)
+    may be added.
+    """
+    from rlsedit_cli.errors import ConfigError
+
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        if key.startswith("hydra") or "@" in key or (conf_dir() / key).is_dir():
+            continue
+        node, parts = cfg, key.split(".")
+        for i, part in enumerate(parts):
+            schema = node._metadata.object_type if isinstance(node, DictConfig) else None
+            if not is_dataclass(schema):
+                break  # an open map (or a plain value): any key may be added
+            if part not in {f.name for f in fields(schema)}:
+                section = ".".join(parts[:i]) or "the root config"
+                raise ConfigError(f"{key} is not a setting ({section} has no key {part!r}; "
+                                  "'+' does not make one): check the spelling, `rlsedit run "
+                                  "--cfg job` prints every key")
+            node = node.get(part)
+
+
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("rlsedit.asset"):
@@ -287,6 +317,9 @@ def register() -> None:
         OmegaConf.register_new_resolver("rlsedit.folder_name", folder_name)
     if not OmegaConf.has_resolver("rlsedit.or"):  # first argument unless it is null/empty
         OmegaConf.register_new_resolver("rlsedit.or", lambda a, b: b if a in (None, "") else a)
+    if not OmegaConf.has_resolver("rlsedit.unless"):  # second argument if the first is unset
+        OmegaConf.register_new_resolver("rlsedit.unless",
+                                        lambda a, b: b if a in (None, "", False) else None)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RootConfig)
     cs.store(group="model", name="model_schema", node=ModelConfig)

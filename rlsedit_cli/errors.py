@@ -25,6 +25,11 @@ class NumericalError(RlseditError):
     """A factorisation failed or a tensor holds NaN/inf."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm sends on preemption, ``kill``, a container's stop) raised as an
+    interrupt, so that a run ends as after Ctrl-C: its last checkpoint kept, the resume named."""
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     text = str(err).strip()

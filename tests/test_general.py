@@ -25,6 +25,10 @@ def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_pat
     assert (folder / "plots" / "general.png").stat().st_size > 0
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert all("general" in r for r in rows)
+    # each figure is named with its metric (issue 29: a bare task name said nothing of it)
+    assert set(summary["general"]) >= {"rlsedit_smoke/acc", "points", "settings"}
+    assert all(set(r["general"]) == {"rlsedit_smoke/acc"} for r in rows)
+    assert (folder / "general.csv").read_text().splitlines()[0] == "edits,task,metric,score"
 
 
 def test_glue_from_the_hub_offline_fails_in_one_line_and_the_run_goes_on(make_cfg):
@@ -248,13 +252,14 @@ def test_few_shot_is_set_per_task(shipped_handle, monkeypatch, make_cfg):
 
 
 def test_lm_eval_bars_stay_off_the_console(shipped_handle, capfd, caplog):
-    """One bar over the tasks on the console; lm-eval's own request bars go to the log."""
+    """lm-eval's own request bars go to the log, never to the console."""
     import logging
 
     with caplog.at_level(logging.DEBUG, logger="rlsedit_cli.eval.general"):
         res = general.evaluate_general(shipped_handle, ["rlsedit_smoke"],
                                        general.GeneralSettings(limit=8))
     err = capfd.readouterr().err
-    assert "rlsedit_smoke" in res.scores and "general ability (lm-eval)" in err
+    assert "rlsedit_smoke" in res.scores  # (off a terminal the bar over the tasks is a plain
+    # log line, only when the tasks outlast 30 s: progress.PlainLines)
     assert "Running loglikelihood requests" not in err
     assert "Running loglikelihood requests" in caplog.text

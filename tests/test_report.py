@@ -30,7 +30,7 @@ def test_report_over_runs_gives_one_table_and_plots(tmp_path, capsys):
     cost = next(line for line in costs.splitlines() if line.startswith("| rlsedit |")
                 and "→" in line)  # the smoke task before -> after the stream
     cells = [c.strip() for c in cost.strip("|").split("|")]
-    assert all(float(c) >= 0 for c in cells[4:9]) and cells[9].startswith("rlsedit_smoke ")
+    assert all(float(c) >= 0 for c in cells[5:10]) and cells[10].startswith("rlsedit_smoke ")
     cut = tmp_path / "none" / "summary.json"  # a run whose summary was cut short
     cut.write_text(cut.read_text()[:40])
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "report2")]) == 0
@@ -47,12 +47,13 @@ def test_cost_table_takes_medians_and_general_ability_before_and_after(tmp_path)
              "seconds_update": 0.25, "eval_seconds": 2.0} for t in (3.0, 5.0, 40.0)]
     general = {"points": [{"edits": 0, "scores": {"rlsedit_wikitext": 21.5}},
                                {"edits": 30, "scores": {"rlsedit_wikitext": 23.25}}]}
-    runs = [Run(path=tmp_path, summary={"editor": "memit", "model": "m", "general": general},
-                metrics=rows),
-            Run(path=tmp_path, summary={"editor": "ft", "model": "m"}, metrics=[{"x": 1}])]
+    runs = [Run(path=tmp_path, summary={"editor": "memit", "model": "m", "dataset": "d",
+                                        "general": general}, metrics=rows),
+            Run(path=tmp_path, summary={"editor": "ft", "model": "m", "dataset": "d"},
+                metrics=[{"x": 1}])]
     lines = cost_table(runs).splitlines()
-    assert lines[2] == "| ft | m | - | 1 | - | - | - | - | - | - |"
-    assert lines[3] == ("| memit | m | - | 3 | 5.00 | 4.00 | 0.50 | 0.25 | 2.00 | "
+    assert lines[2] == "| ft | m | d | - | 1 | - | - | - | - | - | - |"
+    assert lines[3] == ("| memit | m | d | - | 3 | 5.00 | 4.00 | 0.50 | 0.25 | 2.00 | "
                         "rlsedit_wikitext 21.50 → 23.25 |")
 
 
@@ -61,15 +62,17 @@ def test_the_report_states_documents_limit_and_few_shot_per_task(tmp_path):
     from rlsedit_cli.report.table import general_settings_table
 
     settings = {"gsm8k": {"limit": 50, "sample": "seeded", "documents": 50, "fewshot": 5,
-                          "source": "local", "note": "few-shot examples drawn from the test split"},
+                          "source": "local", "note": "few-shot examples drawn from the test split",
+                          "metric": "exact_match,strict-match"},
                 "sst2": {"limit": None, "sample": "seeded", "documents": 872, "fewshot": 0,
-                         "source": "local"}}
+                         "source": "local", "metric": "acc,none"}}
     runs = [Run(path=tmp_path, summary={"general": {"settings": settings}}),
             Run(path=tmp_path, summary={"general": {"settings": settings}})]
     lines = general_settings_table(runs).splitlines()
     assert lines[2:] == [
-        "| gsm8k | 50 | 50 (seeded) | 5 | local | few-shot examples drawn from the test split |",
-        "| sst2 | 872 | all | 0 | local |  |"]
+        "| gsm8k | exact_match,strict-match | 50 | 50 (seeded) | 5 | local | few-shot examples "
+        "drawn from the test split |",
+        "| sst2 | acc | 872 | all | 0 | local |  |"]
     assert general_settings_table([Run(path=tmp_path, summary={})]) == ""
 
 
@@ -95,9 +98,9 @@ def test_the_report_names_settings_that_trade_figures_for_time(tmp_path):
     lines = speed_table([Run(path=tmp_path, summary=faithful),
                          Run(path=tmp_path, summary=fast)]).splitlines()
     assert lines[2:] == [
-        "| memit | m | - | long_stream | bfloat16 | ENCORE top-1 or NLL < 0.1 | 1 | bfloat16 "
+        "| memit | m | ? | - | long_stream | bfloat16 | ENCORE top-1 or NLL < 0.1 | 1 | bfloat16 "
         "| bfloat16 | 50 | ends | pre |",
-        "| rlsedit | m | - | faithful | float32 | references' | - | float32 | float32 | all "
+        "| rlsedit | m | ? | - | faithful | float32 | references' | - | float32 | float32 | all "
         "| every | - |"]
 
 

@@ -91,8 +91,18 @@ def test_killed_run_resumes_without_losing_or_repeating_an_edit(uninterrupted, t
         assert torch.allclose(w_done[layer], w_ref[layer], rtol=1e-5, atol=1e-6)
 
 
+def unfinished(uninterrupted, tmp_path) -> Path:
+    """A copy of the uninterrupted run as if killed after its last checkpoint (no summary)."""
+    import shutil
+
+    folder = Path(shutil.copytree(uninterrupted, tmp_path / "unfinished"))
+    (folder / "summary.json").unlink()
+    return folder
+
+
 def test_resume_with_other_settings_is_refused(uninterrupted, tmp_path):
-    proc = cli(f"resume={uninterrupted}", "editor.lam=7", f"paths.cache={tmp_path}/cache")
+    folder = unfinished(uninterrupted, tmp_path)
+    proc = cli(f"resume={folder}", "editor.lam=7", f"paths.cache={tmp_path}/cache")
     proc.wait(timeout=300)
     with open(proc.log_path) as f:
         err = f.read()
@@ -101,8 +111,9 @@ def test_resume_with_other_settings_is_refused(uninterrupted, tmp_path):
     assert len(lines) == 1 and "editor.lam" in lines[0] and "resumed run keeps" in lines[0]
 
 
-def test_resume_checks_the_whole_config_when_called_directly(uninterrupted, make_cfg):
-    cfg = make_cfg(*RUN, "editor.mu=3", f"resume={uninterrupted}")
+def test_resume_checks_the_whole_config_when_called_directly(uninterrupted, make_cfg,
+                                                             tmp_path):
+    cfg = make_cfg(*RUN, "editor.mu=3", f"resume={unfinished(uninterrupted, tmp_path)}")
     with pytest.raises(ConfigError, match=r"editor.mu: checkpoint 1.0, this run 3.0"):
         run(cfg)
 
@@ -193,7 +204,7 @@ def test_resume_checks_its_folder_before_writing_into_it(tmp_path):
                 f"hydra.run.dir={finished}").returncode == 0
     hydra_files = {p: p.read_bytes() for p in (finished / ".hydra").iterdir()}
     proc = _run(f"resume={finished}")
-    assert proc.returncode == 2 and "finished without a checkpoint" in proc.stderr
+    assert proc.returncode == 2 and "that run finished" in proc.stderr
     assert {p: p.read_bytes() for p in (finished / ".hydra").iterdir()} == hydra_files
     early = tmp_path / "killed-early"
     early.mkdir()
@@ -203,20 +214,27 @@ def test_resume_checks_its_folder_before_writing_into_it(tmp_path):
     assert proc.returncode == 2 and "no batch had been checkpointed yet" in proc.stderr
 
 
-def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(tmp_path):
-    """SIGINT (Ctrl-C) mid-run: one error line with the resume command, no traceback."""
+@pytest.mark.parametrize(("sig", "code", "said"), [
+    (signal.SIGINT, 130, "interrupted"),
+    # SIGTERM (kill, Slurm, a container's stop) ended a run with exit 143 and no word
+    (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(sig, code, said, tmp_path):
+    """SIGINT (Ctrl-C) or SIGTERM mid-run: one error line with the resume command, no
+    traceback, the last checkpoint kept and no summary."""
     folder = tmp_path / "run"  # 300 edits: the interrupt lands mid-stream even on a busy machine
     proc = cli(*RUN, "stream.num_edits=300", f"hydra.run.dir={folder}",
                f"paths.cache={tmp_path}/cache")
     metrics = folder / "metrics.jsonl"
     wait_for_lines(proc, metrics, 2)
     assert proc.poll() is None, "the run ended before it could be interrupted"
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     proc.wait(timeout=120)
     out = Path(proc.log_path).read_text()
-    assert proc.returncode == 130, out[-2000:]
+    assert proc.returncode == code, out[-2000:]
     assert "Traceback" not in out
-    assert f"continue with `rlsedit run resume={folder}`" in out.strip().splitlines()[-1]
+    last = out.strip().splitlines()[-1]
+    assert said in last and f"continue with `rlsedit run resume={folder}`" in last
+    assert (folder / "checkpoint.pt").is_file() and not (folder / "summary.json").exists()
 
 
 def _tmpfs(mnt: Path, options: str):
@@ -297,6 +315,7 @@ def test_a_resumed_run_keeps_its_own_tracker(uninterrupted, tmp_path, monkeypatc
     from .conftest import compose_cfg
 
     folder = shutil.copytree(uninterrupted, tmp_path / "run")
+    (folder / "summary.json").unlink()  # killed after its last checkpoint
 
     def no_wandb(*args, **kwargs):
         raise AssertionError("the resumed run started W&B")

@@ -156,3 +156,47 @@ def test_one_bad_point_does_not_stop_the_sweep(tmp_path):
     assert len(list(tmp_path.glob("multirun/**/summary.json"))) == 1
     (error,) = tmp_path.glob("multirun/**/error.txt")
     assert error.parent.name.startswith("0_editor.lam=-1")
+
+
+@pytest.mark.slow  # two multiruns of two jobs: about 35 s alone on cpu-2 (the fast test below
+# runs the same mechanism in-process)
+def test_a_sweep_run_again_with_resume_jobs_keeps_finished_jobs_and_continues_the_rest(
+        tmp_path):
+    """An interrupted lam sweep (its second job killed after its last checkpoint), run again
+    with the same hydra.sweep.dir and resume_jobs=true: the finished job is kept to the byte,
+    the other goes on from its checkpoint; every batch is recorded once."""
+    sweep = tmp_path / "sweep"
+    args = ["run", "-m", "editor.lam=0.5,2", *SMALL, "checkpoint.every=1",
+            f"hydra.sweep.dir={sweep}", f"paths.cache={tmp_path}/cache"]
+    assert rlsedit(*args).returncode == 0
+    first, second = sorted(p for p in sweep.iterdir() if (p / "summary.json").is_file())
+    (second / "summary.json").unlink()  # killed after its last checkpoint
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.rglob("*") if p.is_file()}
+    again = rlsedit(*args, "resume_jobs=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.rglob("*")
+            if p.is_file()} == kept
+    assert "kept as it is" in again.stderr and "continues from there" in again.stderr
+    lines = (second / "metrics.jsonl").read_text().splitlines()
+    assert [line.split(",")[0] for line in lines] == ['{"batch": 0', '{"batch": 1']
+    assert (second / "summary.json").is_file()
+
+
+def test_resume_jobs_keeps_a_finished_run_and_continues_an_unfinished_one(make_cfg, tmp_path):
+    from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.runner.run import run
+
+    first = run(make_cfg(*SMALL, "checkpoint.every=1"))
+    folder = tmp_path / "run"
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    cfg = make_cfg(*SMALL, "checkpoint.every=1", "resume_jobs=true")
+    assert run(cfg) == first  # kept: its summary, not one file touched
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()} == files
+    (folder / "summary.json").unlink()
+    assert run(make_cfg(*SMALL, "checkpoint.every=1", "resume_jobs=true"))["efficacy"] == first[
+        "efficacy"]  # continued from its checkpoint
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 2
+    other = make_cfg(*SMALL, "checkpoint.every=1", "resume_jobs=true", "editor.lam=7")
+    with pytest.raises(ConfigError, match="made with another config"):
+        run(other)  # another job's settings: never mixed

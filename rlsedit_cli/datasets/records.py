@@ -35,7 +35,16 @@ class Record:
 
     @property
     def rewrite_prompt(self) -> str:
-        return self.prompt.format(self.subject)
+        return fill(self.prompt, self.subject)
+
+
+def fill(template: str, value: str) -> str:
+    """``template`` with ``value`` in place of its first "{}"; every other character, braces
+    included, is text (a prompt is data: ``str.format`` would read "{x}" as a field)."""
+    head, mark, tail = template.partition("{}")
+    if not mark:
+        raise ValueError(f"{template!r} has no '{{}}' placeholder")
+    return head + value + tail
 
 
 def fail(case_id, field: str, problem: str) -> DataError:
@@ -84,7 +93,7 @@ def subject_template(prompt, subject, case_id) -> str:
     """Turn a prompt with the subject filled in into a "{}" template (first occurrence)."""
     if not isinstance(prompt, str) or not isinstance(subject, str) or not subject.strip():
         raise fail(case_id, "prompt/subject", "is missing or empty")
-    if "{}" in prompt:
+    if "{}" in prompt and subject not in prompt:  # already a template
         return prompt
     at = prompt.find(subject)
     if at < 0:  # fall back to a case-insensitive match
@@ -123,7 +132,7 @@ def read_json_records(path: str | Path) -> list:
         raise DataError(f"dataset file {path} does not exist: set dataset.path to a records file")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a byte-order mark is no data
             text = f.read()
         if ".jsonl" in path.name:
             return [json.loads(line) for line in text.splitlines() if line.strip()]

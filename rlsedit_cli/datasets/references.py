@@ -41,7 +41,7 @@ class References:
         def read(path):
             path = Path(path)
             opener = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rt", encoding="utf-8") as f:
+            with opener(path, "rt", encoding="utf-8-sig") as f:  # with or without a BOM
                 return json.load(f)
 
         raw = read(snippets)

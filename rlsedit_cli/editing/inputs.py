@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from rlsedit_cli.datasets.records import fill
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
 from rlsedit_cli.models.tokens import encode_prompt, pad, subject_last_index
 
@@ -42,7 +43,7 @@ class Rows:
 def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], list[int]]:
     """Token ids of every item and the index of its subject's last token."""
     tok = handle.tok
-    seqs = [encode_prompt(tok, t.format(s)) + list(extra) for t, s, extra, _ in items]
+    seqs = [encode_prompt(tok, fill(t, s)) + list(extra) for t, s, extra, _ in items]
     lookups = [subject_last_index(tok, t, s) for t, s, _, _ in items]
     return seqs, lookups
 

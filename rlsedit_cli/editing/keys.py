@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.records import Record, fill
 from rlsedit_cli.editing.inputs import build_rows, forward_until, replay_blocks
 from rlsedit_cli.models.handle import ModelHandle, block_hidden
 from rlsedit_cli.models.precision import compute_dtype
@@ -50,7 +50,7 @@ def template_keys_and_hidden(handle: ModelHandle, requests: list[Record], templa
 
 def template_rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
     """Rows of every (request, template) prompt, request-major."""
-    return build_rows(handle, [(ctx.format(r.prompt), r.subject, [], i)
+    return build_rows(handle, [(fill(ctx, r.prompt), r.subject, [], i)
                                for i, r in enumerate(requests) for ctx in templates])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.records import Record, fill
 from rlsedit_cli.editing.inputs import build_rows
 from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, subject_last_index
@@ -25,7 +25,7 @@ def _log_probs(handle: ModelHandle, template: str, subject: str, extra: list[int
     """Next-token log-probabilities (T, vocab) of one prompt (plus ``extra`` tokens), with
     ``delta`` (d_model) added after block ``z_layer`` at the subject's last token, and that
     token's index."""
-    ids = encode_prompt(handle.tok, template.format(subject)) + list(extra)
+    ids = encode_prompt(handle.tok, fill(template, subject)) + list(extra)
     at = subject_last_index(handle.tok, template, subject)
 
     def add(module, args, output):
@@ -51,7 +51,7 @@ def plain_target_loss(handle: ModelHandle, requests: list[Record], templates: li
         target = encode_target(handle.tok, request.target_new)
         per_template = []
         for context in templates:
-            logp, _ = _log_probs(handle, context.format(request.prompt), request.subject,
+            logp, _ = _log_probs(handle, fill(context, request.prompt), request.subject,
                               target[:-1], z_layer, d)
             first = logp.shape[0] - len(target)  # the prompt's last token predicts target[0]
             picked = logp[first + torch.arange(len(target)), torch.tensor(target)]
@@ -81,7 +81,7 @@ class FullForwardLoss:
         for i, r in enumerate(requests):
             t_ids = encode_target(handle.tok, r.target_new)
             for ctx in templates:
-                items.append((ctx.format(r.prompt), r.subject, t_ids[:-1], i))
+                items.append((fill(ctx, r.prompt), r.subject, t_ids[:-1], i))
                 self.targets.append(t_ids)
         items += [(KL_PROMPT, r.subject, [], i) for i, r in enumerate(requests)]
         self.rows = build_rows(handle, items)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlsedit_cli.datasets.records import Record
+from rlsedit_cli.datasets.records import Record, fill
 from rlsedit_cli.editing.inputs import (
     SplitRows,
     build_split_rows,
@@ -64,7 +64,7 @@ def _rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
     for i, r in enumerate(requests):
         t_ids = encode_target(handle.tok, r.target_new)
         for ctx in templates:
-            items.append((ctx.format(r.prompt), r.subject, t_ids[:-1], i))
+            items.append((fill(ctx, r.prompt), r.subject, t_ids[:-1], i))
             targets.append(t_ids)
     for i, r in enumerate(requests):
         items.append((KL_PROMPT, r.subject, [], i))

@@ -15,6 +15,7 @@ from transformers import LogitsProcessorList
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
+from rlsedit_cli.eval.answers import said
 from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, tfidf_similarity
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.generation import TopKDraw, fixed_length, seeded
@@ -65,6 +66,29 @@ def accuracy_metrics(handle: ModelHandle, records: list[Record], batch_size: int
         rows = [k for k, (m, _) in enumerate(owners) if m == metric]
         owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
         out[metric] = _per_record(owner, acc[rows], len(records))
+    return out
+
+
+GENERATED = ("efficacy", "generalization")  # also measured without teacher forcing (WILD)
+
+
+def generated_metrics(handle: ModelHandle, records: list[Record], batch_size: int,
+                      families: tuple[str, ...] = tuple(FAMILIES)) -> dict[str, np.ndarray]:
+    """Per record, the share of its rewrite prompt (``efficacy_generated``) and paraphrases
+    (``generalization_generated``) whose greedy continuation starts with target_new
+    (eval/answers.py: the WILD protocol); NaN where a record has no such prompt."""
+    pairs, owners = [], []
+    for metric in (m for m in GENERATED if m in families):
+        for i, r in enumerate(records):
+            for p in _prompts(r, FAMILIES[metric][0]):
+                pairs.append((p, r.target_new))
+                owners.append((metric, i))
+    hits = said(handle, pairs, batch_size)
+    out = {}
+    for metric in dict.fromkeys(m for m, _ in owners):
+        rows = [k for k, (m, _) in enumerate(owners) if m == metric]
+        owner = np.array([owners[k][1] for k in rows], dtype=np.int64)
+        out[f"{metric}_generated"] = _per_record(owner, hits[rows], len(records))
     return out
 
 
@@ -212,6 +236,8 @@ def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts):
     """:func:`evaluate` inside its compute dtype."""
     score = accuracy_metrics if protocol == "accuracy" else probability_metrics
     per_record = score(handle, records, cfg.batch_size, families)
+    if getattr(cfg, "generated_accuracy", False):
+        per_record |= generated_metrics(handle, records, cfg.batch_size, families)
     kind = None
     if set(families) == set(FAMILIES) and cfg.fluency and texts:
         generated, kind = generation_metrics(handle, records, refs, cfg, seed)

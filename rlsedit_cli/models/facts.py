@@ -41,7 +41,7 @@ def _forward(handle: ModelHandle, ids: torch.Tensor, layer: int, change: torch.T
     if change is not None:
         hooks.append(handle.edited_module(layer).register_forward_hook(add))
     try:
-        logits = handle.model(input_ids=ids).logits[0].float()
+        logits = handle.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
     finally:
         for h in hooks:
             h.remove()

@@ -108,6 +108,10 @@ def load_model(spec, device: torch.device, cache: str | Path | None = None) -> M
     """
     if spec.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={spec.dtype!r} is not one of {sorted(DTYPES)}")
+    if spec.dtype == "float16" and device.type == "cpu":
+        log.warning("model.dtype=float16 on the CPU: torch has few float16 CPU kernels, and the "
+                    "anchor statistics alone ran about 60x slower than in float32; use "
+                    "model.dtype=float32 (or bfloat16 where the CPU has AVX512_BF16)")
     name = _source(spec, cache)
     is_local = Path(name).expanduser().exists()
     if name.startswith(("/", "./", "~")) and not is_local:

@@ -14,7 +14,8 @@ from rlsedit_cli.files import parse_override  # noqa: E402
 from rlsedit_cli.report.runs import Run  # noqa: E402
 from rlsedit_cli.report.table import METRICS  # noqa: E402
 
-PERCENT = ("efficacy", "generalization", "specificity", "batch_efficacy")  # 0..100 scales
+PERCENT = ("efficacy", "generalization", "specificity", "batch_efficacy", "efficacy_generated",
+           "generalization_generated")  # 0..100 scales
 LABELS = {"fluency": "fluency (n-gram entropy x 100)",
           "consistency": "consistency (tf-idf cosine x 100)"}
 
@@ -74,10 +75,10 @@ def retention_plot(runs: list[Run], out: Path) -> Path | None:
 
 def metrics_plot(runs: list[Run], out: Path) -> Path | None:
     """Every metric against edits made: each batch's efficacy right after its edit, and the
-    retention measurements of all five metrics."""
+    retention measurements of all seven metrics (the five and the two generated ones)."""
     if not any(r.metrics for r in runs):
         return None
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     for run in runs:
         _curve(axes[0, 0], run.metrics, "batch_efficacy", run.label)
     _axes(axes[0, 0], "batch_efficacy", "efficacy of each batch, right after its edit")
@@ -104,7 +105,9 @@ def general_plot(runs: list[Run], out: Path) -> Path | None:
                    if row["task"] == task and row.get("score") is not None]
             ax.plot([p["edits"] for p in pts], [p["score"] for p in pts], marker="o", ms=3,
                     label=run.label)
-        ax.set(title=task, xlabel="edits made")
+        metric = next((row.get("metric") for run in runs for row in run.general
+                       if row["task"] == task and row.get("metric")), None)
+        ax.set(title=f"{task} ({metric})" if metric else task, xlabel="edits made")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")

@@ -13,6 +13,8 @@ import yaml
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.files import flatten, parse_override
 
+OWN_COLUMNS = ("editor", "model", "dataset")  # named in columns of their own: their keys are
+# what the choice of model or dataset brings (hundreds), not settings a reader compares
 IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "overwrite", "checkpoint.")
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ class Run:
         values = {k: str(v) for k, v in flatten(self.config).items()}
         values |= self._override_values()  # as the user wrote them: lam=2, not 2.0
         return {k: v for k, v in values.items()
-                if not k.startswith(IGNORED_OVERRIDES) and k not in ("editor", "model", "dataset")
+                if not k.startswith(IGNORED_OVERRIDES) and k not in OWN_COLUMNS
+                and k.split(".")[0] not in OWN_COLUMNS[1:]
                 and not k.endswith((".name", "._target_"))}
 
     def override(self, key: str) -> str | None:
@@ -123,6 +126,20 @@ def _kind(run: Run) -> tuple:
     return run.summary.get("editor"), run.summary.get("model")
 
 
+def _name_unfinished(root: Path) -> None:
+    """Warn of each run under ``root`` that has no summary (killed, or still running)."""
+    marks = {m.parent for name in ("metrics.jsonl", "checkpoint.pt") for m in root.rglob(name)}
+    for folder in sorted(f for f in marks if not (f / "summary.json").is_file()):
+        edits = 0
+        if (folder / "metrics.jsonl").is_file():
+            lines = folder.joinpath("metrics.jsonl").read_text(encoding="utf-8").splitlines()
+            edits = json.loads(lines[-1]).get("edits", 0) if lines else 0
+        how = (f"continue it with `rlsedit run resume={folder}`"
+               if (folder / "checkpoint.pt").is_file() else "it has no checkpoint to resume")
+        log.warning("not in the report: the run in %s is unfinished (no summary.json; %d edits "
+                    "recorded): %s", folder, edits, how)
+
+
 def find_runs(paths: list[str | Path]) -> list[Run]:
     """Every finished run (a folder with summary.json) under the given folders, in path order."""
     found: list[Path] = []
@@ -130,6 +147,7 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
         if not p.is_dir():
             raise DataError(f"{p} is not a folder: give run folders or multirun sweep folders")
         found += sorted(s.parent for s in p.rglob("summary.json"))
+        _name_unfinished(p)
     if not found:
         raise DataError(f"no finished run (summary.json) under {', '.join(map(str, paths))}")
     runs = []

@@ -7,7 +7,26 @@ from statistics import median
 
 from rlsedit_cli.report.runs import Run
 
-METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+METRICS = ("efficacy", "generalization", "specificity", "fluency", "consistency",
+           "efficacy_generated", "generalization_generated")
+HEADS = {"efficacy_generated": "Efficacy (generated)",
+         "generalization_generated": "Generalization (generated)"}
+
+
+IDENT = ("Method", "Model", "Dataset", "Setting")
+
+
+def ident(run: Run) -> list[str]:
+    """A row's first cells: editor, model, dataset (each its own column) and the settings that
+    tell the run apart from the others reported."""
+    s = run.summary
+    return [s.get("editor", "?"), s.get("model", "?"), s.get("dataset", "?"), run.setting or "-"]
+
+
+def ordered(runs: list[Run]) -> list[Run]:
+    """Rows sorted by model, dataset, editor, then setting."""
+    return sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("dataset", ""),
+                                       r.summary.get("editor", ""), r.setting))
 
 
 def cell(summary: dict, key: str) -> str:
@@ -19,20 +38,21 @@ def cell(summary: dict, key: str) -> str:
 
 
 INTERVALS = ("± is the half-width of a 95% interval over the edited records (1.96 standard "
-             "errors); Objective is what a sweep maximises (summary.json's objective); General "
+             "errors); (generated): the share of rewrite / paraphrase prompts whose greedy answer, "
+             "without teacher forcing, starts with the new target (WILD's exact match); "
+             "Objective is what a sweep maximises (summary.json's objective); General "
              "ability is each lm-eval task before → after the stream.")
 
 
 def markdown_table(runs: list[Run]) -> str:
     """Rows sorted by model, then editor, then setting; a note on what the figures are."""
-    head = ["Method", "Model", "Setting", "Edits", "Batch",
-            *[m.capitalize() for m in METRICS], "Objective", "General ability", "Edit s"]
+    head = [*IDENT, "Edits", "Batch",
+            *[HEADS.get(m, m.capitalize()) for m in METRICS], "Objective", "General ability",
+            "Edit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
-                                          r.setting)):
+    for run in ordered(runs):
         s = run.summary
-        row = [s.get("editor", "?"), s.get("model", "?"), run.setting or "-",
-               str(s.get("num_edits", "?")), str(s.get("batch_size", "?")),
+        row = [*ident(run), str(s.get("num_edits", "?")), str(s.get("batch_size", "?")),
                *[cell(s, m) for m in METRICS],
                f"{s['objective']:.2f}" if isinstance(s.get("objective"), (int, float)) else "-",
                _general(s),
@@ -60,20 +80,20 @@ def _general(summary: dict) -> str:
     for task, after in sorted(last.get("scores", {}).items()):
         before = first.get("scores", {}).get(task) if first is not last else None
         shown = f"{before:.2f} → {after:.2f}" if before is not None else f"{after:.2f}"
-        parts.append(f"{task} {shown}")
+        metric = ((last.get("settings") or {}).get(task) or {}).get("metric")
+        parts.append(f"{task}{' ' + metric.removesuffix(',none') if metric else ''} {shown}")
     return "; ".join(parts) or "-"
 
 
 def cost_table(runs: list[Run]) -> str:
     """Median seconds per batch (the edit, its phases, the measurements after it) and general
     ability before and after the stream (lm-eval's main score per task)."""
-    head = ["Method", "Model", "Setting", "Batches", "Edit s / batch",
+    head = [*IDENT, "Batches", "Edit s / batch",
             *[f"{p.capitalize()} s" for p in PHASES], "Eval s / batch", "General ability"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
-                                          r.setting)):
+    for run in ordered(runs):
         s, rows = run.summary, run.metrics
-        row = [s.get("editor", "?"), s.get("model", "?"), run.setting or "-", str(len(rows)),
+        row = [*ident(run), str(len(rows)),
                _median(rows, "edit_seconds"), *[_median(rows, f"seconds_{p}") for p in PHASES],
                _median(rows, "eval_seconds"), _general(s)]
         lines.append("| " + " | ".join(row) + " |")
@@ -90,11 +110,12 @@ def general_settings_table(runs: list[Run]) -> str:
             rows.setdefault((task, json_key(s)), s)
     if not rows:
         return ""
-    head = ["Task", "Documents", "Limit", "Few-shot", "Source", "Note"]
+    head = ["Task", "Metric", "Documents", "Limit", "Few-shot", "Source", "Note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (task, _), s in sorted(rows.items()):
         limit = "all" if s.get("limit") is None else f"{s['limit']} ({s.get('sample', '?')})"
-        lines.append("| " + " | ".join([task, str(s.get("documents", "?")), limit,
+        metric = str(s.get("metric", "?")).removesuffix(",none")
+        lines.append("| " + " | ".join([task, metric, str(s.get("documents", "?")), limit,
                                         str(s.get("fewshot", "?")), s.get("source", "?"),
                                         s.get("note", "")]) + " |")
     return "\n".join(lines) + "\n"
@@ -112,8 +133,7 @@ def speed_table(runs: list[Run]) -> str:
     """The settings that trade exactness for time (conf/speed), per run, and where the unedited
     model's figures came from; empty when every run is faithful and measured its own."""
     rows = []
-    for run in sorted(runs, key=lambda r: (r.summary.get("model", ""), r.summary.get("editor", ""),
-                                          r.setting)):
+    for run in ordered(runs):
         s = run.summary
         speed, measured = s.get("speed") or {}, s.get("measurement") or {}
         cached = ", ".join(sorted(measured.get("unedited_from_cache") or {})) or "-"
@@ -125,11 +145,11 @@ def speed_table(runs: list[Run]) -> str:
                   "all" if measured.get("fluency_records") is None
                   else str(measured["fluency_records"]),
                   str(measured.get("fluency_at", "every")), cached]
-        rows.append([s.get("editor", "?"), s.get("model", "?"), run.setting or "-", *values])
-    if all(r[3] == "faithful" and r[4:6] == ["float32", "references'"]
-           and r[7:] == ["float32", "float32", "all", "every", "-"] for r in rows):
+        rows.append([*ident(run), *values])
+    if all(r[4] == "faithful" and r[5:7] == ["float32", "references'"]
+           and r[8:] == ["float32", "float32", "all", "every", "-"] for r in rows):
         return ""
-    head = ["Method", "Model", "Setting", "Speed preset", "Target step dtype", "Target stop",
+    head = [*IDENT, "Speed preset", "Target step dtype", "Target stop",
             "Target lr", "Keys dtype", "Measuring dtype", "Fluency records", "Fluency at",
             "Unedited figures from cache"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -23,7 +23,8 @@ from rlsedit_cli.runner.folder import disk_errors, write_atomic
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
-FREE_KEYS = ("paths", "logger", "device", "resume", "overwrite")  # may differ when a run is resumed
+FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite")  # may differ
+# when a run is resumed
 
 
 def edit_config(cfg: DictConfig) -> dict:

@@ -14,13 +14,17 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from rlsedit_cli.errors import ConfigError, RlseditError, first_line
 from rlsedit_cli.files import replaced_atomically
+
+log = logging.getLogger(__name__)
 
 
 def _clean(obj):
@@ -95,17 +99,42 @@ def check_target(path: str | Path, resume: bool, overwrite: bool) -> None:
         if not path.is_dir():
             raise ConfigError(f"resume={path}: no such run folder; give the folder of a run "
                               "made with checkpoint.every > 0")
+        if (path / "summary.json").is_file():
+            raise ConfigError(f"resume={path}: that run finished (its summary.json is written); "
+                              "there is nothing to resume and it stays as it is: start a new "
+                              "run to measure again")
         if (path / "checkpoint.pt").is_file():
             return
-        if (path / "summary.json").is_file():
-            raise ConfigError(f"resume={path}: that run finished without a checkpoint (it ran "
-                              "with checkpoint.every=0); there is nothing to resume")
+        if not holds_run(path):
+            raise ConfigError(f"resume={path} is not a run folder (none of "
+                              f"{', '.join(RUN_MARKS)}): give the folder a run wrote")
         raise ConfigError(f"resume={path}: no batch had been checkpointed yet (the run stopped "
                           "before its first checkpoint, or ran with checkpoint.every=0): start "
                           "it again")
     if holds_run(path) and not overwrite:
         raise ConfigError(f"{path} holds an earlier run: choose another folder, continue it with "
                           f"resume={path}, or add overwrite=true to replace it")
+
+
+def continues(folder: Path, resume_jobs: bool) -> str | None:
+    """How a job goes on from its own earlier attempt in ``folder``: "resume" (the attempt left
+    a checkpoint), "keep" (it finished; with ``resume_jobs`` only) or None (start afresh; an
+    attempt stopped before its first checkpoint is removed first).
+
+    Only for a requeued submitit job (Slurm, or local processes) or with ``resume_jobs``: a
+    job's folder is its own (the sweep's folder and the job's overrides), so what is there is
+    this job's; a resumed or kept run is still checked against this job's settings.
+    """
+    if not (os.environ.get("SUBMITIT_EXECUTOR") or resume_jobs) or not holds_run(folder):
+        return None
+    if (folder / "summary.json").is_file():
+        return "keep" if resume_jobs else None
+    if (folder / "checkpoint.pt").is_file():
+        return "resume"
+    log.warning("the earlier attempt in %s stopped before its first checkpoint: starting over",
+                folder)
+    RunFolder(folder).clear()
+    return None
 
 
 class RunFolder:
@@ -143,6 +172,16 @@ class RunFolder:
             if new:
                 writer.writeheader()
             writer.writerow(_clean(row))
+
+    def log_resume(self, overrides: list[str]) -> None:
+        """Add this resume's command line to .hydra/resumes.yaml (the first command's
+        .hydra/overrides.yaml stays as it was)."""
+        path = self.path / ".hydra" / "resumes.yaml"
+        with disk_errors(self.path, ".hydra/resumes.yaml"):
+            path.parent.mkdir(exist_ok=True)
+            earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
+            entry = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": list(overrides)}
+            write_atomic(path, earlier + yaml.safe_dump([entry], sort_keys=False))
 
     def write_json(self, name: str, obj: dict) -> None:
         with disk_errors(self.path, name):

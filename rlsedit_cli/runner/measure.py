@@ -90,10 +90,11 @@ class Measurer:
                                     res.metrics.items() if PERPLEXITY in values}}
             if edits == 0 and self.unedited:
                 self.unedited.put("general", [], point, extra=key)
-        self.record.general(edits, point["scores"])
+        scores = named_scores(point)
+        self.record.general(edits, point["scores"], metric_names(point))
         self.general.append({"edits": edits, **point})
-        scores = point["scores"]
-        log.info("general ability after %d edits: %s", edits, scores)
+        log.info("general ability after %d edits: %s", edits,
+                 ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         self._check_collapse(edits, point.get("perplexity", {}))
         return scores
 
@@ -138,6 +139,8 @@ class Measurer:
         cfg = self.cfg
         now = self._metrics("batch", batch, ("efficacy",))
         row: dict = {"batch_efficacy": now["efficacy"]}
+        if now.get("efficacy_generated") is not None:
+            row["batch_efficacy_generated"] = now["efficacy_generated"]
         every, size = cfg.retention_every, len(self.retention)
         completed = done >= size > done - len(batch)  # this batch made the set's last edit
         due = completed or last or (every > 0 and (index + 1) % every == 0)
@@ -164,13 +167,14 @@ class Measurer:
         out["warnings"] = list(self.warnings)
         out["collapse"] = self.collapse
         out["measure_seconds"] = {k: round(v, 3) for k, v in self.phase_seconds.items()}
-        out["measurement"] = {"fluency_records": self.cfg.fluency_records,
+        out["measurement"] = {"generation_prompts": self.cfg.generation_prompts,
+                              "fluency_records": self.cfg.fluency_records,
                               "fluency_at": self.cfg.fluency_at,
                               "compute_dtype": self.cfg.compute_dtype,
                               "unedited_from_cache": dict(self.unedited.used)
                               if self.unedited else {}}
         if self.general:
-            out["general"] = {**self.general[-1]["scores"], "points": self.general,
+            out["general"] = {**named_scores(self.general[-1]), "points": self.general,
                               "errors": self.general[-1]["errors"],
                               "settings": self.general[-1].get("settings", {})}
         return out
@@ -188,5 +192,20 @@ class Measurer:
 
 
 def brief(metrics: dict) -> str:
-    keys = ("efficacy", "generalization", "specificity", "fluency", "consistency")
+    keys = ("efficacy", "efficacy_generated", "generalization", "specificity", "fluency",
+            "consistency")
     return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys if metrics.get(k) is not None)
+
+
+def metric_names(point: dict) -> dict[str, str]:
+    """task -> the name of its figure (lm-eval's metric without its "none" filter:
+    word_perplexity, acc, exact_match,strict-match, ...)."""
+    settings = point.get("settings") or {}
+    return {task: str(settings.get(task, {}).get("metric", "score")).removesuffix(",none")
+            for task in point["scores"]}
+
+
+def named_scores(point: dict) -> dict[str, float]:
+    """A general-ability point's scores keyed ``task/metric`` (summary.json, W&B, the log)."""
+    names = metric_names(point)
+    return {f"{task}/{names[task]}": value for task, value in point["scores"].items()}

@@ -26,12 +26,15 @@ class RunRecord:
     def __init__(self, folder: RunFolder, tracker) -> None:
         self.folder, self.tracker = folder, tracker
 
-    def general(self, edits: int, scores: dict[str, float]) -> None:
-        """General ability measured after ``edits`` edits (0: before the stream)."""
+    def general(self, edits: int, scores: dict[str, float], metrics: dict[str, str]) -> None:
+        """General ability measured after ``edits`` edits (0: before the stream); ``metrics``
+        names each task's figure."""
         for task, score in scores.items():
-            self.folder.append_csv("general.csv", {"edits": edits, "task": task, "score": score})
+            self.folder.append_csv("general.csv", {"edits": edits, "task": task,
+                                                   "metric": metrics[task], "score": score})
         if edits == 0:
-            self.tracker.log({"general": scores}, step=0)
+            self.tracker.log({"general": {f"{t}/{metrics[t]}": v for t, v in scores.items()}},
+                             step=0)
 
     def retention(self, batch: int, edits: int, measured: int, metrics: dict) -> None:
         """The first edits of the stream, measured again after batch ``batch``."""

@@ -7,9 +7,12 @@ checkpoint: no edit lost, none applied twice.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -19,13 +22,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlsedit_cli.datasets.stream import stream_of
-from rlsedit_cli.errors import ConfigError, DataError
+from rlsedit_cli.errors import ConfigError, DataError, RlseditError
 from rlsedit_cli.files import parse_override
 from rlsedit_cli.models.loader import load_model, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
-from rlsedit_cli.progress import progress
+from rlsedit_cli.progress import progress, quiet_library_bars
 from rlsedit_cli.runner import checkpoint
-from rlsedit_cli.runner.folder import RunFolder, check_target, holds_run
+from rlsedit_cli.runner.folder import RunFolder, check_target, continues, holds_run
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.runner.terms import ObjectiveTerms
@@ -153,6 +156,12 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             against the checkpoint's settings (without them the whole config is compared).
     """
     target = cfg.resume or cfg.paths.run_dir
+    again = None if cfg.resume else continues(Path(target), cfg.resume_jobs)
+    if again == "keep":
+        return kept(cfg, Path(target))
+    if again:
+        with open_dict(cfg):
+            cfg.resume = str(target)
     check_target(target, bool(cfg.resume), cfg.overwrite)
     folder = RunFolder(target)
     if not cfg.resume and cfg.overwrite and holds_run(folder.path):
@@ -160,12 +169,16 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         folder.clear()
     with folder.log_file():
         state = None
+        if again:
+            log.info("this job's earlier attempt (preempted, out of time or interrupted) left a "
+                     "checkpoint: it continues from there")
         if cfg.resume:
             state = checkpoint.load(folder.path)
             if overrides is None:
                 checkpoint.check_matches(state["config"], checkpoint.edit_config(cfg), folder.path)
             else:
                 checkpoint.check_overrides(state["config"], overrides, folder.path)
+            folder.log_resume(overrides or [])
             with open_dict(cfg):  # the run goes on with its own settings
                 given = {parse_override(o)[0].split(".")[0] for o in overrides or []}
                 saved_file = folder.path / "config.yaml"
@@ -175,7 +188,36 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                     fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint",
                                            "speed")
                     cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
-        return Runner(cfg, folder, overrides).run(state)
+        with cache_errors(cfg.paths.cache):
+            return Runner(cfg, folder, overrides).run(state)
+
+
+def kept(cfg: DictConfig, folder: Path) -> dict:
+    """A finished job of a sweep run again with resume_jobs=true: its summary, unchanged (after
+    checking that it was made with this job's settings)."""
+    saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
+    checkpoint.check_matches({k: v for k, v in saved.items() if k not in checkpoint.FREE_KEYS},
+                             checkpoint.edit_config(cfg), folder)
+    summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    log.info("resume_jobs=true: %s finished earlier (%s edits); kept as it is", folder,
+             summary.get("num_edits"))
+    return summary
+
+
+@contextlib.contextmanager
+def cache_errors(cache: str) -> Iterator[None]:
+    """A failed write under ``paths.cache`` (anchor statistics, unedited figures, converted
+    models) as one line naming that setting, not the run folder's."""
+    try:
+        yield
+    except OSError as e:
+        root = Path(cache).expanduser().resolve()
+        written = Path(e.filename or "/").expanduser().resolve()
+        if written != root and root not in written.parents:
+            raise
+        raise RlseditError(f"cannot write the cache {e.filename} ({e.strerror}): make "
+                           f"paths.cache={cache} writable, free space there, or set "
+                           "paths.cache=DIR to another folder") from e
 
 
 class Runner:
@@ -183,6 +225,7 @@ class Runner:
 
     def __init__(self, cfg: DictConfig, folder: RunFolder, overrides: list[str] | None) -> None:
         check_config(cfg)
+        quiet_library_bars()
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
         transformers.set_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
@@ -311,5 +354,6 @@ class Runner:
         record.rewind(state["lines"])
         self.edit_seconds = state["edit_seconds"]
         checkpoint.set_rng_state(state["rng"])
-        log.info("resumed after batch %d (%d edits made)", state["next_batch"], state["done"])
+        log.info("resumed after batch %d (%d edits made; batches count from 0, as in "
+                 "metrics.jsonl)", state["next_batch"] - 1, state["done"])
         return state["next_batch"], state["done"]

@@ -106,16 +106,27 @@ class AnchorStats:
             return None
         return load_file(path)["moment"]
 
-    def _save(self, layer: int, moment: torch.Tensor, state: MomentState) -> None:
+    def store(self, layer: int, moment: torch.Tensor, tokens: int, samples: int,
+              **extra) -> Path:
+        """Write C of ``layer`` into the cache under this configuration's key (a computed one,
+        or one imported from another tool: ``extra`` says from where)."""
         path = self._path(layer)
         path.parent.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, self.precision)
         with replaced_atomically(path) as tmp:
             save_file({"moment": moment.to(dtype).cpu().contiguous()}, tmp)
-        meta = {"key": self._key(layer), "sha256": file_sha256(path), "tokens": state.tokens,
-                "samples": state.samples}
+        meta = {"key": self._key(layer), "sha256": file_sha256(path), "tokens": int(tokens),
+                "samples": int(samples), **extra}
         with replaced_atomically(path.with_suffix(".json")) as tmp:
             tmp.write_text(json.dumps(meta, indent=2))
+        return path
+
+    def cached(self, layer: int) -> tuple[torch.Tensor, dict] | None:
+        """The cached C of ``layer`` and its sidecar (tokens, samples), or None."""
+        moment = self._load(layer)
+        if moment is None:
+            return None
+        return moment, json.loads(self._path(layer).with_suffix(".json").read_text())
 
     def _partial_path(self, layers: list[int]) -> Path:
         names = "_".join(self._path(layer).stem for layer in layers)
@@ -181,6 +192,6 @@ class AnchorStats:
         out = {}  # rounded to the stored precision: fresh and cached runs see the same C
         for layer in layers:
             out[layer] = state.moment(layer).to(getattr(torch, self.precision))
-            self._save(layer, out[layer], state)
+            self.store(layer, out[layer], state.tokens, state.samples)
         partial.unlink(missing_ok=True)
         return out
