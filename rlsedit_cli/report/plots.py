@@ -108,6 +108,8 @@ def general_plot(runs: list[Run], out: Path) -> Path | None:
         metric = next((row.get("metric") for run in runs for row in run.general
                        if row["task"] == task and row.get("metric")), None)
         ax.set(title=f"{task} ({metric})" if metric else task, xlabel="edits made")
+        if "perplexity" in (metric or "") or task.endswith("wikitext"):
+            ax.set_yscale("log")  # a collapse is orders of magnitude; a drift is not
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
