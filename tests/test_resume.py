@@ -326,3 +326,25 @@ def test_a_resumed_run_keeps_its_own_tracker(uninterrupted, tmp_path, monkeypatc
     assert cfg.logger.name == "wandb"  # the default outside tests: not given on the command line
     summary = run(cfg, overrides=[f"resume={folder}", f"paths.cache={tmp_path}/cache"])
     assert summary["num_edits"] == 30
+
+
+def test_a_checkpoint_from_before_a_new_setting_resumes_measured_as_it_began(make_cfg,
+                                                                           tmp_path):
+    """A run checkpointed before measure.generated_accuracy existed (the long runs of
+    docs/results.md) resumes without it: its retention.csv keeps its columns."""
+    cfg = make_cfg(*RUN[:2], "eval=none", "stream.num_edits=10", "stream.batch_size=5",
+                   "measure.fluency=false", "measure.retention_edits=5",
+                   "measure.retention_every=1", "checkpoint.every=1",
+                   "measure.generated_accuracy=false")  # as the runs made before the setting
+    run(cfg)
+    folder = tmp_path / "run"
+    state = torch.load(folder / checkpoint.NAME, weights_only=False)
+    del state["config"]["measure"]["generated_accuracy"]
+    state["next_batch"], state["done"] = 1, 5  # as if killed after the first batch
+    state["lines"] = {k: 2 if k != "metrics.jsonl" else 1 for k in state["lines"]}
+    torch.save(state, folder / checkpoint.NAME)
+    (folder / "summary.json").unlink()
+    summary = run(make_cfg(f"resume={folder}"), overrides=[f"resume={folder}"])  # as the CLI
+    assert "efficacy_generated" not in summary  # (the default, true, would add it)
+    lines = (folder / "retention.csv").read_text().splitlines()
+    assert len({line.count(",") for line in lines}) == 1 and len(lines) == 3

@@ -27,6 +27,20 @@ FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite") 
 # when a run is resumed
 
 
+# Settings added after runs were checkpointed: a resumed run whose checkpoint lacks one goes on
+# with the value that keeps it measured as it began (its line files keep their columns).
+LATER_KEYS = {("measure", "generated_accuracy"): False}
+
+
+def fill_later_keys(saved: dict) -> dict:
+    """The saved config with every LATER_KEYS setting it lacks, at its continuing value."""
+    for (section, key), value in LATER_KEYS.items():
+        if isinstance(saved.get(section), dict) and key not in saved[section]:
+            log.info("the checkpoint predates %s.%s: the run goes on with %s", section, key, value)
+            saved[section][key] = value
+    return saved
+
+
 def edit_config(cfg: DictConfig) -> dict:
     """The run's settings a resumed run must keep: everything but paths, tracker and device."""
     data = OmegaConf.to_container(cfg, resolve=True)

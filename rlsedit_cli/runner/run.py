@@ -174,6 +174,7 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                      "checkpoint: it continues from there")
         if cfg.resume:
             state = checkpoint.load(folder.path)
+            checkpoint.fill_later_keys(state["config"])
             if overrides is None:
                 checkpoint.check_matches(state["config"], checkpoint.edit_config(cfg), folder.path)
             else:
