@@ -24,11 +24,12 @@ from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
 
 EXTRA_TOKENS = 4  # decoded beyond the target's own length: room for another tokenisation of it
 SENTENCE_END = re.compile(r"\n|\.(?=\s|$)")
+PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize(text: str) -> str:
     """SQuAD's answer normalisation, as WILD's exact match applies it."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
 
 

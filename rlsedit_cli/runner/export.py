@@ -38,9 +38,9 @@ def _param_name(handle: ModelHandle, layer: int) -> str:
     return handle.spec.mlp_out_template.format(layer) + ".weight"
 
 
-def load_run_model(folder: Path) -> tuple[ModelHandle, dict, dict]:
+def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int]]:
     """The run's base model, with the checksum taken, then its last checkpoint's edited maps
-    written into it; also the checkpoint's state and the run's resolved config."""
+    written into it; also the export's metadata and the edited layers."""
     if not (folder / "config.yaml").is_file():
         raise DataError(f"{folder} is not a run folder (no config.yaml): give the folder a run "
                         "wrote")
@@ -58,19 +58,18 @@ def load_run_model(folder: Path) -> tuple[ModelHandle, dict, dict]:
     info = {"base_model": str(base), "model_config": str(cfg.model.name),
             "base_model_digest": digest, "editor": str(cfg.editor.name),
             "num_edits": str(state["done"]),
-            "layers": ",".join(str(int(k)) for k in state["weights"])}
-    return handle, info, OmegaConf.to_container(cfg, resolve=True)
+            "layers": ",".join(str(int(k)) for k in state["weights"])}  # (metadata: strings)
+    return handle, info, [int(k) for k in state["weights"]]
 
 
 def export_run(folder: str | Path, out: str | Path, full: bool = False) -> dict:
     """Write the edited maps (and with ``full`` the whole model) of the run in ``folder``."""
     folder, out = Path(folder), Path(out)
-    handle, info, _ = load_run_model(folder)
+    handle, info, layers = load_run_model(folder)
     if not (folder / "summary.json").is_file():
         log.warning("the run in %s is unfinished: the export holds its last checkpoint, after "
                     "%s edits", folder, info["num_edits"])
     out.mkdir(parents=True, exist_ok=True)
-    layers = [int(k) for k in info["layers"].split(",")]
     params = dict(handle.model.named_parameters())
     maps = {_param_name(handle, layer): params[_param_name(handle, layer)].detach().cpu()
             .contiguous() for layer in layers}
