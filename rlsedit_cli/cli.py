@@ -96,6 +96,12 @@ def run_command(args: list[str]) -> int:
         return 2
     except OSError as e:  # e.g. the run folder on a read-only or full file system
         return _cannot_write(e, "hydra.run.dir=..., paths.output_dir=...")
+    except ValueError as e:
+        if not str(e).startswith("Only one of --run"):  # Hydra's refusal of -m with --cfg
+            raise
+        log.error("error: %s (--cfg job prints one job's config: drop -m and give one value "
+                  "of each swept key)", e)
+        return 2
     finally:
         sys.argv = argv0
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -217,7 +223,7 @@ def _bench_targets(args: argparse.Namespace) -> dict:
     handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
     target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
     return bench_targets(handle, records[: args.batch], z_layer=max(cfg.model.edit_layers),
-                         target=target, repeat=args.repeat)
+                         target=target, steps=args.steps, repeat=args.repeat)
 
 
 def _bench_stream(args: argparse.Namespace) -> list[dict]:
@@ -409,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto")
     bench.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     bench.add_argument("--batch", type=int, default=50, help="targets: requests in the batch")
+    bench.add_argument("--steps", type=int, default=25,
+                       help="targets: optimiser steps of every path (no early stop)")
     bench.add_argument("--model", default="gpt2_tiny",
                        help="targets, stats, stream, general: model config (as the override "
                             "model=...)")

@@ -142,6 +142,7 @@ class MeasureConfig:
     reuse_unedited: bool = MISSING  # the unedited model's figures from paths.cache when cached
     fluency_records: int | None = MISSING  # texts of a seeded subset of N records; None: all
     fluency_at: str = MISSING  # every (before, retention points, end) | ends (before and end)
+    generated_at: str = MISSING  # every (wherever efficacy is) | ends (before and end)
     compute_dtype: str = MISSING  # of the measuring forward passes: float32 | bfloat16
     objective_terms: bool = MISSING  # fit, drift, preservation, ||W|| per edited layer per batch
     collapse_factor: float | None = MISSING  # alarm: perplexity above this x the unedited one
@@ -218,6 +219,7 @@ class SpeedConfig:
     measure_dtype: str = MISSING  # measure.compute_dtype
     fluency_records: int | None = MISSING  # measure.fluency_records
     fluency_at: str = MISSING  # measure.fluency_at
+    generated_at: str = MISSING  # measure.generated_at
 
 
 @dataclass

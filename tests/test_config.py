@@ -86,6 +86,13 @@ def test_cli_unknown_group_choice_is_one_line():
     assert len(err) == 1 and "gpt5" in err[0] and "rlsedit ls" in err[0]
 
 
+def test_cli_cfg_job_of_a_sweep_is_one_line():
+    proc = rlsedit("run", "-m", "editor=rlsedit,memit", "--cfg", "job")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
+    assert len(err) == 1 and "drop -m" in err[0]
+
+
 def test_cli_ls_lists_groups(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out

@@ -112,6 +112,28 @@ def test_texts_of_a_seeded_subset_and_only_at_the_ends(tmp_path):
     assert "fluency" in kept[0]
 
 
+def test_greedy_answers_only_at_the_ends(tmp_path):
+    """measure.generated_at=ends: efficacy_generated before and after the stream (summary.json),
+    none after each batch or at the retention points; every: at each of them."""
+    import json
+
+    cache = tmp_path / "cache"
+    out = {}
+    for name, at in (("a", "every"), ("b", "ends")):
+        out[at] = run(_cfg(tmp_path, name, cache, "stream.num_edits=4", "stream.batch_size=2",
+                           f"measure.generated_at={at}", "measure.fluency=false"))
+        lines = [json.loads(x) for x in
+                 (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        per_batch = ["batch_efficacy_generated" in x for x in lines]
+        retention = (tmp_path / name / "retention.csv").read_text().splitlines()[0]
+        assert per_batch == [at == "every"] * 2 and ("efficacy_generated" in retention) == (
+            at == "every")
+        assert out[at]["measurement"]["generated_at"] == at
+        assert out[at]["efficacy_generated"] is not None
+        assert out[at]["pre"]["efficacy_generated"] is not None
+    assert out["ends"]["efficacy_generated"] == out["every"]["efficacy_generated"]
+
+
 def test_bfloat16_measurement_is_close_to_float32(tmp_path):
     cache = tmp_path / "cache"
     exact = run(_cfg(tmp_path, "a", cache, "measure.generation=greedy"))
@@ -126,6 +148,7 @@ def test_bfloat16_measurement_is_close_to_float32(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("measure.fluency_records=0", "measure.fluency_records=0 must be at least 1"),
     ("measure.fluency_at=middle", "measure.fluency_at='middle' must be every or ends"),
+    ("measure.generated_at=never", "measure.generated_at='never' must be every or ends"),
     ("measure.compute_dtype=float16", "measure.compute_dtype='float16' must be float32 or"),
     ("editor.target.compute_dtype=half", "editor.target.compute_dtype='half' must be float32"),
 ])
@@ -154,3 +177,4 @@ def test_speed_presets_compose_with_every_editor_and_land_where_read(preset):
         assert cfg.measure.compute_dtype == node["measure_dtype"]
         assert cfg.measure.fluency_records == node["fluency_records"]
         assert cfg.measure.fluency_at == node["fluency_at"]
+        assert cfg.measure.generated_at == node["generated_at"]

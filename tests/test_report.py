@@ -92,16 +92,16 @@ def test_the_report_names_settings_that_trade_figures_for_time(tmp_path):
                       "stop_when_top1": True, "stop_below_nll": 0.1, "keys_dtype": "bfloat16",
                       "target_lr": 1.0},
             "measurement": {"fluency_records": 50, "fluency_at": "ends",
-                            "compute_dtype": "bfloat16",
+                            "generated_at": "ends", "compute_dtype": "bfloat16",
                             "unedited_from_cache": {"pre": "/c/unedited/pre-1.json"}}}
     assert speed_table([Run(path=tmp_path, summary=faithful), Run(path=tmp_path, summary={})]) == ""
     lines = speed_table([Run(path=tmp_path, summary=faithful),
                          Run(path=tmp_path, summary=fast)]).splitlines()
     assert lines[2:] == [
         "| memit | m | ? | - | long_stream | bfloat16 | ENCORE top-1 or NLL < 0.1 | 1 | bfloat16 "
-        "| bfloat16 | 50 | ends | pre |",
+        "| bfloat16 | 50 | ends | ends | pre |",
         "| rlsedit | m | ? | - | faithful | float32 | references' | - | float32 | float32 | all "
-        "| every | - |"]
+        "| every | every | - |"]
 
 
 def test_report_on_empty_folder_is_one_error_line(tmp_path, caplog):

@@ -348,3 +348,22 @@ def test_a_checkpoint_from_before_a_new_setting_resumes_measured_as_it_began(mak
     assert "efficacy_generated" not in summary  # (the default, true, would add it)
     lines = (folder / "retention.csv").read_text().splitlines()
     assert len({line.count(",") for line in lines}) == 1 and len(lines) == 3
+
+
+def test_a_line_file_gains_the_columns_a_later_version_writes(tmp_path):
+    """A run resumed by a version that writes a column more (general.csv's metric): the header
+    gains it, the earlier lines stay (empty there) and every line parses under the header."""
+    import csv
+
+    from rlsedit_cli.runner.folder import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    (folder.path / "general.csv").write_text("edits,task,score\r\n0,sst2,0.62\r\n")
+    folder.append_csv("general.csv", {"edits": 500, "task": "sst2", "metric": "acc",
+                                      "score": 0.6})
+    folder.append_csv("general.csv", {"edits": 1000, "task": "sst2", "score": 0.5})
+    with open(folder.path / "general.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["edits", "task", "score", "metric"]
+    assert lines[1:] == [["0", "sst2", "0.62", ""], ["500", "sst2", "0.6", "acc"],
+                         ["1000", "sst2", "0.5", ""]]

@@ -1,13 +1,16 @@
 """The editing shortcuts that must not change a figure (a request's rows leave the target step
-once it stopped; keys read layer after layer replay the unchanged blocks below; AlphaEdit's keys
-of all layers from one pass), and the bfloat16 target step (a named setting: close, not equal)."""
+once it stopped; the tokens a context template puts before every prompt run once; keys read
+layer after layer replay the unchanged blocks below; AlphaEdit's keys of all layers from one
+pass), and the bfloat16 target step (a named setting: close, not equal)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from rlsedit_cli.bench.targets import WholePrefixLoss
 from rlsedit_cli.datasets.toy import load as load_toy
+from rlsedit_cli.editing.inputs import build_split_rows, prefix_cache
 from rlsedit_cli.editing.keys import LayerKeys, keys_and_hidden, keys_of_layers
 from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
 from rlsedit_cli.models.loader import load_model
@@ -48,6 +51,46 @@ def test_stopped_requests_leave_the_step_without_changing_any_target(shipped_han
         assert torch.equal(fast.steps, full.steps), stop
         assert torch.allclose(fast.z, full.z, rtol=1e-5, atol=1e-5), stop
         assert torch.allclose(fast.final_loss, full.final_loss, rtol=1e-4, atol=1e-5), stop
+
+
+def test_context_prefixes_shared_by_a_chunk_run_once_with_the_same_keys_and_values(
+        tiny, toy_records):
+    """The rows of one context template start with its tokens: they run once per template and
+    are copied to its rows; the cache equals the one from running every row whole, on GPT-2's
+    and Llama's position and mask handling, with rows that share nothing beside them ("{}"), and
+    when every prefix is shared whole (the same request twice: nothing left to run after)."""
+    for records in (toy_records[:3], [toy_records[0]] * 2):
+        items = [(c.replace("{}", r.prompt), r.subject, [], i)
+                 for i, r in enumerate(records) for c in CONTEXTS]
+        groups = [j for _ in records for j in range(len(CONTEXTS))]
+        shared, plain = build_split_rows(tiny, items, groups), build_split_rows(tiny, items)
+        assert shared.shared is not None and plain.shared is None
+        long_context = tiny.tok("A much longer context than the")["input_ids"]
+        assert shared.shared.cols >= len(long_context)
+        real_shared, real_plain = shared.prefix_mask.bool(), plain.prefix_mask.bool()
+        assert torch.equal(shared.prefix_ids[real_shared], plain.prefix_ids[real_plain])
+        assert torch.equal(shared.prefix_pos[real_shared], plain.prefix_pos[real_plain])
+        got, want = prefix_cache(tiny, shared, 1).kv, prefix_cache(tiny, plain, 1).kv
+        for (k, v), (k0, v0) in zip(got[:2], want[:2]):  # (N, heads, P, d): the real columns
+            for row in range(len(items)):
+                for a, b in ((k, k0), (v, v0)):
+                    assert torch.allclose(a[row][:, real_shared[row]],
+                                          b[row][:, real_plain[row]], atol=1e-5), row
+    assert (shared.shared.rep >= 0).all()  # all shared whole
+    assert torch.equal(shared.prefix_mask[:, shared.shared.cols:].sum(1),
+                       torch.zeros(len(items), dtype=torch.long))
+
+
+def test_shared_context_prefixes_leave_every_target_as_it_was(tiny, toy_records):
+    """The whole optimisation (with stops firing apart) ends at the same steps and targets with
+    the templates' tokens run once per chunk as with every row's prefix run whole."""
+    cfg = target_cfg(steps=10, loss_layer=2, stop_below_nll=2.5)
+    batch = toy_records[:6]
+    shared = optimise_targets(tiny, batch, CONTEXTS, 1, cfg)
+    whole = optimise_targets(tiny, batch, CONTEXTS, 1, cfg, loss=WholePrefixLoss)
+    assert torch.equal(shared.steps, whole.steps)
+    assert torch.allclose(shared.z, whole.z, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(shared.final_loss, whole.final_loss, rtol=1e-4, atol=1e-5)
 
 
 def test_keys_read_layer_after_layer_equal_full_passes(tiny, toy_records):

@@ -157,3 +157,22 @@ def test_the_long_smollm2_experiment_composes_for_every_editor(editor):
     assert cfg.speed.name == "long_stream" and cfg.checkpoint.every == 1
     if "target" in cfg.editor and editor != "rome":
         assert cfg.editor.target.lr == 1.0 and cfg.editor.target.stop_below_nll == 0.1
+
+
+def test_the_tradeoff_experiment_sweeps_lam_and_mu_resumably():
+    """+experiment=tradeoff_smollm2: RLSEdit over a 3 x 3 grid of lam and mu at 1,000 edits of
+    long_smollm2's stream, in one fixed sweep folder that a second sitting resumes."""
+    from hydra import compose, initialize_config_dir
+
+    from rlsedit_cli import config
+
+    config.register()
+    with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=tradeoff_smollm2"],
+                      return_hydra_config=True)
+    assert cfg.editor.name == "rlsedit" and cfg.model.name == "smollm2_135m"
+    assert cfg.stream.num_edits == 1000 and cfg.stream.batch_size == 100
+    assert cfg.eval.every_edits == 1000 and cfg.resume_jobs is True
+    params = cfg.hydra.sweeper.params
+    assert [len(str(params[k]).split(",")) for k in ("editor.lam", "editor.mu")] == [3, 3]
+    assert cfg.hydra.sweep.dir == "outputs/tradeoff_smollm2"

@@ -7,6 +7,8 @@ same number of steps:
 
 - batched: every request in one forward/backward per step, with the fast loss (cached
   prefixes, replayed blocks, MLPs cut to the positions that count);
+- batched, whole prefixes: the same, with each row's prefix run whole (the context templates'
+  tokens once per row, not once per chunk: :class:`WholePrefixLoss`);
 - one at a time: the same fast loss, one request per call;
 - the references' way: one request per call, each step one full forward pass of its prompts
   through the whole model with logits everywhere (:class:`FullForwardLoss`, as MEMIT's
@@ -28,9 +30,15 @@ from rlsedit_cli.bench.gemm import share_of_gemm, timed
 from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.reference import FullForwardLoss
-from rlsedit_cli.editing.targets import optimise_targets
+from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.models.handle import ModelHandle
+
+
+class WholePrefixLoss(TargetLoss):
+    """The fast target loss with every row's prefix run whole (no tokens shared across rows)."""
+
+    share_prefixes = False
 
 
 def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
@@ -39,16 +47,19 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
     """Seconds for ``records`` optimised together and one by one, and the speed-up; then
     ``step_repeat`` single batched steps against the GEMM rate (:func:`time_target_step`).
 
-    ``target``: the model's target settings (conf/target/MODEL.yaml); early stopping is turned
-    off and ``steps`` fixed so that both paths do the same work.
+    ``target``: the model's target settings (conf/target/MODEL.yaml); every early stop is turned
+    off and ``steps`` fixed so that all paths do the same work.
     """
     batch = len(records)
     cfg = replace(target, steps=steps, early_stop_loss=0.0, stop_when_top1=False,
-                  chunk_size=batch)
+                  stop_below_nll=None, chunk_size=batch)
     templates = context_templates(handle, cfg.context_templates, seed=0)
 
     def together() -> torch.Tensor:
         return optimise_targets(handle, records, templates, z_layer, cfg).z
+
+    def whole() -> torch.Tensor:
+        return optimise_targets(handle, records, templates, z_layer, cfg, loss=WholePrefixLoss).z
 
     def alone() -> torch.Tensor:
         return torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg).z
@@ -59,7 +70,8 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
                                            loss=FullForwardLoss).z for r in records])
 
     optimise_targets(handle, records[:2], templates, z_layer, cfg)  # warm-up
-    paths = {"batched": together, "one_at_a_time": alone, "references_way": references}
+    paths = {"batched": together, "batched_whole_prefixes": whole, "one_at_a_time": alone,
+             "references_way": references}
     runs: dict[str, list[float]] = {name: [] for name in paths}
     z: dict[str, torch.Tensor] = {}
     for _ in range(max(1, repeat)):
@@ -71,11 +83,14 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
     return {"bench": "targets", "device": str(handle.device), "model": str(handle.spec.name),
             "requests": batch, "templates": len(templates), "steps": steps, "repeat": repeat,
             "batched_s": round(med["batched"], 3),
+            "batched_whole_prefixes_s": round(med["batched_whole_prefixes"], 3),
             "one_at_a_time_s": round(med["one_at_a_time"], 3),
             "references_way_s": round(med["references_way"], 3),
             "speedup": round(med["one_at_a_time"] / med["batched"], 2),
             "speedup_vs_references_way": round(med["references_way"] / med["batched"], 2),
+            "speedup_of_shared_prefixes": round(med["batched_whole_prefixes"] / med["batched"], 2),
             "relative_difference": round(gap["one_at_a_time"], 8),
+            "relative_difference_whole_prefixes": round(gap["batched_whole_prefixes"], 8),
             "relative_difference_references_way": round(gap["references_way"], 8),
             **{f"{name}_runs_s": [round(x, 3) for x in times] for name, times in runs.items()},
             **time_target_step(handle, records, templates, z_layer, cfg, repeat=step_repeat)}
@@ -92,7 +107,7 @@ def time_target_step(handle: ModelHandle, records, templates: list[str], z_layer
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rlsedit_cli.editing.targets import TargetLoss, kl_divergence
+    from rlsedit_cli.editing.targets import kl_divergence
 
     loss = TargetLoss(handle, records, templates, z_layer, int(cfg.loss_layer))
     d_model = handle.weight_shape(z_layer)[0]

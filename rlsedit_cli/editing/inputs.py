@@ -6,7 +6,9 @@ the position of the subject's last token (``lookup``).
 
 :class:`SplitRows` cut each row at the subject's last token: an edit at that token changes
 nothing before it (causal attention), so the prefix runs once into a key/value cache and the
-target optimisation re-runs only the suffix (see :func:`prefix_cache`).
+target optimisation re-runs only the suffix (see :func:`prefix_cache`). Rows of one group (the
+same context template) share the tokens their prefixes start with: those run once per group
+(:class:`SharedPrefix`).
 """
 
 from __future__ import annotations
@@ -66,13 +68,28 @@ def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
 
 
 @dataclass
+class SharedPrefix:
+    """The first ``cols`` prefix columns hold tokens that every row of a group starts with.
+
+    ``rep`` (N,): the row whose keys and values there stand for its group's (-1: a row that
+    shares nothing, all padding there). The keys and values of those columns are computed for
+    the representatives only, then copied to their groups (:func:`prefix_cache`).
+    """
+
+    cols: int
+    rep: torch.Tensor
+
+
+@dataclass
 class SplitRows:
     """Rows cut at the subject's last token.
 
-    The prefix (tokens before it) is left-padded to P columns; the suffix (from it on) is
-    right-padded to S columns, so the subject's last token sits in suffix column 0 of every row.
-    ``prefix_*``: (N, P); ``suffix_*``: (N, S); ``mask``: (N, P + S);
-    ``suffix_len``, ``owner``: (N,)
+    The prefix (tokens before it) takes P columns: the tokens its group shares, left-padded to
+    ``shared.cols`` columns, then the rest, left-padded (without sharing: all of it, left-padded);
+    position ids count the real tokens only, so the padding between them changes nothing. The
+    suffix (from the subject's last token on) is right-padded to S columns, so that token sits in
+    suffix column 0 of every row. ``prefix_*``: (N, P); ``suffix_*``: (N, S); ``mask``:
+    (N, P + S); ``suffix_len``, ``owner``: (N,)
     """
 
     prefix_ids: torch.Tensor
@@ -83,6 +100,7 @@ class SplitRows:
     mask: torch.Tensor
     suffix_len: torch.Tensor
     owner: torch.Tensor
+    shared: SharedPrefix | None = None
 
     @property
     def prefix_inputs(self) -> dict:
@@ -97,7 +115,7 @@ class SplitRows:
     def select(self, rows: torch.Tensor, requests: torch.Tensor) -> SplitRows:
         """Only ``rows`` (their requests, ``requests``, sorted, become 0..m-1)."""
         picked = {f: getattr(self, f)[rows.to(getattr(self, f).device)]
-                  for f in self.__dataclass_fields__}
+                  for f in self.__dataclass_fields__ if f != "shared"}  # (the cache's business)
         picked["owner"] = torch.searchsorted(requests.to(self.owner.device), picked["owner"])
         return SplitRows(**picked)
 
@@ -108,21 +126,55 @@ class SplitRows:
                 "use_cache": cache is not None}
 
 
-def build_split_rows(handle: ModelHandle, items: list[Item]) -> SplitRows:
-    """:class:`SplitRows` for ``items``."""
+def _common_length(seqs: list[list[int]]) -> int:
+    """How many tokens every one of ``seqs`` starts with."""
+    n = min(len(s) for s in seqs)
+    for j in range(n):
+        if any(s[j] != seqs[0][j] for s in seqs):
+            return j
+    return n
+
+
+def _shared_lengths(prefixes: list[list[int]], groups: list[int] | None, least: int
+                    ) -> tuple[list[int], list[int]]:
+    """Per row: how many prefix tokens it shares with its group, and the group's first row
+    (-1 where it shares fewer than ``least``: not worth a pass)."""
+    shared, rep = [0] * len(prefixes), [-1] * len(prefixes)
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(groups or []):
+        members.setdefault(g, []).append(row)
+    for rows in members.values():
+        c = _common_length([prefixes[r] for r in rows]) if len(rows) > 1 else 0
+        if c >= least:
+            for r in rows:
+                shared[r], rep[r] = c, rows[0]
+    return shared, rep
+
+
+def build_split_rows(handle: ModelHandle, items: list[Item], groups: list[int] | None = None,
+                     least_shared: int = 2) -> SplitRows:
+    """:class:`SplitRows` for ``items``; ``groups`` (one id per item): rows whose prefixes share
+    their first tokens (at least ``least_shared``) get them once (:class:`SharedPrefix`)."""
     seqs, lookups = _encode(handle, items)
     pad_id = handle.tok.pad_token_id
-    prefix_ids, prefix_mask = pad([s[:k] for s, k in zip(seqs, lookups)], pad_id, left=True)
+    prefixes = [s[:k] for s, k in zip(seqs, lookups)]
+    shared, rep = _shared_lengths(prefixes, groups, least_shared)
+    head_ids, head_mask = pad([p[:c] for p, c in zip(prefixes, shared)], pad_id, left=True)
+    rest_ids, rest_mask = pad([p[c:] for p, c in zip(prefixes, shared)], pad_id, left=True)
+    prefix_ids = torch.cat([head_ids, rest_ids], 1)
+    prefix_mask = torch.cat([head_mask, rest_mask], 1)
     suffix_ids, suffix_mask = pad([s[k:] for s, k in zip(seqs, lookups)], pad_id)
     lookup = torch.tensor(lookups)
     suffix_pos = lookup[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
     dev = handle.device
+    sharing = (SharedPrefix(cols=head_ids.shape[1], rep=torch.tensor(rep, device=dev))
+               if head_ids.shape[1] else None)
     return SplitRows(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
                      prefix_pos=_positions(prefix_mask).to(dev),
                      suffix_ids=suffix_ids.to(dev), suffix_pos=suffix_pos.to(dev),
                      mask=torch.cat([prefix_mask, suffix_mask], 1).to(dev),
                      suffix_len=suffix_mask.sum(1).to(dev),
-                     owner=torch.tensor([it[3] for it in items]).to(dev))
+                     owner=torch.tensor([it[3] for it in items]).to(dev), shared=sharing)
 
 
 class PrefixCache:
@@ -148,13 +200,37 @@ class PrefixCache:
 
 @torch.no_grad()
 def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int) -> PrefixCache:
-    """The prefixes' keys and values in blocks 0..``stop_layer`` (empty without prefixes)."""
+    """The prefixes' keys and values in blocks 0..``stop_layer`` (empty without prefixes).
+
+    With :class:`SharedPrefix`, the shared columns run for one row per group, their keys and
+    values are copied to the group's rows, and the rest of each prefix runs after them.
+    """
     config = handle.model.config
     if rows.prefix_ids.shape[1] == 0:
         return PrefixCache(None, config)
-    cache = DynamicCache(config=config)
-    forward_until(handle, {**rows.prefix_inputs, "past_key_values": cache, "use_cache": True},
-                  stop_layer, [])
+    inputs, start = rows.prefix_inputs, None
+    if rows.shared is not None:
+        cols, rep = rows.shared.cols, rows.shared.rep
+        reps = torch.unique(rep[rep >= 0])  # (G,)
+        head = DynamicCache(config=config)
+        forward_until(handle, {**{k: v[reps, :cols] for k, v in inputs.items()},
+                               "past_key_values": head, "use_cache": True}, stop_layer, [])
+        slot = torch.searchsorted(reps, rep.clamp(min=0))  # (N,) each row's group's slot
+        own = (rep >= 0)[:, None, None, None]  # rows that share nothing: zeros, masked
+
+        def spread(x: torch.Tensor) -> torch.Tensor:  # (G, heads, cols, d) -> (N, ...)
+            return torch.where(own.to(x.device), x[slot.to(x.device)], 0.0)
+
+        start = DynamicCache([(spread(layer.keys), spread(layer.values))
+                              if i <= stop_layer else (None, None)
+                              for i, layer in enumerate(head.layers)], config=config)
+        inputs = {"input_ids": inputs["input_ids"][:, cols:],
+                  "attention_mask": inputs["attention_mask"],
+                  "position_ids": inputs["position_ids"][:, cols:]}
+    cache = start if start is not None else DynamicCache(config=config)
+    if inputs["input_ids"].shape[1]:  # (every prefix may be all shared)
+        forward_until(handle, {**inputs, "past_key_values": cache, "use_cache": True},
+                      stop_layer, [])
     return PrefixCache([(layer.keys, layer.values) if i <= stop_layer else (None, None)
                         for i, layer in enumerate(cache.layers)], config)
 

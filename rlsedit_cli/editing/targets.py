@@ -10,7 +10,8 @@ every request exactly the gradient it would get alone, and Adam (element-wise) f
 trajectory as one-at-a-time runs.
 
 Work that the deltas cannot change is done once, not at every step: the tokens before the
-subject's last token (their keys and values are cached, :func:`prefix_cache`) and blocks
+subject's last token (their keys and values are cached, :func:`prefix_cache`; the tokens a
+context template puts before every request's prompt run once per chunk) and blocks
 0..``z_layer`` on the remaining tokens (replayed, :func:`replay_blocks`). Work the loss cannot
 see is not done: the MLPs of the re-run blocks skip the suffix's padding and the KL prompts'
 tokens after the subject, and block
@@ -58,17 +59,20 @@ class TargetResult:
     steps: torch.Tensor  # (n,) optimiser steps taken
 
 
-def _rows(handle: ModelHandle, requests: list[Record], templates: list[str]):
-    """Rewrite rows (every context x request) then one KL row per request."""
-    items, targets = [], []
+def _rows(handle: ModelHandle, requests: list[Record], templates: list[str], share: bool):
+    """Rewrite rows (every context x request) then one KL row per request; with ``share``, the
+    rows of one context template share the tokens they start with (the template's, run once)."""
+    items, targets, groups = [], [], []
     for i, r in enumerate(requests):
         t_ids = encode_target(handle.tok, r.target_new)
-        for ctx in templates:
+        for j, ctx in enumerate(templates):
             items.append((fill(ctx, r.prompt), r.subject, t_ids[:-1], i))
             targets.append(t_ids)
+            groups.append(j)
     for i, r in enumerate(requests):
         items.append((KL_PROMPT, r.subject, [], i))
-    return build_split_rows(handle, items), targets
+        groups.append(len(templates))
+    return build_split_rows(handle, items, groups if share else None), targets
 
 
 def _target_index(rows: SplitRows, targets: list[list[int]]):
@@ -107,15 +111,19 @@ class TargetLoss:
     after ``z_layer`` at the subject's last token of each plain prompt, is set by the first call.
     :meth:`keep` drops the rows of requests that stopped, so later steps cost only what is left.
     ``dtype``: of the frozen blocks' and the LM head's matrix products (:func:`compute_dtype`);
-    the delta, Adam and the loss (log-softmax, NLL, KL) stay float32.
+    the delta, Adam and the loss (log-softmax, NLL, KL) stay float32. ``share_prefixes``: the
+    tokens a context template puts before every prompt of the chunk run once (the same keys and
+    values, tests/test_speed.py; false: once per row, for benchmarks).
     """
+
+    share_prefixes = True
 
     def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
                  z_layer: int, loss_layer: int, dtype: str = "float32") -> None:
         self.handle, self.z_layer, self.dtype = handle, z_layer, dtype
         self.loss_layer = max(loss_layer, z_layer)
         self.n, self.n_ctx = len(requests), len(templates)
-        self.rows, self.targets = _rows(handle, requests, templates)
+        self.rows, self.targets = _rows(handle, requests, templates, self.share_prefixes)
         # the frozen blocks' weights in ``dtype``, cast once (bfloat16; none for float32)
         self.low = lowered_weights([handle.layer_module(i) for i in range(self.loss_layer + 1)],
                                    dtype)
@@ -251,7 +259,7 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
     gradient depend on its own rows only, so this changes no figure, only the time.
     """
     target_loss = loss(handle, requests, templates, z_layer, int(cfg.loss_layer),
-                       **({"dtype": cfg.compute_dtype} if loss is TargetLoss else {}))
+                       **({"dtype": cfg.compute_dtype} if issubclass(loss, TargetLoss) else {}))
     compacts = hasattr(target_loss, "keep")
     n = len(requests)
     z_device = handle.weight(z_layer).device  # layers may sit on several GPUs (device_map)

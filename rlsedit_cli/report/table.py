@@ -144,14 +144,15 @@ def speed_table(runs: list[Run]) -> str:
                   str(measured.get("compute_dtype", "float32")),
                   "all" if measured.get("fluency_records") is None
                   else str(measured["fluency_records"]),
-                  str(measured.get("fluency_at", "every")), cached]
+                  str(measured.get("fluency_at", "every")),
+                  str(measured.get("generated_at", "every")), cached]
         rows.append([*ident(run), *values])
     if all(r[4] == "faithful" and r[5:7] == ["float32", "references'"]
-           and r[8:] == ["float32", "float32", "all", "every", "-"] for r in rows):
+           and r[8:] == ["float32", "float32", "all", "every", "every", "-"] for r in rows):
         return ""
     head = [*IDENT, "Speed preset", "Target step dtype", "Target stop",
             "Target lr", "Keys dtype", "Measuring dtype", "Fluency records", "Fluency at",
-            "Unedited figures from cache"]
+            "Greedy answers at", "Unedited figures from cache"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite") 
 
 # Settings added after runs were checkpointed: a resumed run whose checkpoint lacks one goes on
 # with the value that keeps it measured as it began (its line files keep their columns).
-LATER_KEYS = {("measure", "generated_accuracy"): False}
+LATER_KEYS = {("measure", "generated_accuracy"): False, ("measure", "generated_at"): "every"}
 
 
 def fill_later_keys(saved: dict) -> dict:

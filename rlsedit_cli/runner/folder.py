@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import io
 import json
 import logging
 import math
@@ -70,6 +71,23 @@ class QuietFileHandler(logging.FileHandler):
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
         del record
+
+
+def _csv_columns(path: Path) -> list[str] | None:
+    """The header of a CSV file (None: no file yet, or an empty one)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), None)
+
+
+def _csv_text(columns: list[str], lines: list[dict]) -> str:
+    """A CSV file's text: the header, then the lines (missing values empty)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(lines)
+    return out.getvalue()
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -165,13 +183,21 @@ class RunFolder:
             f.write(json.dumps(_clean(row)) + "\n")
 
     def append_csv(self, name: str, row: dict) -> None:
+        """One line more; a column the file lacks (a run resumed by a later version that
+        writes more) is added to its header first, the earlier lines left empty there."""
         path = self.path / name
-        new = not path.exists()
-        with disk_errors(self.path, name), open(path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(_clean(row))
+        with disk_errors(self.path, name):
+            columns = _csv_columns(path)
+            if columns is not None and any(k not in columns for k in row):
+                with open(path, newline="", encoding="utf-8") as f:
+                    lines = list(csv.DictReader(f))
+                columns += [k for k in row if k not in columns]
+                write_atomic(path, _csv_text(columns, lines))
+            with open(path, "a", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=columns or list(row), restval="")
+                if columns is None:
+                    writer.writeheader()
+                writer.writerow(_clean(row))
 
     def log_resume(self, overrides: list[str]) -> None:
         """Add this resume's command line to .hydra/resumes.yaml (the first command's

@@ -62,9 +62,10 @@ class Measurer:
                       "right after the edit)")
 
     def _metrics(self, phase: str, records: list[Record],
-                 families: tuple[str, ...] = tuple(FAMILIES), texts: bool = True):
+                 families: tuple[str, ...] = tuple(FAMILIES), texts: bool = True,
+                 generated: bool = True):
         return self._timed(phase, evaluate, self.handle, records, self.refs, self.cfg, families,
-                           self.seed, self.protocol, texts)
+                           self.seed, self.protocol, texts, generated)
 
     def _timed(self, phase: str, fn, *args):
         t0 = time.perf_counter()
@@ -137,7 +138,8 @@ class Measurer:
         after the batch that completes it, then every ``retention_every`` batches and at the end.
         """
         cfg = self.cfg
-        now = self._metrics("batch", batch, ("efficacy",))
+        answers = cfg.generated_at == "every"  # greedy answers here too, or only at the ends
+        now = self._metrics("batch", batch, ("efficacy",), generated=answers)
         row: dict = {"batch_efficacy": now["efficacy"]}
         if now.get("efficacy_generated") is not None:
             row["batch_efficacy_generated"] = now["efficacy_generated"]
@@ -146,7 +148,7 @@ class Measurer:
         due = completed or last or (every > 0 and (index + 1) % every == 0)
         if self.retention and due and done >= size:  # always the whole set, from its first row
             ret = self._metrics("retention", self.retention,
-                                texts=cfg.fluency_at == "every")
+                                texts=cfg.fluency_at == "every", generated=answers)
             self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
@@ -170,6 +172,7 @@ class Measurer:
         out["measurement"] = {"generation_prompts": self.cfg.generation_prompts,
                               "fluency_records": self.cfg.fluency_records,
                               "fluency_at": self.cfg.fluency_at,
+                              "generated_at": self.cfg.generated_at,
                               "compute_dtype": self.cfg.compute_dtype,
                               "unedited_from_cache": dict(self.unedited.used)
                               if self.unedited else {}}

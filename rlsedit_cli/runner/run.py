@@ -69,7 +69,8 @@ def check_config(cfg: DictConfig) -> None:
     for section, key, allowed in (("eval", "sample", ("seeded", "first")),
                                   ("eval", "source", ("local", "hub")),
                                   ("measure", "generation", ("sample", "greedy")),
-                                  ("measure", "fluency_at", ("every", "ends"))):
+                                  ("measure", "fluency_at", ("every", "ends")),
+                                  ("measure", "generated_at", ("every", "ends"))):
         if cfg[section][key] not in allowed:
             raise ConfigError(f"{section}.{key}={cfg[section][key]!r} must be "
                               f"{' or '.join(allowed)}")
