@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlsedit_cli import config
-from rlsedit_cli.errors import RlseditError, Terminated
+from rlsedit_cli.errors import RlseditError, Terminated, stopped_by
 
 config.register()
 log = logging.getLogger("rlsedit")
@@ -38,9 +38,9 @@ def main(cfg: DictConfig) -> float | None:
         FAILED_JOBS.append(f"{job.name}: {e}")
         return None
     except KeyboardInterrupt as e:
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        how, status = stopped_by(e)
         log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir), how))
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        raise SystemExit(status) from None
     return summary.get("objective")
 
 

@@ -85,12 +85,12 @@ def run_command(args: list[str]) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except KeyboardInterrupt as e:  # a sweep's launcher interrupted between its jobs
-        from rlsedit_cli.errors import Terminated
+        from rlsedit_cli.errors import stopped_by
 
+        how, status = stopped_by(e)
         log.error("error: %s; each job's folder keeps what it finished (a job with a "
-                  "checkpoint continues with `rlsedit run resume=FOLDER`)",
-                  "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted")
-        return 143 if isinstance(e, Terminated) else 130
+                  "checkpoint continues with `rlsedit run resume=FOLDER`)", how)
+        return status
     except (HydraException, OmegaConfBaseException, RlseditError) as e:
         log.error("error: %s", one_line(e))
         return 2

@@ -30,6 +30,11 @@ class Terminated(KeyboardInterrupt):
     interrupt, so that a run ends as after Ctrl-C: its last checkpoint kept, the resume named."""
 
 
+def stopped_by(err: KeyboardInterrupt) -> tuple[str, int]:
+    """How a run was stopped, in words, and the exit status that says so (128 + the signal)."""
+    return ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     text = str(err).strip()

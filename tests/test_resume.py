@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlsedit_cli.errors import ConfigError, DataError, RlseditError
+from rlsedit_cli.errors import ConfigError, DataError, RlseditError, Terminated
 from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.run import run
 
@@ -367,3 +367,21 @@ def test_a_line_file_gains_the_columns_a_later_version_writes(tmp_path):
     assert lines[0] == ["edits", "task", "score", "metric"]
     assert lines[1:] == [["0", "sst2", "0.62", ""], ["500", "sst2", "0.6", "acc"],
                          ["1000", "sst2", "0.5", ""]]
+
+
+@pytest.mark.parametrize(("stop", "code", "said"), [
+    (KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated (SIGTERM)")])
+def test_a_sweep_stopped_between_its_jobs_says_so_in_one_line(stop, code, said, monkeypatch,
+                                                             caplog):
+    """Ctrl-C or SIGTERM while a sweep's launcher is between jobs (outside any run): the exit
+    status of the signal and one line saying what each job's folder keeps."""
+    from rlsedit_cli import app
+    from rlsedit_cli.cli import run_command
+
+    def stopped():
+        raise stop()
+
+    monkeypatch.setattr(app, "main", stopped)
+    assert run_command(["-m", "editor=rlsedit,memit"]) == code
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {said}; each job's folder keeps")

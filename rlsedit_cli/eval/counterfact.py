@@ -219,26 +219,26 @@ def summarize(per_record: dict[str, np.ndarray]) -> dict[str, float | None]:
 def evaluate(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
              families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0,
              protocol: str = "probability", texts: bool = True,
-             generated: bool = True) -> dict[str, float | None]:
+             answers: bool = True) -> dict[str, float | None]:
     """CounterFact metrics over ``records`` (``cfg``: the ``measure`` section; ``seed``: of the
     sampled texts, the same at every measurement).
 
     ``families`` picks the probability metrics; the generation metrics (fluency, consistency)
     are computed when all families are asked for, ``cfg.fluency`` is on and ``texts``; the
-    greedy answers (``*_generated``) when ``cfg.generated_accuracy`` is on and ``generated``.
+    greedy answers (``*_generated``) when ``cfg.generated_accuracy`` is on and ``answers``.
     ``cfg.compute_dtype``: of the forward passes' products (bfloat16: a named setting).
     """
     if not records:
         return {}
     with compute_dtype(handle.device, getattr(cfg, "compute_dtype", "float32")):
-        return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, generated)
+        return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers)
 
 
-def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, generated):
+def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers):
     """:func:`evaluate` inside its compute dtype."""
     score = accuracy_metrics if protocol == "accuracy" else probability_metrics
     per_record = score(handle, records, cfg.batch_size, families)
-    if generated and getattr(cfg, "generated_accuracy", False):
+    if answers and getattr(cfg, "generated_accuracy", False):
         per_record |= generated_metrics(handle, records, cfg.batch_size, families)
     kind = None
     if set(families) == set(FAMILIES) and cfg.fluency and texts:

@@ -63,9 +63,9 @@ class Measurer:
 
     def _metrics(self, phase: str, records: list[Record],
                  families: tuple[str, ...] = tuple(FAMILIES), texts: bool = True,
-                 generated: bool = True):
+                 answers: bool = True):
         return self._timed(phase, evaluate, self.handle, records, self.refs, self.cfg, families,
-                           self.seed, self.protocol, texts, generated)
+                           self.seed, self.protocol, texts, answers)
 
     def _timed(self, phase: str, fn, *args):
         t0 = time.perf_counter()
@@ -139,7 +139,7 @@ class Measurer:
         """
         cfg = self.cfg
         answers = cfg.generated_at == "every"  # greedy answers here too, or only at the ends
-        now = self._metrics("batch", batch, ("efficacy",), generated=answers)
+        now = self._metrics("batch", batch, ("efficacy",), answers=answers)
         row: dict = {"batch_efficacy": now["efficacy"]}
         if now.get("efficacy_generated") is not None:
             row["batch_efficacy_generated"] = now["efficacy_generated"]
@@ -148,7 +148,7 @@ class Measurer:
         due = completed or last or (every > 0 and (index + 1) % every == 0)
         if self.retention and due and done >= size:  # always the whole set, from its first row
             ret = self._metrics("retention", self.retention,
-                                texts=cfg.fluency_at == "every", generated=answers)
+                                texts=cfg.fluency_at == "every", answers=answers)
             self.record.retention(index, done, size, ret)
             row["retention"] = {k: v for k, v in ret.items()
                                 if not k.endswith("_ci95") and k != "fluency_prompts"}
