@@ -55,11 +55,13 @@ def _cfg(tmp_path, name, cache, *extra):
 
 def test_a_second_run_reuses_the_unedited_figures_and_they_are_the_measured_ones(tmp_path):
     """Run A measures the figures before editing (and general ability at 0); run B, another
-    editor on the same model, records and settings, reads them (no time spent) and says so;
-    run C, told not to reuse them, measures the very same figures again."""
+    editor on the same model, records and settings (general ability measured more often),
+    reads them (no time spent) and says so; run C, told not to reuse them, measures the very
+    same figures again."""
     cache = tmp_path / "cache"
     first = run(_cfg(tmp_path, "a", cache, "editor=rlsedit", "eval=smoke"))
-    second = run(_cfg(tmp_path, "b", cache, "editor=memit", "eval=smoke"))
+    second = run(_cfg(tmp_path, "b", cache, "editor=memit", "eval=smoke",
+                      "eval.every_edits=2"))  # measured more often: the same point at 0
     third = run(_cfg(tmp_path, "c", cache, "editor=memit", "eval=smoke",
                      "measure.reuse_unedited=false"))
     assert first["measure_seconds"]["pre"] > 0 and second["measure_seconds"]["pre"] == 0

@@ -179,3 +179,32 @@ def test_plots_use_fixed_percentage_axes_and_interval_bands():
     assert left.get_ylim() == (-2, 102) and len(left.collections) == 1  # the band
     assert right.get_ylabel() == "fluency (n-gram entropy x 100)" and not right.collections
     plt.close(fig)
+
+
+def test_a_sweep_plots_edit_success_against_general_ability_per_run(tmp_path):
+    """The paper's trade-off: per task, each (lam, mu) run is one point (the metric at the end,
+    the task's score at the last general-ability point), the unedited score a reference line."""
+    from rlsedit_cli.report.plots import tradeoff_plot, tradeoff_points
+    from rlsedit_cli.report.runs import Run
+
+    def one(lam, mu, efficacy, ppl, sst2):
+        general = [{"edits": 0, "task": "rlsedit_wikitext", "score": 32.0},
+                   {"edits": 0, "task": "sst2", "score": 0.62},
+                   {"edits": 500, "task": "rlsedit_wikitext", "score": 40.0},
+                   {"edits": 1000, "task": "rlsedit_wikitext", "score": ppl},
+                   {"edits": 1000, "task": "sst2", "score": sst2}]
+        return Run(path=tmp_path, summary={"editor": "rlsedit", "efficacy": efficacy},
+                   overrides=[f"editor.lam={lam}", f"editor.mu={mu}", "stream.num_edits=1000"],
+                   general=general)
+
+    runs = [one(0, 1, 99.0, 80.0, 0.5), one(0, 100, 95.0, 40.0, 0.6), one(10, 1, 97.0, 50.0, 0.55),
+            Run(path=tmp_path, summary={"editor": "rlsedit", "efficacy": 90.0},
+                overrides=["editor.lam=10", "editor.mu=100"])]  # no general ability: left out
+    points, before = tradeoff_points(runs, "efficacy")
+    assert before == {"rlsedit_wikitext": 32.0, "sst2": 0.62}
+    assert points["rlsedit_wikitext"] == [(99.0, 80.0, "lam=0, mu=1"),
+                                          (95.0, 40.0, "lam=0, mu=100"),
+                                          (97.0, 50.0, "lam=10, mu=1")]
+    assert points["sst2"][1] == (95.0, 0.6, "lam=0, mu=100")
+    assert tradeoff_plot(runs, tmp_path, "efficacy").stat().st_size > 0
+    assert tradeoff_plot(runs[:1], tmp_path, "efficacy") is None  # one run is not a sweep

@@ -200,8 +200,59 @@ def heatmap(runs: list[Run], out: Path, metric: str) -> Path | None:
     return _save(fig, out / f"heatmap_{metric}.png")
 
 
+def tradeoff_points(runs: list[Run], metric: str) -> tuple[dict[str, list], dict[str, float]]:
+    """The paper's trade-off over a sweep: per general-ability task, one (``metric`` at the end,
+    the task's score at the run's last general-ability point, the run's sweep values) per run;
+    and each task's score before editing (the first run's point at 0 edits)."""
+    axes = sweep_axes(runs)
+    points: dict[str, list] = {}
+    before: dict[str, float] = {}
+    for run in runs:
+        x = run.summary.get(metric)
+        scored = [row for row in run.general if isinstance(row.get("score"), (int, float))]
+        if not isinstance(x, (int, float)) or not scored:
+            continue
+        last = max(row["edits"] for row in scored)
+        label = ", ".join(f"{key.split('.')[-1]}={run.override(key)}" for key in axes)
+        for row in scored:
+            if row["edits"] == 0:
+                before.setdefault(row["task"], row["score"])
+            if row["edits"] == last and last > 0:
+                points.setdefault(row["task"], []).append((x, row["score"], label))
+    return points, before
+
+
+def tradeoff_plot(runs: list[Run], out: Path, metric: str) -> Path | None:
+    """Edit success against general ability over a sweep (e.g. editor.lam x editor.mu), one
+    panel per task: each run a labelled point, the unedited model's score a dashed line."""
+    if not sweep_axes(runs):
+        return None
+    points, before = tradeoff_points(runs, metric)
+    if not points:
+        return None
+    tasks = sorted(points)
+    cols = min(3, len(tasks))
+    rows_n = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for x, y, label in points[task]:
+            ax.plot([x], [y], marker="o", ms=5, color="tab:blue")
+            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if task in before:
+            ax.axhline(before[task], ls="--", color="grey", lw=1, label="unedited")
+        ax.set(title=task, xlabel=f"{metric} at the end", ylabel="score at the end")
+        if task.endswith("wikitext"):
+            ax.set_yscale("log")
+        if metric in PERCENT:
+            ax.set_xlim(-2, 102)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    return _save(fig, out / f"tradeoff_{metric}.png")
+
+
 def all_plots(runs: list[Run], out: Path, metric: str = "efficacy") -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [retention_plot(runs, out), metrics_plot(runs, out), general_plot(runs, out),
-            terms_plot(runs, out), heatmap(runs, out, metric)]
+            terms_plot(runs, out), heatmap(runs, out, metric), tradeoff_plot(runs, out, metric)]
     return [p for p in made if p is not None]
