@@ -311,6 +311,16 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
             node = node.get(part)
 
 
+def composed(overrides: list[str]):
+    """The config ``rlsedit run OVERRIDES`` would run, composed outside a Hydra job (no run
+    folder): for the commands that read a config without running it (bench, stats)."""
+    from hydra import compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
 def register() -> None:
     """Register the schemas and resolvers (idempotent)."""
     if not OmegaConf.has_resolver("rlsedit.asset"):

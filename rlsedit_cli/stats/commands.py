@@ -47,13 +47,13 @@ def remove(cache: str | Path, model: str | None, layer: int | None) -> list[str]
 
 def _config(source: str | None, overrides: list[str]):
     """A run folder's resolved config, or the config ``rlsedit run OVERRIDES`` composes."""
-    from rlsedit_cli.cli import _bench_config
+    from rlsedit_cli.config import composed
 
     if source and (Path(source) / "config.yaml").is_file():
         return OmegaConf.load(Path(source) / "config.yaml")
     if source:
         overrides = [f"model={source}", *overrides]
-    return _bench_config(overrides)
+    return composed(overrides)
 
 
 def _anchor(cfg):

@@ -1,0 +1,123 @@
+"""``rlsedit bench update|targets|stats|stream|general|all``: each verb's inputs from the command
+line and the composed config, one JSON line per result on stdout (and appended to --out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rlsedit_cli.config import composed
+
+
+def _bench_targets(args: argparse.Namespace) -> dict:
+    """The first ``--batch`` requests of the configured stream, batched against one at a time."""
+    from omegaconf import OmegaConf
+
+    from rlsedit_cli.bench.targets import bench_targets
+    from rlsedit_cli.datasets.stream import stream_of
+    from rlsedit_cli.editors.base import target_config
+    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.runner.run import build
+
+    cfg = composed([f"model={args.model}", *args.overrides])
+    records = [r for b in stream_of(build(cfg.dataset).records, cfg.stream) for r in b]
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
+    return bench_targets(handle, records[: args.batch], z_layer=max(cfg.model.edit_layers),
+                         target=target, steps=args.steps, repeat=args.repeat)
+
+
+def _bench_stream(args: argparse.Namespace) -> list[dict]:
+    """One run of the configured stream in a fresh folder, timed by phase; with --against, a run
+    of each further configuration on the same records and their comparison."""
+    from datetime import datetime
+
+    from omegaconf import open_dict
+
+    from rlsedit_cli.bench.stream import DEFAULTS, bench_stream, compare_streams
+
+    root = Path(args.run_dir) if args.run_dir else None
+    variants = ["", *args.against]
+    rows = []
+    for k, variant in enumerate(variants):
+        cfg = composed([f"model={args.model}", f"device={args.device}", *DEFAULTS,
+                             *args.overrides, *variant.split()])
+        with open_dict(cfg):
+            folder = root or (Path(cfg.paths.output_dir) / "bench" / "stream"
+                              / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
+            cfg.paths.run_dir = str(folder / f"config{k}" if args.against else folder)
+        rows.append(bench_stream(cfg) | {"config": variant or "(as given)"})
+        if args.against:  # each result as soon as it is measured
+            _emit(rows[-1], args.out)
+    if args.against:
+        return [compare_streams(rows, [r["config"] for r in rows])]
+    return rows
+
+
+def _bench_stats(args: argparse.Namespace) -> dict:
+    """The anchor statistics of the model's edited layers against a plain forward pass."""
+    from rlsedit_cli.bench.stats import bench_stats
+    from rlsedit_cli.models.loader import load_model, resolve_device
+
+    cfg = composed([f"model={args.model}", *args.overrides])
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    return bench_stats(handle, list(cfg.model.edit_layers), cfg.stats.corpus, args.samples,
+                       cfg.stats.max_length, cfg.stats.batch_size, cfg.stats.seed)
+
+
+def _bench_general(args: argparse.Namespace):
+    """The eval group's tasks (eval=..., eval.limit=...) on the unedited model."""
+    from rlsedit_cli.bench.general import bench_general
+    from rlsedit_cli.eval.general import GeneralSettings
+    from rlsedit_cli.models.loader import load_model, resolve_device
+
+    cfg = composed([f"model={args.model}", *args.overrides])
+    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    return bench_general(handle, list(cfg.eval.tasks), GeneralSettings.from_cfg(cfg.eval,
+                                                                                cfg.seed))
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """``rlsedit bench update|targets|stats|stream|all``: JSON lines on stdout (and appended to
+    --out)."""
+
+    from rlsedit_cli.bench.update import bench_update
+    from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.models.loader import resolve_device
+
+    for name in ("d_in", "d_out", "u", "batches", "batch", "repeat", "samples"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
+                              "least 1")
+    if args.against and args.bench_verb != "stream":
+        raise ConfigError(f"bench --against is for bench stream, not bench {args.bench_verb}")
+    if args.overrides and args.bench_verb == "update":
+        raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
+                          "are for bench targets, stats, stream and general")
+    rows = []
+    if args.bench_verb in ("update", "all"):
+        rows += bench_update(args.d_in, args.d_out, args.u, args.batches,
+                             str(resolve_device(args.device)), args.dtype)
+    if args.bench_verb in ("targets", "all"):
+        rows.append(_bench_targets(args))
+    if args.bench_verb in ("stats", "all"):
+        rows.append(_bench_stats(args))
+    if args.bench_verb in ("stream", "all"):
+        rows += _bench_stream(args)
+    if args.bench_verb == "general":  # not in `all`: minutes to hours; a line per task
+        rows = _bench_general(args)
+    for row in rows:
+        _emit(row, args.out)
+    return 0
+
+
+def _emit(row: dict, out: str | None) -> None:
+    """One JSON line on stdout (and appended to ``out``)."""
+    line = json.dumps(row)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if out:
+        with open(Path(out), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
