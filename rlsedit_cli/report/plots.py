@@ -235,14 +235,18 @@ def tradeoff_plot(runs: list[Run], out: Path, metric: str) -> Path | None:
     rows_n = (len(tasks) + cols - 1) // cols
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
+        right = max(x for x, _, _ in points[task])
         for x, y, label in points[task]:
             ax.plot([x], [y], marker="o", ms=5, color="tab:blue")
-            ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            near_edge = x > 0.7 * right  # its label goes left, inside the panel
+            ax.annotate(label, (x, y), fontsize=6, xytext=(-3 if near_edge else 3, 3),
+                        textcoords="offset points", ha="right" if near_edge else "left")
         if task in before:
             ax.axhline(before[task], ls="--", color="grey", lw=1, label="unedited")
         ax.set(title=task, xlabel=f"{metric} at the end", ylabel="score at the end")
-        if task.endswith("wikitext"):
-            ax.set_yscale("log")
+        ys = [y for _, y, _ in points[task]] + ([before[task]] if task in before else [])
+        if task.endswith("wikitext") and min(ys) > 0 and max(ys) > 10 * min(ys):
+            ax.set_yscale("log")  # a collapse spans orders of magnitude
         if metric in PERCENT:
             ax.set_xlim(-2, 102)
         ax.grid(alpha=0.3)
