@@ -13,15 +13,12 @@ from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
 from rlsedit_cli.eval.general import GeneralSettings, check_strict, evaluate_general
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
-from rlsedit_cli.runner.unedited import UneditedFigures
+from rlsedit_cli.runner.unedited import EVAL_NOT_IN_KEY, UneditedFigures
 
 log = logging.getLogger(__name__)
 PHASES = ("pre", "batch", "retention", "general", "final")  # the measurements of a run
 UNCONVERGED_NLL = 1.0  # mean target NLL after the optimisation above it: p(target) < 0.37
 PERPLEXITY = "word_perplexity,none"  # lm-eval's metric that the collapse alarm follows
-# when and how strictly general ability is measured, not what it measures: runs that differ only
-# here (a sweep at 1,000 edits, a stream measured every 500) share the unedited model's point
-SCHEDULE_KEYS = ("name", "every_edits", "strict")
 
 
 class Measurer:
@@ -83,7 +80,8 @@ class Measurer:
         """lm-eval on the model as it is now; one general.csv row per task."""
         cfg = self.tasks
         settings = OmegaConf.to_container(cfg, resolve=True)
-        key = {"eval": {k: v for k, v in settings.items() if k not in SCHEDULE_KEYS}, "point": 2}
+        key = {"eval": {k: v for k, v in settings.items() if k not in EVAL_NOT_IN_KEY},
+               "point": 2}
         point = (self.unedited.get("general", [], extra=key)
                  if edits == 0 and self.unedited else None)
         if point is None:

@@ -27,6 +27,10 @@ from rlsedit_cli.stats.anchor import parameters_digest
 log = logging.getLogger(__name__)
 NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited",
               "objective_terms", "collapse_factor")
+# the eval settings that say when and how strictly general ability is measured, not what it
+# measures: runs that differ only there (a sweep at 1,000 edits, a stream measured every 500)
+# share the unedited model's general-ability point
+EVAL_NOT_IN_KEY = ("name", "every_edits", "strict")
 
 
 class UneditedFigures:
