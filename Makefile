@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ARGS ?=
+# test processes (pytest-xdist): one torch thread each, whole files per process
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-all bench lint toy clean
@@ -28,10 +31,10 @@ run: $(STAMP)  ## install, then run the embedded default offline (ARGS="editor=m
 	$(OFFLINE) $(BIN)/rlsedit run $(ARGS)
 
 test: $(STAMP)  ## install, then run the test suite (fast tests; no GPU, no network)
-	$(OFFLINE) WANDB_MODE=disabled $(BIN)/pytest -q $(ARGS)
+	$(OFFLINE) WANDB_MODE=disabled $(PYTEST) $(ARGS)
 
 test-all: $(STAMP)  ## the whole suite, slow tests included
-	$(OFFLINE) WANDB_MODE=disabled $(BIN)/pytest -q -m 'not gpu' $(ARGS)
+	$(OFFLINE) WANDB_MODE=disabled $(PYTEST) -m 'not gpu' $(ARGS)
 
 bench: $(STAMP)  ## benchmarks (update cost, target optimisation); see docs/benchmarks.md
 	$(OFFLINE) WANDB_MODE=disabled $(BIN)/rlsedit bench all $(ARGS)
