@@ -208,3 +208,17 @@ def test_a_sweep_plots_edit_success_against_general_ability_per_run(tmp_path):
     assert points["sst2"][1] == (95.0, 0.6, "lam=0, mu=100")
     assert tradeoff_plot(runs, tmp_path, "efficacy").stat().st_size > 0
     assert tradeoff_plot(runs[:1], tmp_path, "efficacy") is None  # one run is not a sweep
+
+
+def test_coinciding_tradeoff_points_share_one_label():
+    """Runs whose figures coincide (every lam at mu = 100) get one joined label, not a pile of
+    overprinted ones; distinct points keep their own."""
+    from rlsedit_cli.report.plots import _merged_labels
+
+    points = [(32.0, 32.08, "lam=0, mu=100"), (97.6, 45.6, "lam=0, mu=1"),
+              (32.3, 32.08, "lam=10, mu=100"), (31.9, 32.09, "lam=100, mu=100"),
+              (70.1, 33.4, "lam=0, mu=10")]
+    assert _merged_labels(points) == [
+        (32.0, 32.08, "lam=0, mu=100; lam=10, mu=100; lam=100, mu=100"),
+        (97.6, 45.6, "lam=0, mu=1"), (70.1, 33.4, "lam=0, mu=10")]
+    assert _merged_labels(points[:1]) == points[:1]

@@ -222,6 +222,21 @@ def tradeoff_points(runs: list[Run], metric: str) -> tuple[dict[str, list], dict
     return points, before
 
 
+def _merged_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One label per cluster of points closer than 3% of the panel's span on both axes (runs
+    whose figures coincide, e.g. every lam at a large mu), their labels joined by '; '."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    groups: list[tuple[float, float, list[str]]] = []
+    for x, y, label in points:
+        near = [g for g in groups if abs(g[0] - x) < 0.03 * dx and abs(g[1] - y) < 0.03 * dy]
+        if near:
+            near[0][2].append(label)
+        else:
+            groups.append((x, y, [label]))
+    return [(x, y, "; ".join(labels)) for x, y, labels in groups]
+
+
 def tradeoff_plot(runs: list[Run], out: Path, metric: str) -> Path | None:
     """Edit success against general ability over a sweep (e.g. editor.lam x editor.mu), one
     panel per task: each run a labelled point, the unedited model's score a dashed line."""
@@ -236,8 +251,9 @@ def tradeoff_plot(runs: list[Run], out: Path, metric: str) -> Path | None:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         right = max(x for x, _, _ in points[task])
-        for x, y, label in points[task]:
+        for x, y, _ in points[task]:
             ax.plot([x], [y], marker="o", ms=5, color="tab:blue")
+        for x, y, label in _merged_labels(points[task]):
             near_edge = x > 0.7 * right  # its label goes left, inside the panel
             ax.annotate(label, (x, y), fontsize=6, xytext=(-3 if near_edge else 3, 3),
                         textcoords="offset points", ha="right" if near_edge else "left")
