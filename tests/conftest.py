@@ -11,8 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs two processes on the two cores:
-    # one thread each (and in the CLI subprocesses the tests start), or they oversubscribe
+# make test runs two processes on the two cores: one thread each (and in the CLI subprocesses the
+# tests start), or they oversubscribe
+IN_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if IN_WORKER:
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import torch  # noqa: E402
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 from rlsedit_cli import config  # noqa: E402
 
 config.register()
-if os.environ.get("PYTEST_XDIST_WORKER"):
+if IN_WORKER:
     torch.set_num_threads(1)  # in case torch was imported before this file
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_BUNDLE = config.ASSETS_DIR / "gpt2_tiny"
