@@ -24,11 +24,14 @@ from .test_resume import _tmpfs
 RUN = ["eval=none", "stream.num_edits=4", "stream.batch_size=2", "editor.target.steps=5",
        "measure.retention_edits=2", "measure.generation_prompts=2"]
 PAIRS = [("The capital of France is", "Paris"), ("A much longer prompt about a city that", "is"),
-         ("Hi", "a two word answer"), ("Water boils at", "100 degrees")]
+         ("Hi", "a two word answer"), ("Water boils at", "100 degrees"),
+         ("The capital of France is", "a two word answer"), ("Hi", "Paris")]  # shared prompts
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_scoring_with_the_head_only_where_read_equals_the_full_logits(arch, tiny_models):
+    """Prompts run once for all their targets (left-padded into a cache, then the targets'
+    tokens), the head only where read, in batches: each pair's own unpadded forward's figures."""
     cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
     handle = load_model(cfg.model, torch.device("cpu"))
     tok, model = handle.tok, handle.model
@@ -41,7 +44,7 @@ def test_scoring_with_the_head_only_where_read_equals_the_full_logits(arch, tiny
             t = torch.tensor(t_ids)
             expect_nll.append(float(torch.nn.functional.cross_entropy(at, t)))
             expect_top1.append(float((at.argmax(-1) == t).float().mean()))
-    got = completion_nll(model, tok, PAIRS, batch_size=3)
+    got = completion_nll(model, tok, PAIRS, batch_size=2)
     assert torch.allclose(got, torch.tensor(expect_nll), rtol=1e-5, atol=1e-5)
     assert completion_top1(model, tok, PAIRS, batch_size=3).tolist() == expect_top1
 
@@ -180,3 +183,16 @@ def test_speed_presets_compose_with_every_editor_and_land_where_read(preset):
         assert cfg.measure.fluency_records == node["fluency_records"]
         assert cfg.measure.fluency_at == node["fluency_at"]
         assert cfg.measure.generated_at == node["generated_at"]
+
+
+def test_scoring_batches_keep_every_prompt_once_and_cap_padding():
+    from rlsedit_cli.eval.scoring import little_padding
+
+    lengths = [30, 27, 26, 24, 22, 12, 12, 12, 11, 11, 10, 10, 10, 9, 9, 8]
+    batches = little_padding(list(range(len(lengths))), lengths, most=4, waste=0.25)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 4
+        padded, real = len(b) * lengths[b[0]], sum(lengths[i] for i in b)
+        assert len(b) == 1 or padded <= 1.25 * real
+    assert len(little_padding(list(range(16)), [5] * 16, most=128)) == 1

@@ -151,3 +151,33 @@ def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_
     assert low.z.dtype == torch.float32
     gap = float((low.z - exact.z).norm() / exact.z.norm())
     assert 0 < gap < 0.1  # random 2-layer models; SmolLM2: docs/benchmarks.md
+
+
+def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
+    """Measuring passes in bfloat16 with the linear maps' weights cast once (lowered_linears)
+    produce exactly autocast's logits and greedy tokens; afterwards every map holds its own
+    float32 weight again, GPT-2's head still tied to its embedding."""
+    from rlsedit_cli.models.precision import compute_dtype, lowered_linears
+
+    model = tiny.model
+    before = {name: p for name, p in model.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (3, 9),
+                        generator=torch.Generator().manual_seed(0))
+
+    def passes():
+        logits = model(input_ids=ids).logits
+        tokens = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                do_sample=False, max_new_tokens=5, min_new_tokens=5,
+                                pad_token_id=0)
+        return logits, tokens
+
+    with torch.no_grad(), compute_dtype("cpu", "bfloat16"):
+        plain = passes()
+        with lowered_linears(model, "bfloat16"):
+            assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+            assert model.get_input_embeddings().weight.dtype == torch.float32
+            lowered = passes()
+    assert torch.equal(plain[0], lowered[0]) and torch.equal(plain[1], lowered[1])
+    assert all(p is before[name] for name, p in model.named_parameters())
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight

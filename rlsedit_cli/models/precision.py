@@ -63,6 +63,38 @@ def weights_swapped(copies: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> It
             p.data = data
 
 
+def _linear_maps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose float32 ``weight`` enters a matrix product (Linear, GPT-2's Conv1D)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear | Conv1D)
+            and m.weight.dtype == torch.float32]
+
+
+@contextmanager
+def lowered_linears(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Inside the block every float32 linear map of ``model`` holds its weight in ``name``'s
+    dtype, cast once, for passes that only read the weights: under autocast the same products,
+    which autocast would otherwise cast again at every pass (it caches only the casts of weights
+    that require a gradient; a generated text recast the model's weights at every token). A
+    weight shared with another module (an LM head tied to the embedding) is replaced in the
+    linear map only. Nothing changes for "float32"."""
+    dtype = DTYPES[name]
+    maps = _linear_maps(model) if dtype is not None else []
+    saved = [m.weight for m in maps]
+    low: dict[int, torch.nn.Parameter] = {}  # one copy per shared weight
+    try:
+        for m, weight in zip(maps, saved):
+            if id(weight) not in low:
+                low[id(weight)] = torch.nn.Parameter(weight.detach().to(dtype),
+                                                     requires_grad=False)
+            m.weight = low[id(weight)]
+        yield
+    finally:
+        for m, weight in zip(maps, saved):
+            m.weight = weight
+
+
 @contextmanager
 def compute_dtype(device: torch.device | str, name: str) -> Iterator[None]:
     """Matrix products in ``name`` ("float32": unchanged; "bfloat16": autocast, attention in

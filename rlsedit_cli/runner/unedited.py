@@ -54,6 +54,8 @@ class UneditedFigures:
                "records": [dataclasses.asdict(r) for r in records],
                "references": None if refs is None else [refs.texts(r) for r in records],
                "idf": None if refs is None else [len(refs.vocab), float(refs.idf.sum())]}
+        if kind != "general":  # how our scoring measured it (lm-eval scores general ability)
+            key["scoring"] = "prompt-once"
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
         return self.root / f"{kind}-{digest.hexdigest()[:24]}.json"
 
