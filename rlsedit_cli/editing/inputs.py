@@ -22,7 +22,7 @@ from transformers import DynamicCache
 
 from rlsedit_cli.datasets.records import fill
 from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
-from rlsedit_cli.models.tokens import encode_prompt, pad, subject_last_index
+from rlsedit_cli.models.tokens import encode_prompt, pad, positions, subject_last_index
 
 Item = tuple[str, str, list[int], int]  # (template with "{}", subject, ids after the prompt, owner)
 
@@ -50,11 +50,6 @@ def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], li
     return seqs, lookups
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """(N, T) position ids of left-padded rows: 0 at each row's first token (and its padding)."""
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
 def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     """Left-padded rows for ``items``."""
     seqs, lookups = _encode(handle, items)
@@ -62,7 +57,7 @@ def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     width = ids.shape[1]
     lengths = torch.tensor([len(s) for s in seqs])
     dev = handle.device
-    return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=_positions(mask).to(dev),
+    return Rows(ids=ids.to(dev), mask=mask.to(dev), pos=positions(mask).to(dev),
                 lookup=(width - lengths + torch.tensor(lookups)).to(dev),
                 owner=torch.tensor([it[3] for it in items]).to(dev))
 
@@ -170,7 +165,7 @@ def build_split_rows(handle: ModelHandle, items: list[Item], groups: list[int] |
     sharing = (SharedPrefix(cols=head_ids.shape[1], rep=torch.tensor(rep, device=dev))
                if head_ids.shape[1] else None)
     return SplitRows(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
-                     prefix_pos=_positions(prefix_mask).to(dev),
+                     prefix_pos=positions(prefix_mask).to(dev),
                      suffix_ids=suffix_ids.to(dev), suffix_pos=suffix_pos.to(dev),
                      mask=torch.cat([prefix_mask, suffix_mask], 1).to(dev),
                      suffix_len=suffix_mask.sum(1).to(dev),

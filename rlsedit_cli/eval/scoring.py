@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
+from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad, positions
 from rlsedit_cli.progress import progress
 
 PADDING_WASTE = 0.25  # padding a scoring batch may add to its real tokens
@@ -105,7 +105,7 @@ def _read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
     """The hidden states that predict each target's tokens after its prompt (``rows[j]``: the
     prompt of target j), target after target: (sum of target lengths, d_model)."""
     ids, mask = pad(prompts, tok.pad_token_id, left=True, device=device)  # (B, P)
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (B, P): padding changes nothing
+    pos = positions(mask)  # (B, P): padding changes nothing
     cache = DynamicCache(config=body.config)
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                   use_cache=True).last_hidden_state  # (B, P, d_model)

@@ -42,3 +42,8 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False, device=None,
     mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_value=0,
                         padding_side=side)
     return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) position ids of left-padded rows: 0 at each row's first token (and its padding)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
