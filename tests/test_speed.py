@@ -154,10 +154,10 @@ def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_
 
 
 def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
-    """Measuring passes in bfloat16 with the linear maps' weights cast once (lowered_linears)
+    """Measuring passes in bfloat16 with the linear maps' weights cast once (LoweredLinears)
     produce exactly autocast's logits and greedy tokens; afterwards every map holds its own
     float32 weight again, GPT-2's head still tied to its embedding."""
-    from rlsedit_cli.models.precision import compute_dtype, lowered_linears
+    from rlsedit_cli.models.precision import LoweredLinears, compute_dtype
 
     model = tiny.model
     before = {name: p for name, p in model.named_parameters()}
@@ -173,7 +173,7 @@ def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
 
     with torch.no_grad(), compute_dtype("cpu", "bfloat16"):
         plain = passes()
-        with lowered_linears(model, "bfloat16"):
+        with LoweredLinears([model], "bfloat16").swapped():
             assert model.get_output_embeddings().weight.dtype == torch.bfloat16
             assert model.get_input_embeddings().weight.dtype == torch.float32
             lowered = passes()
@@ -181,3 +181,111 @@ def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
     assert all(p is before[name] for name, p in model.named_parameters())
     if model.config.tie_word_embeddings:
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+class CastEveryPassLoss(TargetLoss):
+    """TargetLoss leaving every cast to autocast (no weights lowered once)."""
+
+    def __init__(self, *args, **kwargs):
+        from rlsedit_cli.models.precision import LoweredLinears
+
+        super().__init__(*args, **kwargs)
+        self.low = LoweredLinears([], "float32")
+
+
+def test_bfloat16_target_step_with_weights_lowered_once_gives_autocasts_targets(tiny,
+                                                                               toy_records):
+    """The bfloat16 target step holds the blocks' and the LM head's weights cast once: the same
+    targets, bit for bit, as autocast casting them at every pass; afterwards every parameter is
+    the model's own again (GPT-2's head tied to its embedding)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    head_shape = tuple(tiny.model.get_output_embeddings().weight.shape)  # (vocab, d_model)
+    head_casts = []
+
+    class Spy(TorchDispatchMode):  # counts the casts of the head's weight to bfloat16
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("_to_copy") and tuple(args[0].shape) == head_shape:
+                head_casts.append(out.dtype)
+            return out
+
+    before = {name: p for name, p in tiny.model.named_parameters()}
+    cfg = target_cfg(steps=6, loss_layer=2, compute_dtype="bfloat16")
+    with Spy():
+        once = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
+    cast_once = len(head_casts)
+    with Spy():
+        every = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg, loss=CastEveryPassLoss)
+    assert torch.equal(once.z, every.z) and torch.equal(once.steps, every.steps)
+    # once: when the loss is made; every pass: one per pass (6), after the copy its __init__
+    # made and dropped
+    assert (cast_once, len(head_casts) - cast_once) == (1, 1 + 6)
+    assert all(p is before[name] for name, p in tiny.model.named_parameters())
+    model = tiny.model
+    if model.config.tie_word_embeddings:
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)])
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "none"])
+def test_grouped_attention_equals_torchs_kernel_and_its_gradients(heads, mask_kind):
+    """grouped_attention (the target step's short queries on the CPU) gives torch's
+    scaled_dot_product_attention (enable_gqa) and its gradients within float32 rounding:
+    grouped and plain heads; a padding mask, an additive mask, none."""
+    from rlsedit_cli.ops.attention import grouped_attention
+
+    hq, hkv = heads
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, h, s, 8, generator=gen, requires_grad=True)
+               for h, s in ((hq, 4), (hkv, 7), (hkv, 7)))
+    keep = torch.ones(3, 1, 4, 7, dtype=torch.bool).tril(3)  # causal over a 3-token prefix
+    keep[1, :, :, :2] = False  # a row whose first two keys are padding
+    mask = {"bool": keep, "none": None,
+            "float": torch.zeros(3, 1, 4, 7).masked_fill(~keep, torch.finfo(torch.float32).min)
+            }[mask_kind]
+    ours = grouped_attention(q, k, v, mask, scale=0.3)
+    theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                              scale=0.3, enable_gqa=True)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    up = torch.randn(ours.shape, generator=gen)
+    mine = torch.autograd.grad((ours * up).sum(), (q, k, v))
+    ref = torch.autograd.grad((theirs * up).sum(), (q, k, v))
+    for a, b in zip(mine, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_bfloat16_target_step_takes_grouped_attention_for_its_short_queries(tiny, toy_records,
+                                                                           monkeypatch):
+    """The bfloat16 target step's suffixes go through grouped_attention (no torch attention
+    kernel is called), and its targets stay within bfloat16 rounding of the kernel's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import rlsedit_cli.models.precision as precision
+
+    kernels, grouped_calls = [], []
+    plain = precision.grouped_attention
+    monkeypatch.setattr(precision, "grouped_attention",
+                        lambda *a, **k: grouped_calls.append(1) or plain(*a, **k))
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in func.__name__:
+                kernels.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    cfg = target_cfg(steps=6, loss_layer=2, compute_dtype="bfloat16")
+    loss = TargetLoss(tiny, toy_records[:4], CONTEXTS, 1, 2, dtype="bfloat16")
+    delta = torch.zeros(4, tiny.weight_shape(1)[0], requires_grad=True)
+    loss(delta)  # the first call records blocks 0..1; later calls are the steps
+    grouped_calls.clear()
+    with Spy():
+        nll, _ = loss(delta)
+        nll.sum().backward()
+    assert kernels == [] and len(grouped_calls) == 1  # block 2, the one block above block 1
+    grouped = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
+    monkeypatch.setattr(precision, "SHORT_QUERY", 0)  # every query to torch's kernel
+    kernel = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
+    gap = float((grouped.z - kernel.z).norm() / kernel.z.norm())
+    assert gap < 0.02, gap

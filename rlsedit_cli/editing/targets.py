@@ -44,7 +44,7 @@ from rlsedit_cli.editing.inputs import (
 )
 from rlsedit_cli.editing.reference import KL_PROMPT
 from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
-from rlsedit_cli.models.precision import compute_dtype, lowered_weights, weights_swapped
+from rlsedit_cli.models.precision import LoweredLinears, compute_dtype
 from rlsedit_cli.models.tokens import encode_target
 
 
@@ -124,10 +124,10 @@ class TargetLoss:
         self.loss_layer = max(loss_layer, z_layer)
         self.n, self.n_ctx = len(requests), len(templates)
         self.rows, self.targets = _rows(handle, requests, templates, self.share_prefixes)
-        # the frozen blocks' weights in ``dtype``, cast once (bfloat16; none for float32)
-        self.low = lowered_weights([handle.layer_module(i) for i in range(self.loss_layer + 1)],
-                                   dtype)
-        with compute_dtype(handle.device, dtype), weights_swapped(self.low):
+        # the frozen blocks' and the LM head's weights in ``dtype``, cast once (bfloat16)
+        self.low = LoweredLinears([*(handle.layer_module(i) for i in range(self.loss_layer + 1)),
+                                   handle.module(handle.spec.lm_head)], dtype)
+        with compute_dtype(handle.device, dtype), self.low.swapped():
             self.kv = prefix_cache(handle, self.rows, self.loss_layer)
         self.z_out = None  # block z_layer's recorded output (blocks 0..z_layer are replayed)
         self.h_init: torch.Tensor | None = None
@@ -204,8 +204,8 @@ class TargetLoss:
                 patches.enter_context(mlp_only_at(handle, layer, *self.real))
             if self.loss_layer > self.z_layer:  # its output is read only where the loss reads
                 patches.enter_context(mlp_only_at(handle, self.loss_layer, *self.needed))
-            patches.enter_context(compute_dtype(delta.device, self.dtype))
-            patches.enter_context(weights_swapped(self.low))
+            patches.enter_context(compute_dtype(delta.device, self.dtype, short_queries=True))
+            patches.enter_context(self.low.swapped())
             forward_until(handle, self.rows.suffix_inputs(self.new_cache()), self.loss_layer,
                           hooks)
         return found["out"]
@@ -215,7 +215,7 @@ class TargetLoss:
         dev = out.device
         # one pass of the LM head over every position the loss reads: the target tokens' rows,
         # then the KL prompts' subject tokens (one product over the vocabulary, not two)
-        with compute_dtype(dev, self.dtype):  # the head's product too; the loss in float32
+        with compute_dtype(dev, self.dtype), self.low.swapped():  # the loss in float32
             logits = _logits(self.handle, out[self.needed[0].to(dev), self.needed[1].to(dev)])
         dev = logits.device  # the LM head's device
         n_tok = self.t_tok.shape[0]

@@ -20,7 +20,7 @@ from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, 
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.generation import TopKDraw, fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.models.precision import compute_dtype, lowered_linears
+from rlsedit_cli.models.precision import LoweredLinears, compute_dtype
 from rlsedit_cli.models.tokens import encode_prompt, pad
 from rlsedit_cli.progress import progress
 
@@ -231,7 +231,7 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     if not records:
         return {}
     dtype = getattr(cfg, "compute_dtype", "float32")
-    with compute_dtype(handle.device, dtype), lowered_linears(handle.model, dtype):
+    with compute_dtype(handle.device, dtype), LoweredLinears([handle.model], dtype).swapped():
         return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers)
 
 

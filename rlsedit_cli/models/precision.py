@@ -4,7 +4,8 @@ frozen blocks): matrix products in bfloat16 through torch's autocast, attention 
 On the CPU torch's bfloat16 attention backward is several times slower than its float32 one
 (a SmolLM2 target step: 29 ms against 4.7 ms per block, docs/benchmarks.md), while bfloat16
 products run at about 2.7x the float32 rate on CPUs with AVX512_BF16; so the attention's inputs
-go back to float32. Scoped to a ``with`` block: nothing outside it changes.
+go back to float32 (:class:`Float32Attention`), and the weights are cast once for many passes
+(:class:`LoweredLinears`). Scoped to a ``with`` block: nothing outside it changes.
 """
 
 from __future__ import annotations
@@ -15,11 +16,35 @@ from contextlib import contextmanager
 import torch
 from torch.overrides import TorchFunctionMode
 
+from rlsedit_cli.ops.attention import grouped_attention
+
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
+SHORT_QUERY = 16  # at most this many query tokens: :func:`grouped_attention` on the CPU
+
+
 class Float32Attention(TorchFunctionMode):
-    """Inside autocast, ``scaled_dot_product_attention`` runs on float32 inputs without it."""
+    """Inside autocast, ``scaled_dot_product_attention`` runs on float32 inputs without it.
+
+    With ``short_queries``, attention with at most :data:`SHORT_QUERY` query tokens on the CPU
+    (the target step's suffixes) is :func:`rlsedit_cli.ops.attention.grouped_attention`, two
+    batched products per key/value head group, instead of torch's kernel: the same numbers
+    within float32 rounding (tests), a cheaper backward (docs/benchmarks.md 7.7).
+    """
+
+    def __init__(self, short_queries: bool = False) -> None:
+        super().__init__()
+        self.short_queries = short_queries
+
+    def _grouped(self, q, k, rest, kwargs) -> bool:
+        """Whether this call is one :func:`grouped_attention` computes as torch would."""
+        mask = kwargs.get("attn_mask")
+        return (self.short_queries and q.device.type == "cpu" and not rest
+                and q.shape[2] <= SHORT_QUERY and not kwargs.get("is_causal")
+                and not kwargs.get("dropout_p")
+                and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1))
+                and (q.shape[1] == k.shape[1] or kwargs.get("enable_gqa", False)))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -34,76 +59,68 @@ class Float32Attention(TorchFunctionMode):
             else:
                 kwargs["attn_mask"] = mask
         with torch.autocast(q.device.type, enabled=False):
+            if self._grouped(q, k, rest, kwargs):
+                return grouped_attention(q.float(), k.float(), v.float(), mask,
+                                         kwargs.get("scale"))
             return func(q.float(), k.float(), v.float(), *rest, **kwargs)
 
 
-def lowered_weights(modules: list[torch.nn.Module], name: str,
-                    ) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """Copies in ``name``'s dtype of the float32 linear weights under ``modules``, made once so
-    that autocast does not cast them again at every pass (empty for "float32")."""
-    dtype = DTYPES[name]
-    if dtype is None:
-        return []
-    return [(m.weight, m.weight.detach().to(dtype)) for module in modules
-            for m in module.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32]
-
-
-@contextmanager
-def weights_swapped(copies: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> Iterator[None]:
-    """The parameters hold their lowered copies (:func:`lowered_weights`) inside the block: for
-    passes that only read the weights (no gradient reaches them)."""
-    saved = [p.data for p, _ in copies]
-    try:
-        for p, low in copies:
-            p.data = low
-        yield
-    finally:
-        for (p, _), data in zip(copies, saved):
-            p.data = data
-
-
-def _linear_maps(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules whose float32 ``weight`` enters a matrix product (Linear, GPT-2's Conv1D)."""
+def _linear_maps(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The modules under ``modules`` whose float32 ``weight`` enters a matrix product (Linear,
+    GPT-2's Conv1D), each once."""
     from transformers.pytorch_utils import Conv1D
 
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear | Conv1D)
-            and m.weight.dtype == torch.float32]
+    found = {id(m): m for module in modules for m in module.modules()
+             if isinstance(m, torch.nn.Linear | Conv1D) and m.weight.dtype == torch.float32}
+    return list(found.values())
+
+
+class LoweredLinears:
+    """Copies in ``name``'s dtype of the float32 weights of the linear maps under ``modules``,
+    cast once, for passes that only read the weights (no gradient reaches them).
+
+    Under autocast the products are the same, but autocast caches only the casts of weights that
+    require a gradient, which a loaded model's do not: every pass (a target step, a generated
+    token) would cast all the weights again. Inside :meth:`swapped` each map holds its copy as
+    its ``weight``; a weight shared with another module (an LM head tied to the embedding) is
+    replaced in the linear map only, one copy per shared weight. Nothing for "float32".
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], name: str) -> None:
+        dtype = DTYPES[name]
+        self.maps = _linear_maps(modules) if dtype is not None else []
+        low: dict[int, torch.nn.Parameter] = {}
+        for m in self.maps:
+            if id(m.weight) not in low:
+                low[id(m.weight)] = torch.nn.Parameter(m.weight.detach().to(dtype),
+                                                       requires_grad=False)
+        self.low = [low[id(m.weight)] for m in self.maps]
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Every map holds its copy inside the block, its own weight again afterwards."""
+        # straight into the parameter dicts: Module.__setattr__'s checks cost about 10 us a
+        # map, 8 ms per target step on SmolLM2's 211 maps (docs/benchmarks.md 7.7)
+        saved = [m._parameters["weight"] for m in self.maps]
+        try:
+            for m, weight in zip(self.maps, self.low):
+                m._parameters["weight"] = weight
+            yield
+        finally:
+            for m, weight in zip(self.maps, saved):
+                m._parameters["weight"] = weight
 
 
 @contextmanager
-def lowered_linears(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Inside the block every float32 linear map of ``model`` holds its weight in ``name``'s
-    dtype, cast once, for passes that only read the weights: under autocast the same products,
-    which autocast would otherwise cast again at every pass (it caches only the casts of weights
-    that require a gradient; a generated text recast the model's weights at every token). A
-    weight shared with another module (an LM head tied to the embedding) is replaced in the
-    linear map only. Nothing changes for "float32"."""
-    dtype = DTYPES[name]
-    maps = _linear_maps(model) if dtype is not None else []
-    saved = [m.weight for m in maps]
-    low: dict[int, torch.nn.Parameter] = {}  # one copy per shared weight
-    try:
-        for m, weight in zip(maps, saved):
-            if id(weight) not in low:
-                low[id(weight)] = torch.nn.Parameter(weight.detach().to(dtype),
-                                                     requires_grad=False)
-            m.weight = low[id(weight)]
-        yield
-    finally:
-        for m, weight in zip(maps, saved):
-            m.weight = weight
-
-
-@contextmanager
-def compute_dtype(device: torch.device | str, name: str) -> Iterator[None]:
+def compute_dtype(device: torch.device | str, name: str, short_queries: bool = False,
+                  ) -> Iterator[None]:
     """Matrix products in ``name`` ("float32": unchanged; "bfloat16": autocast, attention in
-    float32) inside the block."""
+    float32, with ``short_queries`` as :class:`Float32Attention` says) inside the block."""
     if name not in DTYPES:
         raise ValueError(f"unknown compute dtype {name!r}: use one of {', '.join(DTYPES)}")
     if DTYPES[name] is None:
         yield
         return
     kind = torch.device(device).type
-    with torch.autocast(kind, dtype=DTYPES[name]), Float32Attention():
+    with torch.autocast(kind, dtype=DTYPES[name]), Float32Attention(short_queries):
         yield
