@@ -205,18 +205,19 @@ class TargetLoss:
             if self.loss_layer > self.z_layer:  # its output is read only where the loss reads
                 patches.enter_context(mlp_only_at(handle, self.loss_layer, *self.needed))
             patches.enter_context(compute_dtype(delta.device, self.dtype, short_queries=True))
-            patches.enter_context(self.low.swapped())
             forward_until(handle, self.rows.suffix_inputs(self.new_cache()), self.loss_layer,
                           hooks)
         return found["out"]
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._hidden(delta)
-        dev = out.device
-        # one pass of the LM head over every position the loss reads: the target tokens' rows,
-        # then the KL prompts' subject tokens (one product over the vocabulary, not two)
-        with compute_dtype(dev, self.dtype), self.low.swapped():  # the loss in float32
-            logits = _logits(self.handle, out[self.needed[0].to(dev), self.needed[1].to(dev)])
+        with self.low.swapped():  # the blocks' and the head's lowered weights, once per pass
+            out = self._hidden(delta)
+            dev = out.device
+            # one pass of the LM head over every position the loss reads: the target tokens'
+            # rows, then the KL prompts' subject tokens (one product over the vocabulary)
+            with compute_dtype(dev, self.dtype):  # the loss below in float32
+                logits = _logits(self.handle,
+                                 out[self.needed[0].to(dev), self.needed[1].to(dev)])
         dev = logits.device  # the LM head's device
         n_tok = self.t_tok.shape[0]
         tok_logits = logits[:n_tok]  # (n_tok, vocab)

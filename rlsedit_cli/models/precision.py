@@ -37,9 +37,8 @@ class Float32Attention(TorchFunctionMode):
         super().__init__()
         self.short_queries = short_queries
 
-    def _grouped(self, q, k, rest, kwargs) -> bool:
+    def _grouped(self, q, k, mask, rest, kwargs) -> bool:
         """Whether this call is one :func:`grouped_attention` computes as torch would."""
-        mask = kwargs.get("attn_mask")
         return (self.short_queries and q.device.type == "cpu" and not rest
                 and q.shape[2] <= SHORT_QUERY and not kwargs.get("is_causal")
                 and not kwargs.get("dropout_p")
@@ -59,7 +58,7 @@ class Float32Attention(TorchFunctionMode):
             else:
                 kwargs["attn_mask"] = mask
         with torch.autocast(q.device.type, enabled=False):
-            if self._grouped(q, k, rest, kwargs):
+            if self._grouped(q, k, mask, rest, kwargs):
                 return grouped_attention(q.float(), k.float(), v.float(), mask,
                                          kwargs.get("scale"))
             return func(q.float(), k.float(), v.float(), *rest, **kwargs)
