@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float | None:
             raise SystemExit(2) from None
         # one bad point must not stop the sweep: the job says why in its folder, the rest runs
         job = Path(hydra_cfg.runtime.output_dir)
-        (job / "error.txt").write_text(f"{e}\n", encoding="utf-8")
+        write_error(job, str(e))
         FAILED_JOBS.append(f"{job.name}: {e}")
         return None
     except KeyboardInterrupt as e:
@@ -42,6 +42,19 @@ def main(cfg: DictConfig) -> float | None:
         log.error("error: %s", interrupted(Path(cfg.resume or cfg.paths.run_dir), how))
         raise SystemExit(status) from None
     return summary.get("objective")
+
+
+def write_error(job: Path, text: str) -> None:
+    """A failed sweep job's error.txt, in a folder the job owns (never into a finished job's
+    folder, nor over a file the tool did not write)."""
+    from rlsedit_cli.runner import plan
+    from rlsedit_cli.runner.folder import RunFolder
+
+    if (job / "summary.json").exists() or plan.foreign_outputs(job):
+        return
+    folder = RunFolder(job)
+    folder.claim("error.txt")
+    (job / "error.txt").write_text(f"{text}\n", encoding="utf-8")
 
 
 def interrupted(folder: Path, how: str = "interrupted") -> str:

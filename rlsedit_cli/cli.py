@@ -71,8 +71,9 @@ def run_command(args: list[str]) -> int:
 
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach this function, printed in one line
     argv0, sys.argv = sys.argv, ["rlsedit run", *args]
+    lock = None
     try:
-        _check_folder_first(args)
+        lock = _check_folder_first(args)
         from rlsedit_cli import app
 
         app.FAILED_JOBS.clear()
@@ -105,39 +106,48 @@ def run_command(args: list[str]) -> int:
     finally:
         sys.argv = argv0
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if lock is not None:
+            lock.release()
     return 0
 
 
 def _cannot_write(err: OSError, where: str) -> int:
     """A file-system failure as the one error line; ``where`` names the setting to change."""
+    from rlsedit_cli.errors import first_line
+
+    what = err.filename or "the folder"
+    why = err.strerror or first_line(err)
     log.error("error: cannot write %s (%s): make it writable, free space, or choose another "
-              "folder (%s)", err.filename, err.strerror, where)
+              "folder (%s)", what, why, where)
     return 2
 
 
-def _check_folder_first(args: list[str]) -> None:
-    """Check the run folder named on the command line before Hydra writes .hydra/ into it: a
-    resumed run's folder must hold a checkpoint; a reused folder is refused (or, with
-    overwrite=true, emptied)."""
-    import shutil
-
+def _check_folder_first(args: list[str]):
+    """Claim the run folder named on the command line before Hydra writes .hydra/ into it (the
+    lock the run holds, the refusals of runner/plan.py); a sweep folder that holds an earlier
+    sweep is refused unless resume_jobs=true. Returns the lock (None: nothing to claim)."""
+    from rlsedit_cli.errors import ConfigError
     from rlsedit_cli.files import parse_override
-    from rlsedit_cli.runner.folder import check_target, holds_run
+    from rlsedit_cli.runner import plan
 
-    if {"-m", "--multirun", "--cfg", "-c", "--help", "-h"} & set(args):
-        return
+    if {"--cfg", "-c", "--help", "-h"} & set(args):
+        return None
     given = dict(parse_override(a) for a in args if "=" in a and not a.startswith("-"))
     overwrite = given.get("overwrite", "false").lower() == "true"
-    if given.get("resume_jobs", "false").lower() == "true":
-        return  # the run finds its own earlier attempt (runner/folder.py, continues)
+    resume_jobs = given.get("resume_jobs", "false").lower() == "true"
+    if {"-m", "--multirun"} & set(args):
+        sweep = given.get("hydra.sweep.dir")
+        if sweep and (Path(sweep).expanduser() / "multirun.yaml").exists() and not resume_jobs:
+            raise ConfigError(f"hydra.sweep.dir={sweep} holds an earlier sweep: continue it with "
+                              "resume_jobs=true, or choose another folder")
+        return None
+    if resume_jobs:
+        return None  # the run finds its own earlier attempt (runner/folder.py, continues)
     if given.get("resume") not in (None, "", "null"):
-        check_target(given["resume"], True, overwrite)
-    elif given.get("hydra.run.dir"):
-        folder = Path(given["hydra.run.dir"]).expanduser()
-        check_target(folder, False, overwrite)
-        if overwrite and holds_run(folder):
-            log.warning("overwrite=true: removing the earlier run in %s", folder)
-            shutil.rmtree(folder)
+        return plan.claim(given["resume"], True, overwrite, before_hydra=True)
+    if given.get("hydra.run.dir"):
+        return plan.claim(given["hydra.run.dir"], False, overwrite, before_hydra=True)
+    return None
 
 
 def ls_command(args: argparse.Namespace) -> int:
@@ -301,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--samples", type=int, default=200, help="stats: texts to read")
     bench.add_argument("--out", help="also append the JSON lines to this file")
     bench.add_argument("--against", action="append", default=[], metavar="'KEY=VALUE ...'",
-                       help="stream: also run this configuration (overrides added to the "
-                            "common ones, space-separated) on the same records and compare; "
-                            "repeat for more")
+                       help="stream, general: also run this configuration (overrides added "
+                            "to the common ones, space-separated) on the same records or "
+                            "documents and compare; repeat for more")
     return parser
 
 

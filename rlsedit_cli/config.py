@@ -163,6 +163,8 @@ class EvalConfig:
     num_fewshot: int | None = None
     fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
     lm_batch_size: int = 8
+    logits: str = "continuation"  # continuation: LM head only where lm-eval reads it | all
+    compute_dtype: str = "float32"  # of lm-eval's forward passes: float32 | bfloat16
     strict: bool = False
     allow_code_execution: bool = False
     data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)

@@ -123,9 +123,21 @@ def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
     assert main(["bench", "general", "--device", "cpu", "eval=smoke", "eval.limit=30",
                  "eval.tasks=[rlsedit_smoke,hellaswagg]"]) == 0
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    smoke, bad = rows
+    smoke, bad, point = rows
+    assert point["bench"] == "general_point" and point["seconds"] >= smoke["seconds"]
     assert smoke["task"] == "rlsedit_smoke" and smoke["documents"] == 30
     assert smoke["metric"] == "acc,none" and smoke["seconds"] > 0
     assert smoke["ci95"] == pytest.approx(1.96 * smoke["metrics"]["acc_stderr,none"], abs=1e-4)
     assert smoke["score"] >= 0.8  # the tiny model knows its held-out facts
     assert "lm-eval has no task 'hellaswagg'" in bad["error"]
+
+
+def test_bench_general_compares_settings_on_the_same_documents(capsys):
+    assert main(["bench", "general", "--device", "cpu", "eval=smoke", "eval.limit=20",
+                 "--against", "eval.logits=all", "--against", "eval.compute_dtype=bfloat16"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    compare = rows[-1]
+    assert compare["bench"] == "general_compare" and len(compare["point_seconds"]) == 3
+    smoke = compare["tasks"]["rlsedit_smoke"]
+    assert smoke["difference"][0] == 0 and smoke["difference"][1] == 0  # the same figure
+    assert all(s is not None for s in smoke["seconds"])

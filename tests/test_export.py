@@ -47,10 +47,20 @@ def test_both_forms_load_and_reproduce_the_runs_efficacy(make_cfg, tmp_path):
         apply_edited_maps(handle.model, out / MAPS)
 
 
-def test_export_of_a_run_without_a_checkpoint_is_one_line(make_cfg, tmp_path, caplog):
-    run(make_cfg(*RUN[:-1]))
-    code = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+def test_a_finished_run_without_checkpoints_exports(make_cfg, tmp_path, caplog):
+    """A finished run keeps its final edited maps (small next to the model), so it exports
+    without checkpoint.every; a run stopped before any checkpoint is one line."""
+    summary = run(make_cfg(*RUN[:-1]))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    out = tmp_path / "export"
+    assert main(["export", str(tmp_path / "run"), "--out", str(out)]) == 0
+    base = make_cfg(*RUN[:-1])
+    handle = load_model(base.model, "cpu")
+    apply_edited_maps(handle.model, out / MAPS)
+    assert _efficacy(base, handle) == summary["efficacy"]
+    (tmp_path / "run" / "final_maps.safetensors").unlink()  # as if killed before the end
+    caplog.clear()
+    code = main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export2")])
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert code == 2 and len(errors) == 1
-    assert "holds no checkpoint" in errors[0] and "checkpoint.every=1" in errors[0]
-    assert not (tmp_path / "export").exists()
+    assert code == 2 and len(errors) == 1 and "neither a checkpoint" in errors[0]
+    assert not (tmp_path / "export2").exists()

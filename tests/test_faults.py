@@ -290,3 +290,113 @@ def test_the_toy_default_measures_fewer_texts_and_says_so(make_cfg):
     assert compose_cfg(["measure.generation_prompts=null"]).measure.generation_prompts is None
     summary = run(make_cfg(*TINY, "measure.fluency=true"))
     assert summary["measurement"]["generation_prompts"] == 2 and summary["fluency"] > 0
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("editor.target.steps=0", "editor.target.steps=0 must be at least 1"),
+    ("editor.target.lr=-1", "editor.target.lr=-1.0 must be above 0"),
+    ("stats.num_samples=0", "stats.num_samples=0 must be at least 1"),
+])
+def test_values_that_gave_tracebacks_are_one_line(override, message, make_cfg):
+    from rlsedit_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(*TINY, override))
+
+
+def test_a_truncated_weights_file_is_one_line(tmp_path, make_cfg):
+    import shutil
+
+    from rlsedit_cli.config import ASSETS_DIR
+    from rlsedit_cli.errors import ModelLoadError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ASSETS_DIR / "gpt2_tiny", bundle)
+    weights = bundle / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="weights file is damaged or incomplete"):
+        run(make_cfg(*TINY, f"model.name_or_path={bundle}"))
+
+
+def test_stats_files_that_are_missing_foreign_or_nan_are_named(tmp_path, caplog):
+    import numpy as np
+
+    from rlsedit_cli.cli import main
+
+    folder = tmp_path / "gpt2_tiny" / "wikitext_stats"
+    folder.mkdir(parents=True)
+    noise = folder / "transformer.h.1.mlp.c_proj_float32_mom2_100.npz"
+    noise.write_bytes(bytes(range(256)) * 8)
+    nan = folder / "transformer.h.0.mlp.c_proj_float32_mom2_100.npz"
+    total = np.eye(4)
+    total[0, 0] = np.nan
+    np.savez(nan, **{"mom2.mom2": total, "mom2.count": np.array(10)})
+    cache = f"paths.cache={tmp_path / 'cache'}"
+    for path, says in ((folder / "gone_float32_mom2_100.npz", "no such file"),
+                       (noise, "not a NumPy .npz archive"), (nan, "holds NaN or inf")):
+        caplog.clear()
+        assert main(["stats", "import", str(path), cache]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0] and "allow_pickle" not in errors[0]
+    for verb in (["rm", "--all"], ["ls"]):  # one spelling of the cache for every verb
+        assert main(["stats", *verb, cache]) == 0
+        assert main(["stats", *verb, "--cache", str(tmp_path / "cache")]) == 0
+
+
+def test_skip_invalid_also_skips_records_longer_than_the_context(tmp_path, make_cfg):
+    rows = [_easyedit(i, "{} is in") for i in range(3)]
+    rows[1]["prompt"] = "Paris " + "and Paris " * 80 + "is in"
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(rows))
+    args = (*TINY, "dataset=counterfact_easyedit", f"dataset.path={path}",
+            "stream.num_edits=2")
+    from rlsedit_cli.errors import DataError
+
+    with pytest.raises(DataError, match="case_id=1: a prompt of .* dataset.skip_invalid=true"):
+        run(make_cfg(*args))
+    summary = run(make_cfg(*args, "dataset.skip_invalid=true", "overwrite=true"))
+    assert summary["num_edits"] == 2 and summary["skipped_records"] == 1
+
+
+def test_records_without_paraphrase_or_neighbourhood_are_counted(tmp_path, make_cfg, caplog):
+    rows = [_easyedit(i, "{} is in") for i in range(4)]
+    rows[0]["rephrase_prompt"] = None
+    rows[1]["rephrase_prompt"] = ""
+    rows[2]["locality_prompt"] = None
+    path = tmp_path / "holes.json"
+    path.write_text(json.dumps(rows))
+    summary = run(make_cfg(*TINY, "dataset=counterfact_easyedit", f"dataset.path={path}",
+                           "stream.num_edits=4"))
+    assert summary["records_without_prompts"] == {"generalization": 2, "specificity": 1}
+    assert "2 of the 4 edited records have no paraphrase_prompts" in caplog.text
+
+
+def test_a_sweep_over_data_files_tells_its_jobs_apart_and_reports_failures(tmp_path):
+    from rlsedit_cli.report.runs import Run, failed_jobs, mark_settings
+
+    runs = [Run(path=tmp_path / str(i), summary={"editor": "rlsedit", "model": "m"},
+                config={"dataset": {"name": "cf", "path": p}}) for i, p in enumerate("ab")]
+    mark_settings(runs)
+    assert runs[0].label != runs[1].label and "dataset.path=a" in runs[0].label
+    job = tmp_path / "sweep" / "1_editor.lam=x"
+    job.mkdir(parents=True)
+    (job / "error.txt").write_text("editor.lam='x' is not a number\n")
+    assert failed_jobs([tmp_path / "sweep"]) == [(job, "editor.lam='x' is not a number")]
+
+
+def test_the_console_shows_a_repeated_library_warning_once():
+    import logging
+
+    from rlsedit_cli.console import ConsoleFilter
+
+    def record(name: str, msg: str) -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+    console = ConsoleFilter()
+    subjects = [record("lm_eval.evaluator", f"Overwriting default num_fewshot of mmlu_{s} from "
+                                            "None to 5") for s in ("anatomy", "astronomy")]
+    assert [console.filter(r) for r in subjects] == [True, False]
+    assert console.filter(record("lm_eval.evaluator", "Some other warning"))
+    mask = record("transformers.modeling_utils", "We strongly recommend passing in an "
+                                                 "`attention_mask` since your input_ids ...")
+    assert not console.filter(mask)

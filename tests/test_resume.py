@@ -172,7 +172,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(tmp_path):
     """Reusing hydra.run.dir of an earlier run never mixes two runs: it is refused before
-    anything is written (Hydra's .hydra/ included); overwrite=true removes the old run first."""
+    anything is written (Hydra's .hydra/ included); overwrite=true removes the old run's own
+    files first (a file the run did not write stays)."""
     folder = tmp_path / "run"
     cache = f"paths.cache={tmp_path / 'cache'}"
     assert _run(*QUICK, cache, f"hydra.run.dir={folder}").returncode == 0
@@ -187,7 +188,7 @@ def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(tmp_path):
     assert after == before  # not one byte changed
     assert _run(*QUICK, "editor=rlsedit", cache, f"hydra.run.dir={folder}",
                 "overwrite=true").returncode == 0
-    assert not (folder / "wandb").exists()
+    assert (folder / "wandb" / "old-run.log").exists()  # not the run's: it stays
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["editor"] == "rlsedit"
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # this run's only

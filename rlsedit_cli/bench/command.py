@@ -67,16 +67,33 @@ def _bench_stats(args: argparse.Namespace) -> dict:
                        cfg.stats.max_length, cfg.stats.batch_size, cfg.stats.seed)
 
 
-def _bench_general(args: argparse.Namespace):
-    """The eval group's tasks (eval=..., eval.limit=...) on the unedited model."""
-    from rlsedit_cli.bench.general import bench_general
+def _bench_general(args: argparse.Namespace) -> list[dict]:
+    """The eval group's tasks (eval=..., eval.limit=...) on the unedited model: a line per task
+    and one per point (its seconds); with --against, each further configuration (eval.* keys)
+    on the same model and documents, then their comparison."""
+    import time
+
+    from rlsedit_cli.bench.general import bench_general, compare_general
     from rlsedit_cli.eval.general import GeneralSettings
     from rlsedit_cli.models.loader import load_model, resolve_device
 
-    cfg = composed([f"model={args.model}", *args.overrides])
-    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
-    return bench_general(handle, list(cfg.eval.tasks), GeneralSettings.from_cfg(cfg.eval,
-                                                                                cfg.seed))
+    base = composed([f"model={args.model}", *args.overrides])
+    handle = load_model(base.model, resolve_device(args.device), base.paths.cache)
+    points = []
+    for variant in ["", *args.against]:
+        cfg = composed([f"model={args.model}", *args.overrides, *variant.split()])
+        start, rows = time.perf_counter(), []
+        for row in bench_general(handle, list(cfg.eval.tasks),
+                                 GeneralSettings.from_cfg(cfg.eval, cfg.seed)):
+            rows.append(row | {"config": variant or "(as given)"})
+            _emit(rows[-1], args.out)
+        points.append({"bench": "general_point", "config": variant or "(as given)",
+                       "model": str(handle.spec.name), "device": str(handle.device),
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "task_seconds": {r["task"]: r.get("seconds") for r in rows},
+                       "tasks": rows})
+        _emit({k: v for k, v in points[-1].items() if k != "tasks"}, args.out)
+    return [compare_general(points)] if args.against else []
 
 
 def bench_command(args: argparse.Namespace) -> int:
@@ -91,8 +108,9 @@ def bench_command(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ConfigError(f"bench --{name.replace('_', '-')}={getattr(args, name)} must be at "
                               "least 1")
-    if args.against and args.bench_verb != "stream":
-        raise ConfigError(f"bench --against is for bench stream, not bench {args.bench_verb}")
+    if args.against and args.bench_verb not in ("stream", "general"):
+        raise ConfigError(f"bench --against is for bench stream and general, not bench "
+                          f"{args.bench_verb}")
     if args.overrides and args.bench_verb == "update":
         raise ConfigError(f"bench update takes no config overrides ({args.overrides[0]}): they "
                           "are for bench targets, stats, stream and general")

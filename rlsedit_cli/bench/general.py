@@ -40,3 +40,29 @@ def _rows(handle: ModelHandle, res: GeneralResult, opts: GeneralSettings) -> lis
                                              for k, v in res.metrics[task].items()}})
     rows += [{**base, "task": task, "error": message} for task, message in res.errors.items()]
     return rows
+
+
+def compare_general(points: list[dict]) -> dict:
+    """Each configuration's point against the first's: seconds and speed-up per point and per
+    task, and each task's figure and its difference (points; perplexity in percent)."""
+    first = points[0]
+    scores = [{r["task"]: r for r in p["tasks"] if "score" in r} for p in points]
+    out = {"bench": "general_compare", "configs": [p["config"] for p in points],
+           "point_seconds": [p["seconds"] for p in points],
+           "speedup": [round(first["seconds"] / p["seconds"], 2) if p["seconds"] else None
+                       for p in points], "tasks": {}}
+    for task, row in scores[0].items():
+        entry = {"metric": row["metric"], "scores": [], "difference": [], "seconds": []}
+        for per in scores:
+            other = per.get(task)
+            score = other["score"] if other else None
+            entry["scores"].append(score)
+            entry["seconds"].append(other["seconds"] if other else None)
+            if score is None:
+                entry["difference"].append(None)
+            elif "perplexity" in row["metric"]:
+                entry["difference"].append(round(100 * (score / row["score"] - 1), 3))
+            else:
+                entry["difference"].append(round(100 * (score - row["score"]), 3))
+        out["tasks"][task] = entry
+    return out

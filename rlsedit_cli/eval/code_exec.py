@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 TIMEOUT_S = 3.0  # code_eval's default
 
@@ -47,14 +48,24 @@ class CodeEval:
 
 @contextlib.contextmanager
 def offline_code_eval() -> Iterator[None]:
-    """``evaluate.load("code_eval")`` answers :class:`CodeEval` while lm-eval loads task configs
-    (their ``utils`` module keeps what it got at import); any other name loads as usual."""
+    """``evaluate.load("code_eval")`` answers :class:`CodeEval` while lm-eval loads and runs
+    tasks (their ``utils`` module keeps what it got at import). ``evaluate.load`` would import a
+    file or folder of the metric's name from the current directory first: a bare name that
+    exists there is refused instead of run."""
     import evaluate
+
+    from rlsedit_cli.errors import DataError
 
     real = evaluate.load
 
     def load(path: str, *args, **kwargs):
-        return CodeEval() if path == "code_eval" else real(path, *args, **kwargs)
+        if path == "code_eval":
+            return CodeEval()
+        if "/" not in str(path) and Path(str(path)).exists():
+            raise DataError(f"a file or folder named '{path}' in the current directory "
+                            f"({Path.cwd()}) would be imported and run as lm-eval's metric "
+                            f"'{path}': run rlsedit from another folder")
+        return real(path, *args, **kwargs)
 
     evaluate.load = load
     try:

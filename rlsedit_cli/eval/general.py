@@ -23,12 +23,11 @@ from rlsedit_cli.errors import DataError, RlseditError, first_line
 from rlsedit_cli.eval import local_data
 from rlsedit_cli.eval.code_exec import offline_code_eval
 from rlsedit_cli.eval.paper_glue import TASKS as PAPER_TASKS
-from rlsedit_cli.eval.specs import SHIPPED_TASKS, choose_docs, task_spec
+from rlsedit_cli.eval.specs import SHIPPED_TASKS, choose_docs, executes_code, task_spec
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
 
 log = logging.getLogger(__name__)
-CODE_TASKS = ("humaneval", "mbpp")
 
 
 @dataclass
@@ -40,6 +39,8 @@ class GeneralResult:
     errors: dict[str, str] = field(default_factory=dict)
     settings: dict[str, dict] = field(default_factory=dict)  # limit, few-shot, source per task
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per task
+    documents: dict[str, list[dict]] = field(default_factory=dict)  # per task: each document's
+    # doc_id and per-document metric values (acc: 0/1; perplexities: [log-likelihood, units])
 
 
 def _main_metric(values: dict, first: str | None = None) -> tuple[str, float] | None:
@@ -127,6 +128,8 @@ class GeneralSettings:
     sample: str = "seeded"  # which documents a limit keeps: seeded | first
     source: str = "local"  # local: the installed data packages where they hold the task | hub
     gen_kwargs: dict = field(default_factory=dict)  # over generating tasks' own (max_gen_toks)
+    logits: str = "continuation"  # eval/lm.py: the LM head only where lm-eval reads it | all
+    compute_dtype: str = "float32"  # lm-eval's forward passes: float32 | bfloat16
 
     def limit_for(self, task: str) -> int | None:
         """Documents ``task`` keeps: its own limit, else the common one (None: all)."""
@@ -139,7 +142,8 @@ class GeneralSettings:
                    allow_code_execution=cfg.allow_code_execution, seed=seed,
                    data_dir=cfg.data_dir, fewshot=dict(cfg.fewshot),
                    paper_glue_dir=cfg.paper_glue_dir, limits=dict(cfg.limits),
-                   sample=cfg.sample, source=cfg.source, gen_kwargs=dict(cfg.gen_kwargs))
+                   sample=cfg.sample, source=cfg.source, gen_kwargs=dict(cfg.gen_kwargs),
+                   logits=cfg.logits, compute_dtype=cfg.compute_dtype)
 
 
 def evaluate_general(handle: ModelHandle, tasks: list[str],
@@ -149,11 +153,10 @@ def evaluate_general(handle: ModelHandle, tasks: list[str],
     A limit keeps the same documents at every checkpoint (``settings.sample``: a seeded choice
     or the first ones); the paper's GLUE tasks (eval/paper_glue.py) are always zero-shot.
     """
-    from lm_eval.models.huggingface import HFLM
+    from rlsedit_cli.eval.lm import EditedLM
 
     opts = settings or GeneralSettings()
-    lm = HFLM(pretrained=handle.model, tokenizer=handle.tok, batch_size=opts.batch_size,
-              device=str(handle.device))
+    lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype)
     try:
         return evaluate_lm(lm, tasks, opts)
     finally:
@@ -180,7 +183,7 @@ def _run_task(lm, task: str, spec, manager, opts: GeneralSettings, shots: int | 
     return lm_eval.simple_evaluate(
         model=lm, tasks=top, task_manager=manager, samples=samples, num_fewshot=shots,
         gen_kwargs=dict(opts.gen_kwargs) or None,
-        log_samples=False, bootstrap_iters=1000, confirm_run_unsafe_code=opts.allow_code_execution,
+        log_samples=True, bootstrap_iters=1000, confirm_run_unsafe_code=opts.allow_code_execution,
         random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
         fewshot_random_seed=opts.seed) or {}
 
@@ -214,18 +217,17 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
                                    + (f" (close: {', '.join(close)})" if close else ""))
             log.warning("%s", result.errors[task])
             continue
-        if task in CODE_TASKS and not opts.allow_code_execution:
+        code = task not in local and executes_code(manager, task)
+        if code and not opts.allow_code_execution:
             result.errors[task] = (f"lm-eval task '{task}' executes generated code: set "
                                    "eval.allow_code_execution=true to run it")
             log.warning("%s", result.errors[task])
             continue
         shots = 0 if task in PAPER_TASKS else opts.fewshot.get(task, opts.num_fewshot)
-        code = task in CODE_TASKS
         try:
             start = time.perf_counter()
             with _code_eval(code), _datasets_cache(opts.data_dir), _quiet(task), \
-                    (offline_code_eval() if code and opts.source == "local"
-                     else contextlib.nullcontext()):
+                    offline_code_eval():
                 spec = task_spec(task, manager, opts, scratch)
                 out = _run_task(lm, task, spec, manager, opts, shots)
             seconds = time.perf_counter() - start
@@ -239,6 +241,7 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
             log.warning("%s", result.errors[task])
             continue
         results = out.get("results", {})
+        docs = documents(task, out.get("samples") or {})
         for name in ([task] if task in results else list(results)):
             values = results[name]
             main = _main_metric(values, f"{PAPER_TASKS[name].metric},none"
@@ -249,7 +252,28 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
                                         if isinstance(v, (int, float))}
                 result.settings[name] = {"metric": main[0], **_settings(name, out, opts, spec)}
                 result.seconds[name] = round(seconds, 1)
+                if name == task:
+                    result.documents[name] = docs
     return result
+
+
+def documents(task: str, samples: dict[str, list[dict]]) -> list[dict]:
+    """Each scored document of ``task`` (its subtasks' as ``subtask:doc_id``): its id and the
+    per-document values of its metrics, as lm-eval's logged samples hold them."""
+    rows = []
+    for name, logged in samples.items():
+        for sample in logged:
+            row = {"doc_id": (sample["doc_id"] if name == task
+                              else f"{name}:{sample['doc_id']}")}
+            for metric in sample.get("metrics", []):
+                value = sample.get(metric)
+                if isinstance(value, bool | int | float):
+                    row[metric] = float(value)
+                elif (isinstance(value, list | tuple) and len(value) == 2
+                      and all(isinstance(v, int | float) for v in value)):
+                    row[metric] = [float(value[0]), float(value[1])]
+            rows.append(row)
+    return rows
 
 
 def check_strict(result: GeneralResult, strict: bool) -> None:

@@ -10,8 +10,9 @@ task's file (which are kept for few-shot prompts); the score is scikit-learn's w
 The examples are the files of AlphaEdit's glue_eval/dataset/ (``sst2.pkl``, ``mrpc.pkl``,
 ``cola.pkl``, ``rte.pkl``, ``nli.pkl``, ``mmlu.pkl``: class-balanced subsets of GLUE's validation
 splits, made by its create_glue_subset.py), or the same rows as ``NAME.jsonl``, in the folder
-``eval.paper_glue_dir``. Pickle files run code when read: use the ones from AlphaEdit's
-repository (or convert them to JSON lines once).
+``eval.paper_glue_dir``. A .pkl file is read as plain data only (lists, dicts, strings,
+numbers): a pickle that names any Python object (which is how a pickle runs code) is refused
+unread.
 
 Without ``eval.paper_glue_dir``, SST-2, MRPC, RTE and MMLU run on the same 100 rows read from the
 installed data package (eval/local_data.py): ``paper_rows.json`` names each of AlphaEdit's test
@@ -27,7 +28,7 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlsedit_cli.errors import DataError
+from rlsedit_cli.errors import DataError, first_line
 from rlsedit_cli.eval import local_data
 
 ROWS = Path(__file__).resolve().parent / "paper_rows.json"
@@ -94,6 +95,15 @@ TASKS = {
 }
 
 
+class PlainUnpickler(pickle.Unpickler):
+    """Reads a pickle of plain data only: any global it names (a class, a function: how a
+    pickle runs code) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names the Python object {module}.{name}, not plain "
+                                     "rows; not loaded, nothing in it ran")
+
+
 def read_rows(folder: str | Path, name: str) -> list[dict]:
     """The rows of ``name`` (.jsonl, .json or AlphaEdit's .pkl) in ``folder``."""
     base = Path(folder).expanduser()
@@ -104,16 +114,18 @@ def read_rows(folder: str | Path, name: str) -> list[dict]:
         try:
             if suffix == ".pkl":
                 with open(path, "rb") as f:
-                    rows = pickle.load(f)  # noqa: S301 (AlphaEdit's own files; see module doc)
+                    rows = PlainUnpickler(f).load()
             elif suffix == ".json":
                 rows = json.loads(path.read_text(encoding="utf-8"))
             else:
                 rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
                         if line.strip()]
-        except (OSError, ValueError, pickle.UnpicklingError, EOFError) as e:
-            raise DataError(f"cannot read {path} ({type(e).__name__}): give AlphaEdit's "
-                            f"glue_eval/dataset/{name}.pkl or its rows as JSON lines") from e
-        return [dict(r) for r in rows]
+            rows = [dict(r) for r in rows]
+        except Exception as e:  # noqa: BLE001 (any unreadable file is the same user error)
+            raise DataError(f"eval.paper_glue_dir: cannot read {path} ({first_line(e)[:120]}): "
+                            f"give AlphaEdit's glue_eval/dataset/{name}.pkl or its rows as JSON "
+                            "lines") from e
+        return rows
     raise DataError(f"eval.paper_glue_dir={folder} holds no {name}.pkl or {name}.jsonl: point it "
                     "at AlphaEdit's glue_eval/dataset folder")
 

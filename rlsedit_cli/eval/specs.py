@@ -131,3 +131,23 @@ def write_smoke_data(records, path: Path = SMOKE_DATA, count: int = HELD_OUT) ->
                      "answer": choices.index(r.target_true)})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def executes_code(manager, task: str, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether lm-eval marks ``task``, or any member of the group or tag it names, as running
+    the model's generated code (``unsafe_code`` in its config). Read from the task index with
+    functions unresolved: nothing of the task is imported to decide."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(task) if manager is not None else None
+    if entry is None or task in seen:
+        return False
+    seen = seen | {task}
+    members = [name for name, e in manager.task_index.items() if task in e.tags]
+    if entry.yaml_path is not None:
+        cfg = load_yaml(entry.yaml_path, resolve_func=False)
+        if cfg.get("unsafe_code"):
+            return True
+        listed = cfg.get("task") if isinstance(cfg.get("task"), list) else []
+        members += [m if isinstance(m, str) else m.get("task") for m in listed]
+    return any(executes_code(manager, m, seen) for m in members if isinstance(m, str))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsedit_cli.config import conf_dir
@@ -126,6 +127,10 @@ def load_model(spec, device: torch.device, cache: str | Path | None = None) -> M
             name, dtype=DTYPES[spec.dtype], device_map=spec.device_map,
             **({"attn_implementation": str(attention)} if attention is not None else {}), **kwargs
         )
+    except SafetensorError as e:  # a truncated or damaged weights file
+        raise ModelLoadError(f"cannot load model from {name}: its weights file is damaged or "
+                             f"incomplete ({first_line(e)[:100]}): copy or download it "
+                             "again") from e
     except (OSError, ValueError) as e:
         if (refused := _attention_error(spec, e)) is not None:
             raise refused from e

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlsedit_cli.errors import DataError
+from rlsedit_cli.report.paired import paired_table
 from rlsedit_cli.report.plots import all_plots
-from rlsedit_cli.report.runs import find_runs
+from rlsedit_cli.report.runs import failed_jobs, find_runs
 from rlsedit_cli.report.table import (
     cost_table,
     general_settings_table,
@@ -30,6 +31,19 @@ def make_report(paths: list[str | Path], out: str | Path, metric: str = "efficac
     lines = [f"# rlsedit report: {len(runs)} runs", "", table, "## Cost and general ability",
              "", "Median seconds per batch; general ability before → after the stream.", "",
              cost_table(runs)]
+    paired = paired_table(runs)
+    if paired:
+        lines += ["## Paired general-ability differences", "", "On the same documents: each "
+                  "run's last point against its unedited one, and each run against the first "
+                  "at their last common point. Accuracies in points, perplexities in percent; "
+                  "95% interval from a paired bootstrap over the documents, McNemar's exact "
+                  "test for accuracies; established: the interval excludes 0.", "", paired]
+    failed = failed_jobs(paths)
+    if failed:
+        lines += ["## Failed jobs", "", "Jobs of the sweep that ended with an error (their "
+                  "folder's error.txt); not in the tables above.", "",
+                  "| job | error |", "|---|---|",
+                  *(f"| {folder.name} | {text.replace('|', '/')} |" for folder, text in failed)]
     settings = general_settings_table(runs)
     if settings:
         lines += ["## General-ability tasks", "", "Documents scored per task (MMLU: over its "

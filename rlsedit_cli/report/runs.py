@@ -15,6 +15,8 @@ from rlsedit_cli.files import flatten, parse_override
 
 OWN_COLUMNS = ("editor", "model", "dataset")  # named in columns of their own: their keys are
 # what the choice of model or dataset brings (hundreds), not settings a reader compares
+DISTINGUISHING = ("dataset.path", "model.name_or_path", "model.gguf_file")  # data and weights:
+# they tell runs of one model or dataset choice apart
 IGNORED_OVERRIDES = ("paths.", "logger", "device", "hydra.", "resume", "overwrite", "checkpoint.")
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,7 @@ class Run:
         values |= self._override_values()  # as the user wrote them: lam=2, not 2.0
         return {k: v for k, v in values.items()
                 if not k.startswith(IGNORED_OVERRIDES) and k not in OWN_COLUMNS
-                and k.split(".")[0] not in OWN_COLUMNS[1:]
+                and (k.split(".")[0] not in OWN_COLUMNS[1:] or k in DISTINGUISHING)
                 and not k.endswith((".name", "._target_"))}
 
     def override(self, key: str) -> str | None:
@@ -117,9 +119,21 @@ def mark_settings(runs: list[Run]) -> None:
         return
     for run, it in zip(runs, items):
         peers = [o for r, o in zip(runs, items) if _kind(r) == _kind(run)]
-        shown = [k for k in sorted(it) if len({o.get(k) for o in (peers if k.startswith(
-            "editor.") else items)}) > 1]
+        shown = [k for k in sorted(it) if len({o.get(k) for o in _compared(k, run, runs, items,
+                                                                          peers)}) > 1]
         run.setting = ", ".join(f"{k.removeprefix('editor.')}={it[k]}" for k in shown)
+
+
+def _compared(key: str, run: Run, runs: list[Run], items: list[dict], peers: list[dict]):
+    """The runs' settings ``key`` is compared among: an editor's own among its runs on the same
+    model; a data or weights path among the runs of the same dataset or model choice."""
+    if key.startswith("editor."):
+        return peers
+    if key in DISTINGUISHING:
+        group = key.split(".")[0]
+        name = (run.config.get(group) or {}).get("name")
+        return [o for r, o in zip(runs, items) if (r.config.get(group) or {}).get("name") == name]
+    return items
 
 
 def _kind(run: Run) -> tuple:
@@ -138,6 +152,17 @@ def _name_unfinished(root: Path) -> None:
                if (folder / "checkpoint.pt").is_file() else "it has no checkpoint to resume")
         log.warning("not in the report: the run in %s is unfinished (no summary.json; %d edits "
                     "recorded): %s", folder, edits, how)
+
+
+def failed_jobs(paths: list[str | Path]) -> list[tuple[Path, str]]:
+    """Sweep jobs that failed (their error.txt, no summary.json): folder and first line."""
+    failed = []
+    for p in map(Path, paths):
+        for error in sorted(p.rglob("error.txt")) if p.is_dir() else []:
+            if not (error.parent / "summary.json").exists():
+                text = error.read_text(encoding="utf-8", errors="replace").strip()
+                failed.append((error.parent, text.splitlines()[0] if text else "no reason kept"))
+    return failed
 
 
 def find_runs(paths: list[str | Path]) -> list[Run]:

@@ -9,6 +9,7 @@ recorded twice) and the random generators' states.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from pathlib import Path
 
@@ -17,19 +18,21 @@ import torch
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from rlsedit_cli.errors import ConfigError, DataError, RlseditError
+from rlsedit_cli.errors import ConfigError, DataError, RlseditError, first_line
 from rlsedit_cli.files import flatten, parse_override, replaced_atomically
 from rlsedit_cli.runner.folder import disk_errors, write_atomic
 
 log = logging.getLogger(__name__)
 NAME = "checkpoint.pt"
+FINAL_MAPS = "final_maps.safetensors"  # a finished run's edited layers when it kept no checkpoint
 FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite")  # may differ
 # when a run is resumed
 
 
 # Settings added after runs were checkpointed: a resumed run whose checkpoint lacks one goes on
 # with the value that keeps it measured as it began (its line files keep their columns).
-LATER_KEYS = {("measure", "generated_accuracy"): False, ("measure", "generated_at"): "every"}
+LATER_KEYS = {("measure", "generated_accuracy"): False, ("measure", "generated_at"): "every",
+              ("eval", "logits"): "all", ("eval", "compute_dtype"): "float32"}
 
 
 def fill_later_keys(saved: dict) -> dict:
@@ -48,8 +51,9 @@ def edit_config(cfg: DictConfig) -> dict:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -57,7 +61,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -74,13 +79,47 @@ def save(folder: Path, state: dict) -> None:
         raise RlseditError(f"{e} ({kept}; checkpoint.every=0 saves none)") from e.__cause__
 
 
+def save_final_maps(folder: Path, weights: dict[int, torch.Tensor], done: int) -> None:
+    """The edited layers' final weights (as the handle keeps them), for ``rlsedit export``."""
+    from safetensors.torch import save_file
+
+    with disk_errors(folder, FINAL_MAPS), replaced_atomically(folder / FINAL_MAPS) as tmp:
+        save_file({str(k): v.contiguous() for k, v in weights.items()}, tmp,
+                  metadata={"format": "rlsedit-final-maps", "done": str(done)})
+
+
+def load_final_maps(folder: Path) -> dict:
+    """A finished run's final maps as a checkpoint's ``weights`` and ``done``."""
+    from safetensors import SafetensorError, safe_open
+
+    path = folder / FINAL_MAPS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            weights = {int(k): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({first_line(e)[:100]}): it is not a complete "
+                        "file of the run's final maps") from e
+    if meta.get("format") != "rlsedit-final-maps":
+        raise DataError(f"{path} is not a file of a run's final maps")
+    return {"weights": weights, "done": int(meta.get("done", 0))}
+
+
 def load(folder: Path) -> dict:
     path = folder / NAME
     if not path.is_file():
         raise DataError(f"no checkpoint in {folder}: resume needs a run made with "
                         "checkpoint.every > 0")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # tensors and plain containers only: a crafted file cannot run code here
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise DataError(f"checkpoint {path} cannot be read (UnpicklingError): it is not a "
+                            "complete rlsedit checkpoint; start the run again") from e
+        raise DataError(f"checkpoint {path} holds Python objects other than tensors and plain "
+                        "values (a file rlsedit did not write, or one of a version before "
+                        "checkpoints were made safe to load); it was not loaded: start the run "
+                        "again") from e
     except Exception as e:  # a truncated or foreign file
         raise DataError(f"checkpoint {path} cannot be read ({type(e).__name__}): it is not a "
                         "complete rlsedit checkpoint; start the run again") from e
@@ -128,3 +167,33 @@ def truncate_lines(path: Path, keep: int) -> None:
 
 def count_lines(path: Path) -> int:
     return len(path.read_text(encoding="utf-8").splitlines()) if path.is_file() else 0
+
+
+def record_prints(records) -> list[str]:
+    """A short content hash of each edited record, in stream order (what a resumed run checks)."""
+    import dataclasses
+    import hashlib
+    import json
+
+    return [hashlib.sha256(json.dumps(dataclasses.asdict(r), sort_keys=True, default=str)
+                           .encode()).hexdigest()[:16] for r in records]
+
+
+def check_identity(saved: dict | None, current: dict, folder: Path) -> None:
+    """Refuse to resume on other records or another base model than the run began with,
+    naming the first difference (a checkpoint of a version without the identity is trusted)."""
+    if not saved:
+        return
+    before, now = saved.get("records", []), current["records"]
+    if before != now:
+        i = next((i for i, (a, b) in enumerate(zip(before, now)) if a != b),
+                 min(len(before), len(now)))
+        where = (f"{len(before)} edited records then, {len(now)} now" if i >= min(
+            len(before), len(now)) else f"the stream's record {i} differs: case_id "
+            f"{saved['case_ids'][i]} then, {current['case_ids'][i]} now")
+        raise ConfigError(f"resume={folder}: the records are not those the run began with "
+                          f"({where}): resume with the dataset file the run started on")
+    if saved.get("model") and saved["model"] != current["model"]:
+        raise ConfigError(f"resume={folder}: the base model's weights differ from those the run "
+                          "began with (its checksum changed): resume with the model files the "
+                          "run started on")

@@ -4,7 +4,8 @@ Two forms. The edited maps alone (``edited_maps.safetensors``: each edited layer
 its module's own parameter name and layout, a few MB) with the base model's name and a checksum
 of its parameters in the file's metadata, applied to the base model with
 :func:`apply_edited_maps`; and with ``full=True`` the whole edited model as a folder that
-``transformers``' ``from_pretrained`` loads. Both come from the run's last checkpoint.
+``transformers``' ``from_pretrained`` loads. Both come from the run's last checkpoint, or from
+the final maps a run without checkpoints keeps.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rlsedit_cli.stats.anchor import parameters_digest
 
 log = logging.getLogger(__name__)
 MAPS = "edited_maps.safetensors"
+EXPORT_MARK = "rlsedit_export.json"  # in OUTDIR/model: the export's metadata and its files
 
 
 def base_digest(model: torch.nn.Module) -> str:
@@ -44,12 +46,15 @@ def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int]]:
     if not (folder / "config.yaml").is_file():
         raise DataError(f"{folder} is not a run folder (no config.yaml): give the folder a run "
                         "wrote")
-    if not (folder / checkpoint.NAME).is_file():
-        raise DataError(f"{folder} holds no checkpoint: rlsedit export reads the edited maps "
-                        "from the last checkpoint of a run made with checkpoint.every > 0; run "
-                        "it again with checkpoint.every=1")
+    if (folder / checkpoint.NAME).is_file():
+        state = checkpoint.load(folder)
+    elif (folder / checkpoint.FINAL_MAPS).is_file():
+        state = checkpoint.load_final_maps(folder)
+    else:
+        raise DataError(f"{folder} holds neither a checkpoint nor the final maps of a finished "
+                        "run (it stopped before its first checkpoint, or was made by a version "
+                        "that kept neither): run it again")
     cfg = OmegaConf.load(folder / "config.yaml")
-    state = checkpoint.load(folder)
     handle = load_model(cfg.model, torch.device("cpu"), cfg.paths.cache)
     digest = base_digest(handle.model)
     for layer, weight in state["weights"].items():
@@ -69,6 +74,7 @@ def export_run(folder: str | Path, out: str | Path, full: bool = False) -> dict:
     if not (folder / "summary.json").is_file():
         log.warning("the run in %s is unfinished: the export holds its last checkpoint, after "
                     "%s edits", folder, info["num_edits"])
+    check_out(out, full)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(handle.model.named_parameters())
     maps = {_param_name(handle, layer): params[_param_name(handle, layer)].detach().cpu()
@@ -80,11 +86,40 @@ def export_run(folder: str | Path, out: str | Path, full: bool = False) -> dict:
         with folder_replaced_atomically(out / "model") as tmp:
             handle.model.save_pretrained(tmp)
             handle.tok.save_pretrained(tmp)
-            (tmp / "rlsedit_export.json").write_text(json.dumps(info, indent=2) + "\n")
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            (tmp / EXPORT_MARK).write_text(json.dumps({**info, "files": files}, indent=2)
+                                           + "\n")
         written["model"] = str(out / "model")
     log.info("exported %s edits of %s (%s) to %s", info["num_edits"], info["base_model"],
              info["editor"], out)
     return written
+
+
+def check_out(out: Path, full: bool) -> None:
+    """Refuse an ``--out`` whose export files exist but were not written by an export: only an
+    earlier export's own files are replaced."""
+    maps = out / MAPS
+    if maps.exists() and _maps_format(maps) != "rlsedit-edited-maps":
+        raise DataError(f"{maps} exists and is not an rlsedit export: it is left as it is; "
+                        "choose another --out")
+    model = out / "model"
+    if full and model.exists():
+        try:
+            listed = set(json.loads((model / EXPORT_MARK).read_text(encoding="utf-8"))["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = None
+        present = {str(p.relative_to(model)) for p in model.rglob("*") if p.is_file()}
+        if listed is None or present - listed - {EXPORT_MARK}:
+            raise DataError(f"{model} holds files an rlsedit export did not write: it is left "
+                            "as it is; choose another --out")
+
+
+def _maps_format(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # noqa: BLE001 (any unreadable file is not an export)
+        return None
 
 
 def apply_edited_maps(model: torch.nn.Module, path: str | Path) -> dict:

@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from rlsedit_cli.errors import ConfigError, RlseditError, first_line
+from rlsedit_cli.errors import RlseditError, first_line
 from rlsedit_cli.files import replaced_atomically
+from rlsedit_cli.runner import plan
 
 log = logging.getLogger(__name__)
 
@@ -98,60 +99,25 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-RUN_MARKS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")  # a run was here
-
-
-def holds_run(path: Path) -> bool:
-    """Whether ``path`` holds (part of) an earlier run's outputs."""
-    return any((path / name).exists() for name in RUN_MARKS)
-
-
-def check_target(path: str | Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a folder before anything is written into it.
-
-    A new run refuses a folder that holds another run (``overwrite=true`` replaces it); a
-    resumed run needs a folder with a checkpoint, and says why there is none.
-    """
-    path = Path(path).expanduser()
-    if resume:
-        if not path.is_dir():
-            raise ConfigError(f"resume={path}: no such run folder; give the folder of a run "
-                              "made with checkpoint.every > 0")
-        if (path / "summary.json").is_file():
-            raise ConfigError(f"resume={path}: that run finished (its summary.json is written); "
-                              "there is nothing to resume and it stays as it is: start a new "
-                              "run to measure again")
-        if (path / "checkpoint.pt").is_file():
-            return
-        if not holds_run(path):
-            raise ConfigError(f"resume={path} is not a run folder (none of "
-                              f"{', '.join(RUN_MARKS)}): give the folder a run wrote")
-        raise ConfigError(f"resume={path}: no batch had been checkpointed yet (the run stopped "
-                          "before its first checkpoint, or ran with checkpoint.every=0): start "
-                          "it again")
-    if holds_run(path) and not overwrite:
-        raise ConfigError(f"{path} holds an earlier run: choose another folder, continue it with "
-                          f"resume={path}, or add overwrite=true to replace it")
-
-
 def continues(folder: Path, resume_jobs: bool) -> str | None:
     """How a job goes on from its own earlier attempt in ``folder``: "resume" (the attempt left
-    a checkpoint), "keep" (it finished; with ``resume_jobs`` only) or None (start afresh; an
-    attempt stopped before its first checkpoint is removed first).
+    a checkpoint), "keep" (it finished; with ``resume_jobs`` only), "restart" (it stopped before
+    its first checkpoint: its own files are replaced) or None (no earlier attempt).
 
     Only for a requeued submitit job (Slurm, or local processes) or with ``resume_jobs``: a
     job's folder is its own (the sweep's folder and the job's overrides), so what is there is
     this job's; a resumed or kept run is still checked against this job's settings.
     """
-    if not (os.environ.get("SUBMITIT_EXECUTOR") or resume_jobs) or not holds_run(folder):
+    if not (os.environ.get("SUBMITIT_EXECUTOR") or resume_jobs):
         return None
     if (folder / "summary.json").is_file():
         return "keep" if resume_jobs else None
     if (folder / "checkpoint.pt").is_file():
         return "resume"
-    log.warning("the earlier attempt in %s stopped before its first checkpoint: starting over",
-                folder)
-    RunFolder(folder).clear()
+    if plan.own_files(folder):
+        log.warning("the earlier attempt in %s stopped before its first checkpoint: starting "
+                    "over", folder)
+        return "restart"
     return None
 
 
@@ -161,24 +127,35 @@ class RunFolder:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.marker = plan.read_marker(self.path)
 
     LINE_FILES = ("metrics.jsonl", "retention.csv", "general.csv")  # appended batch by batch
 
-    def clear(self) -> None:
-        """Remove everything an earlier run left here (Hydra's .hydra/ of this run stays)."""
-        for entry in self.path.iterdir():
-            if entry.name == ".hydra":
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+    def begin(self) -> None:
+        """Mark the folder as this run's before any output (a resumed run keeps its marker; a
+        run of an older version without one gets one). Hydra's record of a new run's command,
+        written just before, is the run's own."""
+        if self.marker is None:
+            with disk_errors(self.path, plan.MARKER):
+                self.marker = plan.start(self.path, plan._files_under(self.path, (plan.HYDRA,)))
+
+    def claim(self, name: str) -> None:
+        """List ``name`` (relative to the folder) in the marker before it is written."""
+        if self.marker is None:
+            self.begin()
+        if name in self.marker["files"]:
+            return
+        self.marker["files"].append(name)
+        with disk_errors(self.path, plan.MARKER):
+            plan.write_marker(self.path, self.marker)
 
     def write_config(self, cfg: DictConfig) -> None:
+        self.claim("config.yaml")
         with disk_errors(self.path, "config.yaml"):
             write_atomic(self.path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
     def append_jsonl(self, name: str, row: dict) -> None:
+        self.claim(name)
         with disk_errors(self.path, name), open(self.path / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row)) + "\n")
 
@@ -186,6 +163,7 @@ class RunFolder:
         """One line more; a column the file lacks (a run resumed by a later version that
         writes more) is added to its header first, the earlier lines left empty there."""
         path = self.path / name
+        self.claim(name)
         with disk_errors(self.path, name):
             columns = _csv_columns(path)
             if columns is not None and any(k not in columns for k in row):
@@ -203,6 +181,7 @@ class RunFolder:
         """Add this resume's command line to .hydra/resumes.yaml (the first command's
         .hydra/overrides.yaml stays as it was)."""
         path = self.path / ".hydra" / "resumes.yaml"
+        self.claim(".hydra/resumes.yaml")
         with disk_errors(self.path, ".hydra/resumes.yaml"):
             path.parent.mkdir(exist_ok=True)
             earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
@@ -210,12 +189,14 @@ class RunFolder:
             write_atomic(path, earlier + yaml.safe_dump([entry], sort_keys=False))
 
     def write_json(self, name: str, obj: dict) -> None:
+        self.claim(name)
         with disk_errors(self.path, name):
             write_atomic(self.path / name, json.dumps(_clean(obj), indent=2) + "\n")
 
     @contextlib.contextmanager
     def log_file(self, name: str = "run.log") -> Iterator[None]:
         """Send this process's log records to the run folder while the block runs."""
+        self.claim(name)
         with disk_errors(self.path, name):
             handler = QuietFileHandler(self.path / name, encoding="utf-8")
         handler.setFormatter(

@@ -81,7 +81,7 @@ class Measurer:
         cfg = self.tasks
         settings = OmegaConf.to_container(cfg, resolve=True)
         key = {"eval": {k: v for k, v in settings.items() if k not in EVAL_NOT_IN_KEY},
-               "point": 2}
+               "point": 3}  # 3: with per-document results
         point = (self.unedited.get("general", [], extra=key)
                  if edits == 0 and self.unedited else None)
         if point is None:
@@ -90,9 +90,11 @@ class Measurer:
             check_strict(res, cfg.strict)
             point = {"scores": res.scores, "errors": res.errors, "settings": res.settings,
                      "perplexity": {task: values[PERPLEXITY] for task, values in
-                                    res.metrics.items() if PERPLEXITY in values}}
+                                    res.metrics.items() if PERPLEXITY in values},
+                     "documents": res.documents}
             if edits == 0 and self.unedited:
                 self.unedited.put("general", [], point, extra=key)
+        self.record.documents(edits, point.pop("documents", {}))
         scores = named_scores(point)
         self.record.general(edits, point["scores"], metric_names(point))
         self.general.append({"edits": edits, **point})

@@ -10,14 +10,17 @@
 | checkpoint.pt   | every ``checkpoint.every`` batches (runner/checkpoint.py)  |
 | summary.json    | at the end (:meth:`RunRecord.summary`)                     |
 | plots/          | at the end (:meth:`RunRecord.plots`)                       |
+| documents/      | per general-ability point: each document's results         |
 
 The tracker receives the same rows, the summary and the plots.
 """
 
 from __future__ import annotations
 
+import json
+
 from rlsedit_cli.runner import checkpoint
-from rlsedit_cli.runner.folder import RunFolder, disk_errors
+from rlsedit_cli.runner.folder import RunFolder, disk_errors, write_atomic
 
 
 class RunRecord:
@@ -35,6 +38,19 @@ class RunRecord:
         if edits == 0:
             self.tracker.log({"general": {f"{t}/{metrics[t]}": v for t, v in scores.items()}},
                              step=0)
+
+    def documents(self, edits: int, per_task: dict[str, list[dict]]) -> None:
+        """Each scored document of a general-ability point (``documents/general_EDITS.jsonl``:
+        task, doc_id and the document's metric values), for paired comparisons."""
+        if not per_task:
+            return
+        name = f"documents/general_{edits:07d}.jsonl"
+        self.folder.claim(name)
+        lines = [json.dumps({"task": task, **row}) for task, rows in per_task.items()
+                 for row in rows]
+        with disk_errors(self.folder.path, name):
+            (self.folder.path / "documents").mkdir(exist_ok=True)
+            write_atomic(self.folder.path / name, "\n".join(lines) + "\n")
 
     def retention(self, batch: int, edits: int, measured: int, metrics: dict) -> None:
         """The first edits of the stream, measured again after batch ``batch``."""
@@ -68,6 +84,8 @@ class RunRecord:
         done = read_run(self.folder.path)
         with disk_errors(self.folder.path, "the plots"):
             paths = all_plots([done], self.folder.path / "plots")
+        for path in paths:
+            self.folder.claim(str(path.relative_to(self.folder.path)))
         for path in paths:
             self.tracker.log_image(f"plots/{path.stem}", path)
         if done.retention:

@@ -21,19 +21,20 @@ import transformers
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rlsedit_cli.console import route_library_logs
 from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
 from rlsedit_cli.files import parse_override
 from rlsedit_cli.models.loader import load_model, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
 from rlsedit_cli.progress import progress, quiet_library_bars
-from rlsedit_cli.runner import checkpoint
-from rlsedit_cli.runner.folder import RunFolder, check_target, continues, holds_run
+from rlsedit_cli.runner import checkpoint, plan
+from rlsedit_cli.runner.folder import RunFolder, continues
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.runner.terms import ObjectiveTerms
 from rlsedit_cli.runner.unedited import UneditedFigures
-from rlsedit_cli.stats.anchor import AnchorStats
+from rlsedit_cli.stats.anchor import AnchorStats, parameters_digest
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def check_config(cfg: DictConfig) -> None:
     for section, key, low in (("measure", "batch_size", 1), ("measure", "max_length", 1),
                               ("measure", "retention_edits", 0), ("measure", "retention_every", 0),
                               ("measure", "generation_prompts", 0),
-                              ("measure", "fluency_records", 1), ("eval", "every_edits", 0)):
+                              ("measure", "fluency_records", 1), ("eval", "every_edits", 0),
+                              ("stats", "num_samples", 1), ("stats", "batch_size", 1)):
         if cfg[section][key] is not None and cfg[section][key] < low:
             raise ConfigError(f"{section}.{key}={cfg[section][key]} must be "
                               + ("at least 1" if low else "not negative"))
@@ -67,6 +69,8 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.data_dir={cfg.eval.data_dir} is not a folder: give a datasets "
                           "cache folder (HF_DATASETS_CACHE of a machine that loaded the tasks)")
     for section, key, allowed in (("eval", "sample", ("seeded", "first")),
+                                  ("eval", "logits", ("continuation", "all")),
+                                  ("eval", "compute_dtype", ("float32", "bfloat16")),
                                   ("eval", "source", ("local", "hub")),
                                   ("measure", "generation", ("sample", "greedy")),
                                   ("measure", "fluency_at", ("every", "ends")),
@@ -106,12 +110,13 @@ def speed_settings(cfg: DictConfig) -> dict:
 TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
 
 
-def check_lengths(handle, records) -> None:
-    """Refuse a record whose prompts do not fit the model's context (with a context template
-    before them and the target after them), naming it."""
+def too_long(handle, records) -> list[str]:
+    """One line per record whose prompts do not fit the model's context (with a context
+    template before them and the target after them), naming it."""
     limit = handle.context_length
     if limit is None:
-        return
+        return []
+    found = []
     for r in records:
         target = len(encode_target(handle.tok, r.target_new))
         needs = [(p, target + TEMPLATE_ROOM) for p in (r.rewrite_prompt, *r.paraphrase_prompts,
@@ -120,10 +125,49 @@ def check_lengths(handle, records) -> None:
         for prompt, extra in needs:
             length = len(encode_prompt(handle.tok, prompt))
             if length + extra > limit:
-                raise DataError(
-                    f"record case_id={r.case_id}: a prompt of {length} tokens (+{extra} for "
-                    f"templates, target or generation) exceeds the model's context of {limit}: "
-                    "shorten or drop the record")
+                found.append(f"record case_id={r.case_id}: a prompt of {length} tokens (+{extra} "
+                             "for templates, target or generation) exceeds the model's context "
+                             f"of {limit}: shorten or drop the record, or set "
+                             "dataset.skip_invalid=true to skip it")
+                break
+    return found
+
+
+def fitting_stream(handle, dataset, stream, skip_invalid: bool) -> list[list]:
+    """The stream's batches of records that fit the model's context: a record that does not
+    is refused, or with ``skip_invalid`` left out of the dataset (the stream drawn again, so
+    it still holds ``stream.num_edits`` records where the dataset has them)."""
+    while True:
+        batches = stream_of(dataset.records, stream)
+        found = too_long(handle, [r for b in batches for r in b])
+        if not found:
+            return batches
+        if not skip_invalid:
+            raise DataError(found[0])
+        bad = {line.split(":")[0] for line in found}
+        dataset.records = [r for r in dataset.records if f"record case_id={r.case_id}" not in bad]
+        dataset.skipped += found
+        log.warning("dataset %s: skipped %d records longer than the model's context (first: "
+                    "%s)", dataset.name, len(found), found[0].split(": shorten")[0])
+        if not dataset.records:
+            raise DataError(f"dataset {dataset.name} has no record that fits the model's "
+                            "context")
+
+
+COVERED = {"generalization": "paraphrase_prompts",
+           "specificity": "neighborhood_prompts"}  # metric: the record field it reads
+
+
+def uncovered(records) -> dict[str, int]:
+    """How many edited records have no prompt for each metric (null or empty field): those
+    records are left out of that metric; said in the log and in summary.json."""
+    counts = {metric: sum(not getattr(r, name) for r in records)
+              for metric, name in COVERED.items()}
+    counts = {k: v for k, v in counts.items() if v}
+    for metric, n in counts.items():
+        log.warning("%d of the %d edited records have no %s (null or empty): %s is measured "
+                    "without them", n, len(records), COVERED[metric], metric)
+    return counts
 
 
 OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
@@ -156,21 +200,27 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         overrides: the command line's overrides, when there is one; on resume they are checked
             against the checkpoint's settings (without them the whole config is compared).
     """
-    target = cfg.resume or cfg.paths.run_dir
-    again = None if cfg.resume else continues(Path(target), cfg.resume_jobs)
+    target = Path(cfg.resume or cfg.paths.run_dir).expanduser()
+    again = None if cfg.resume else continues(target, cfg.resume_jobs)
     if again == "keep":
-        return kept(cfg, Path(target))
-    if again:
+        return kept(cfg, target)
+    if again == "resume":
         with open_dict(cfg):
             cfg.resume = str(target)
-    check_target(target, bool(cfg.resume), cfg.overwrite)
-    folder = RunFolder(target)
-    if not cfg.resume and cfg.overwrite and holds_run(folder.path):
-        log.warning("overwrite=true: removing the earlier run in %s", folder.path)
-        folder.clear()
+    lock = plan.claim(target, bool(cfg.resume), cfg.overwrite or again == "restart")
+    try:
+        return _run_in(cfg, RunFolder(target), overrides, again)
+    finally:
+        lock.release()
+
+
+def _run_in(cfg: DictConfig, folder: RunFolder, overrides: list[str] | None,
+            again: str | None) -> dict:
+    """The run in its claimed folder: its log file, its checkpoint read when it resumes."""
+    folder.begin()
     with folder.log_file():
         state = None
-        if again:
+        if again == "resume":
             log.info("this job's earlier attempt (preempted, out of time or interrupted) left a "
                      "checkpoint: it continues from there")
         if cfg.resume:
@@ -180,7 +230,6 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 checkpoint.check_matches(state["config"], checkpoint.edit_config(cfg), folder.path)
             else:
                 checkpoint.check_overrides(state["config"], overrides, folder.path)
-            folder.log_resume(overrides or [])
             with open_dict(cfg):  # the run goes on with its own settings
                 given = {parse_override(o)[0].split(".")[0] for o in overrides or []}
                 saved_file = folder.path / "config.yaml"
@@ -191,7 +240,11 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                                            "speed")
                     cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
         with cache_errors(cfg.paths.cache):
-            return Runner(cfg, folder, overrides).run(state)
+            runner = Runner(cfg, folder, overrides)
+            if state is not None:
+                checkpoint.check_identity(state.get("identity"), runner.identity, folder.path)
+                folder.log_resume(overrides or [])
+            return runner.run(state)
 
 
 def kept(cfg: DictConfig, folder: Path) -> dict:
@@ -228,28 +281,36 @@ class Runner:
     def __init__(self, cfg: DictConfig, folder: RunFolder, overrides: list[str] | None) -> None:
         check_config(cfg)
         quiet_library_bars()
+        route_library_logs()
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
         transformers.set_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
         self.handle = load_model(cfg.model, self.device, cfg.paths.cache)
         self.dataset = build(cfg.dataset)
-        self.batches = stream_of(self.dataset.records, cfg.stream)
+        self.batches = fitting_stream(self.handle, self.dataset, cfg.stream,
+                                      bool(cfg.dataset.get("skip_invalid")))
         self.edited = [r for b in self.batches for r in b]
-        check_lengths(self.handle, self.edited)
+        self.uncovered = uncovered(self.edited)
         anchor = AnchorStats(self.handle, cfg.paths.cache, **cfg.stats)
         self.editor = build(cfg.editor, handle=self.handle, anchor=anchor)
         layers = self.editor.edited_layers if cfg.measure.objective_terms else []
         self.terms = ObjectiveTerms(self.handle, layers,
                                     anchor.moments(layers) if layers else {})
         self.edit_seconds = 0.0
+        self.identity = {"records": checkpoint.record_prints(self.edited),
+                         "case_ids": [r.case_id for r in self.edited],
+                         "model": parameters_digest(self.handle.model.named_parameters())}
 
     def run(self, state: dict | None) -> dict:
         cfg, folder = self.cfg, self.folder
         if state is None:
             folder.write_config(cfg)
+        tracker_files = not (folder.path / "wandb").exists()
         tracker = build(cfg.logger, run_dir=str(folder.path),
                         run_name=folder.path.name + ("-resumed" if state else ""),
                         run_config=OmegaConf.to_container(cfg, resolve=True))
+        if tracker_files and (folder.path / "wandb").exists():  # the tracker made it
+            folder.claim("wandb/")
         record = RunRecord(folder, tracker)
         settings = OmegaConf.to_container(cfg.measure, resolve=True)  # presets' values, resolved
         unedited = UneditedFigures(cfg.paths.cache if cfg.measure.reuse_unedited else None,
@@ -296,6 +357,9 @@ class Runner:
             bar.set_description(f"run ({cfg.editor.name}): final measurements")
             summary = self._summary(measure.final(self.edited[:done]), measure.seconds, done)
             bar.update(1)
+            if cfg.checkpoint.every == 0:  # so that every finished run exports
+                self.folder.claim(checkpoint.FINAL_MAPS)
+                checkpoint.save_final_maps(self.folder.path, self._weights(), done)
             record.summary(summary)
             record.plots()
             ok = True
@@ -326,6 +390,7 @@ class Runner:
                    "planned_edits": len(self.edited),
                    "batch_size": cfg.stream.batch_size,
                    "skipped_records": len(self.dataset.skipped), "device": str(self.device),
+                   "records_without_prompts": self.uncovered,
                    "overrides": self.overrides, **measured,
                    "speed": speed_settings(cfg),
                    "edit_seconds": round(self.edit_seconds, 3),
@@ -337,13 +402,18 @@ class Runner:
         return summary
 
     def _save(self, next_batch: int, done: int, measure: Measurer, record: RunRecord) -> None:
-        checkpoint.save(self.folder.path, {
+        self.folder.claim(checkpoint.NAME)
+        checkpoint.save(self.folder.path, {"identity": self.identity,
             "config": checkpoint.edit_config(self.cfg), "next_batch": next_batch, "done": done,
             "edit_seconds": self.edit_seconds, "measure": measure.state_dict(),
             "editor": self.editor.state_dict(), "terms": self.terms.state_dict(),
-            "weights": {layer: self.handle.weight(layer).detach().cpu().clone()
-                        for layer in self.editor.edited_layers},
+            "weights": self._weights(),
             "rng": checkpoint.rng_state(), "lines": record.lines()})
+
+    def _weights(self) -> dict[int, torch.Tensor]:
+        """The edited layers' weights as the handle keeps them, on the CPU."""
+        return {layer: self.handle.weight(layer).detach().cpu().clone()
+                for layer in self.editor.edited_layers}
 
     def _restore(self, state: dict, measure: Measurer, record: RunRecord) -> tuple[int, int]:
         for layer, weight in state["weights"].items():

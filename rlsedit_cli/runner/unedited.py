@@ -30,7 +30,7 @@ NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited"
 # the eval settings that say when and how strictly general ability is measured, not what it
 # measures: runs that differ only there (a sweep at 1,000 edits, a stream measured every 500)
 # share the unedited model's general-ability point
-EVAL_NOT_IN_KEY = ("name", "every_edits", "strict")
+EVAL_NOT_IN_KEY = ("name", "every_edits", "strict", "logits")  # logits: same figures (eval/lm.py)
 
 
 class UneditedFigures:

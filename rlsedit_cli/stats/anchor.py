@@ -19,6 +19,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from rlsedit_cli.errors import DataError
 from rlsedit_cli.files import file_sha256, replaced_atomically
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
@@ -104,13 +105,21 @@ class AnchorStats:
         if meta.get("sha256") != file_sha256(path) or meta.get("key") != self._key(layer):
             log.warning("anchor statistics %s fail their checksum: recomputing", path.name)
             return None
-        return load_file(path)["moment"]
+        moment = load_file(path)["moment"]
+        if not torch.isfinite(moment).all():
+            raise DataError(f"anchor statistics {path} hold NaN or inf values: remove them "
+                            f"(rlsedit stats rm --layer {layer}) and compute or import them again")
+        return moment
 
     def store(self, layer: int, moment: torch.Tensor, tokens: int, samples: int,
               **extra) -> Path:
         """Write C of ``layer`` into the cache under this configuration's key (a computed one,
         or one imported from another tool: ``extra`` says from where)."""
         path = self._path(layer)
+        if not torch.isfinite(moment).all():
+            raise DataError(f"the anchor statistics of layer {layer} hold NaN or inf values "
+                            f"({extra.get('imported_from') or 'computed'}): not stored; they "
+                            "cannot anchor an edit")
         path.parent.mkdir(parents=True, exist_ok=True)
         dtype = getattr(torch, self.precision)
         with replaced_atomically(path) as tmp:
@@ -161,7 +170,8 @@ class AnchorStats:
         state = None
         if partial.is_file():
             try:
-                state = MomentState(**torch.load(partial, map_location="cpu"))
+                state = MomentState(**torch.load(partial, map_location="cpu",
+                                                 weights_only=True))
                 log.info("resuming anchor statistics after %d samples", state.samples)
             except Exception as e:  # a partial file from a killed write: start over
                 log.warning("ignoring unreadable partial statistics %s (%s)", partial, e)

@@ -72,6 +72,7 @@ def stats_command(args) -> int:
     """The ``rlsedit stats`` verbs."""
     from rlsedit_cli.stats.interop import export_memit, import_memit
 
+    args.cache = _cache(args)
     if args.stats_verb == "ls":
         rows = entries(args.cache)
         for row in rows:
@@ -86,6 +87,8 @@ def stats_command(args) -> int:
         return 0
     files = [a for a in getattr(args, "files", []) if "=" not in a]  # KEY=VALUE: overrides
     overrides = [*(a for a in getattr(args, "files", []) if "=" in a), *args.overrides]
+    if args.cache_given:
+        overrides.append(f"paths.cache={args.cache}")
     cfg = _config(args.source if args.stats_verb == "export" else None, overrides)
     anchor, base = _anchor(cfg)
     if args.stats_verb == "import":
@@ -96,6 +99,26 @@ def stats_command(args) -> int:
     for path in export_memit(anchor, layers, args.out, base):
         sys.stdout.write(f"{path}\n")
     return 0
+
+
+DEFAULT_CACHE = "~/.cache/rlsedit"
+
+
+def _cache(args) -> str:
+    """The cache folder, spelt ``--cache DIR`` or ``paths.cache=DIR`` with every verb (the
+    other KEY=VALUE overrides are for import and export only)."""
+    given = [a.split("=", 1)[1] for a in [*getattr(args, "files", []), *args.overrides]
+             if a.startswith("paths.cache=")]
+    if args.cache is not None and given and given[-1] != args.cache:
+        raise DataError(f"stats {args.stats_verb}: --cache {args.cache} and "
+                        f"paths.cache={given[-1]} disagree: give one")
+    if args.stats_verb in ("ls", "rm"):
+        other = [a for a in args.overrides if not a.startswith("paths.cache=")]
+        if other:
+            raise DataError(f"stats {args.stats_verb} takes no override {other[0]!r}: only "
+                            "paths.cache=DIR (or --cache DIR)")
+    args.cache_given = args.cache is not None and not given
+    return args.cache or (given[-1] if given else DEFAULT_CACHE)
 
 
 def add_parser(sub) -> None:
@@ -122,4 +145,7 @@ def add_parser(sub) -> None:
                      help="config overrides as for `rlsedit run` (stats.num_samples=..., "
                           "paths.cache=...)")
     for parser in (ls, rm):
-        parser.add_argument("--cache", default="~/.cache/rlsedit", help="paths.cache")
+        parser.set_defaults(overrides=[])
+    for parser in (ls, rm, imp, exp):
+        parser.add_argument("--cache", help=f"the cache folder, as paths.cache=DIR (default "
+                                            f"{DEFAULT_CACHE})")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlsedit_cli.errors import DataError
+from rlsedit_cli.errors import DataError, first_line
 from rlsedit_cli.files import replaced_atomically
 from rlsedit_cli.stats.anchor import AnchorStats
 from rlsedit_cli.stats.corpus import corpus_id
@@ -40,6 +40,8 @@ def read_memit(path: str | Path) -> dict:
     """The file's module, precision, sample count, model and corpus folders, and C."""
     path = Path(path).expanduser()
     found = NAME.match(path.name)
+    if not path.exists():
+        raise DataError(f"{path}: no such file; give the path of a statistics file")
     if not path.is_file() or found is None:
         raise DataError(f"{path} is not a statistics file of MEMIT's layer_stats.py (a "
                         "<module>_<precision>_mom2_<samples>.npz file)")
@@ -47,8 +49,15 @@ def read_memit(path: str | Path) -> dict:
         with np.load(path, allow_pickle=False) as data:
             total, count = data["mom2.mom2"], int(data["mom2.count"])
             samples = int(data["sample_size"]) if "sample_size" in data.files else None
-    except (KeyError, ValueError, OSError) as e:
-        raise DataError(f"{path} cannot be read as MEMIT statistics ({e})") from e
+    except (KeyError, ValueError, OSError, EOFError) as e:
+        what = ("it is not a NumPy .npz archive of plain arrays"
+                if "pickle" in str(e) or "zip" in str(e).lower() or isinstance(e, EOFError)
+                else f"{type(e).__name__}: {first_line(e)[:100]}")
+        raise DataError(f"{path} cannot be read as MEMIT statistics ({what}): give a file "
+                        "their layer_stats.py wrote") from e
+    if not np.isfinite(total).all():
+        raise DataError(f"{path}: mom2.mom2 holds NaN or inf values: these statistics cannot "
+                        "anchor an edit; compute them again")
     if total.ndim != 2 or total.shape[0] != total.shape[1] or count < 1:
         raise DataError(f"{path}: mom2.mom2 of shape {total.shape} and count {count} is not a "
                         "second moment")

@@ -1,0 +1,64 @@
+"""The continuation-only scoring path equals lm-eval's own, for every request type it issues."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rlsedit_cli.eval.lm import EditedLM
+from rlsedit_cli.models.loader import load_model
+
+from .conftest import compose_cfg, tiny_overrides
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def handle(request, tiny_models):
+    cfg = compose_cfg(tiny_overrides(request.param, tiny_models[request.param]))
+    return load_model(cfg.model, torch.device("cpu"))
+
+
+def _requests(handle, n: int = 24) -> list:
+    """(request, context, continuation) token triples: shared contexts with one-token choices,
+    multi-token continuations, and contexts longer than the model's window (truncated)."""
+    rng = random.Random(0)
+    vocab = handle.tok.vocab_size
+    out = []
+    for i in range(n):
+        ctx = [rng.randrange(1, vocab) for _ in range(rng.choice([3, 9, 40, 200]))]
+        for k in range(1 + i % 3):
+            cont = [rng.randrange(1, vocab) for _ in range(1 if i % 2 else 1 + k)]
+            out.append(((f"c{i}", f"x{k}"), ctx, cont))
+    return out
+
+
+def test_continuation_logits_equal_lm_evals_loglikelihood(handle):
+    requests = _requests(handle)
+    ours = EditedLM(handle, 4, "continuation")._loglikelihood_tokens(requests)
+    theirs = EditedLM(handle, 4, "all")._loglikelihood_tokens(requests)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert torch.allclose(torch.tensor([s for s, _ in ours]),
+                          torch.tensor([s for s, _ in theirs]), rtol=1e-5, atol=1e-4)
+
+
+def test_rolling_and_generation_equal_lm_evals(handle):
+    from lm_eval.api.instance import Instance
+
+    text = " ".join(f"w{i % 37}" for i in range(400))  # several windows of the context
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    ours = EditedLM(handle, 2, "continuation").loglikelihood_rolling(rolling)
+    theirs = EditedLM(handle, 2, "all").loglikelihood_rolling(rolling)
+    assert ours[0] == pytest.approx(theirs[0], rel=1e-5)
+    asks = [Instance("generate_until", {}, ("w1 w2 w3", {"until": ["\n"], "max_gen_toks": 6}), 0)]
+    assert (EditedLM(handle, 2, "continuation").generate_until(asks)
+            == EditedLM(handle, 2, "all").generate_until(asks))
+
+
+def test_bfloat16_scoring_stays_near_float32(handle):
+    requests = _requests(handle, 8)
+    low = EditedLM(handle, 4, "continuation", "bfloat16")._loglikelihood_tokens(requests)
+    full = EditedLM(handle, 4, "continuation")._loglikelihood_tokens(requests)
+    diffs = [abs(a - b) / max(1.0, abs(b)) for (a, _), (b, _) in zip(low, full)]
+    assert max(diffs) < 0.05 and max(diffs) > 0  # bfloat16 rounding: close, not equal
+    assert all(p.dtype == torch.float32 for p in handle.model.parameters())  # restored
