@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="a run's edited model: its edited maps "
                                            "(safetensors), with --full a transformers model")
-    export.add_argument("run", help="a run folder made with checkpoint.every > 0")
+    export.add_argument("run", help="a run folder: a finished run, or one with a checkpoint")
     export.add_argument("--out", required=True, help="folder to write")
     export.add_argument("--full", action="store_true",
                         help="also the whole edited model (OUT/model, from_pretrained loads it)")

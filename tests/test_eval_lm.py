@@ -28,7 +28,7 @@ def _requests(handle, n: int = 24) -> list:
     for i in range(n):
         ctx = [rng.randrange(1, vocab) for _ in range(rng.choice([3, 9, 40, 200]))]
         for k in range(1 + i % 3):
-            cont = [rng.randrange(1, vocab) for _ in range(1 if i % 2 else 1 + k)]
+            cont = [rng.randrange(1, vocab) for _ in range(1 if i % 2 else 1 + 5 * k)]
             out.append(((f"c{i}", f"x{k}"), ctx, cont))
     return out
 

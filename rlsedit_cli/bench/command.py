@@ -74,17 +74,17 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
     import time
 
     from rlsedit_cli.bench.general import bench_general, compare_general
-    from rlsedit_cli.eval.general import GeneralSettings
+    from rlsedit_cli.eval.general import GeneralSettings, TaskManagers
     from rlsedit_cli.models.loader import load_model, resolve_device
 
     base = composed([f"model={args.model}", *args.overrides])
     handle = load_model(base.model, resolve_device(args.device), base.paths.cache)
-    points = []
+    points, managers = [], TaskManagers()  # the index built once, as a run does
     for variant in ["", *args.against]:
         cfg = composed([f"model={args.model}", *args.overrides, *variant.split()])
         start, rows = time.perf_counter(), []
         for row in bench_general(handle, list(cfg.eval.tasks),
-                                 GeneralSettings.from_cfg(cfg.eval, cfg.seed)):
+                                 GeneralSettings.from_cfg(cfg.eval, cfg.seed), managers):
             rows.append(row | {"config": variant or "(as given)"})
             _emit(rows[-1], args.out)
         points.append({"bench": "general_point", "config": variant or "(as given)",

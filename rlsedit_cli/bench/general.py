@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from rlsedit_cli.eval.general import GeneralResult, GeneralSettings, evaluate_general
+from rlsedit_cli.eval.general import (
+    GeneralResult,
+    GeneralSettings,
+    TaskManagers,
+    evaluate_general,
+)
 from rlsedit_cli.models.handle import ModelHandle
 
 
@@ -19,12 +24,13 @@ def stderr_key(metric: str) -> str:
     return f"{name}_stderr,{flt}"
 
 
-def bench_general(handle: ModelHandle, tasks: list[str],
-                  opts: GeneralSettings) -> Iterator[dict]:
+def bench_general(handle: ModelHandle, tasks: list[str], opts: GeneralSettings,
+                  managers: TaskManagers | None = None) -> Iterator[dict]:
     """One row per task, task by task: figure, interval, documents, few-shot, source, seconds
-    (or its error)."""
+    (or its error). ``managers``: lm-eval's task index, built once as a run builds it."""
+    managers = managers or TaskManagers()
     for task in tasks:
-        yield from _rows(handle, evaluate_general(handle, [task], opts), opts)
+        yield from _rows(handle, evaluate_general(handle, [task], opts, managers), opts)
 
 
 def _rows(handle: ModelHandle, res: GeneralResult, opts: GeneralSettings) -> list[dict]:

@@ -146,8 +146,26 @@ class GeneralSettings:
                    logits=cfg.logits, compute_dtype=cfg.compute_dtype)
 
 
+class TaskManagers:
+    """lm-eval's task index, built once for the many points of a run (indexing every task's
+    YAML took about 10 s a point on 2 cores, docs/benchmarks.md); tasks are still built from it
+    afresh at every point."""
+
+    def __init__(self) -> None:
+        self._made: dict[bool, object] = {}
+
+    def get(self, defaults: bool):
+        """The index of the project's tasks, with lm-eval's built-in ones if ``defaults``."""
+        from lm_eval.tasks import TaskManager
+
+        if defaults not in self._made:
+            self._made[defaults] = TaskManager(include_defaults=defaults, verbosity="ERROR")
+        return self._made[defaults]
+
+
 def evaluate_general(handle: ModelHandle, tasks: list[str],
-                     settings: GeneralSettings | None = None) -> GeneralResult:
+                     settings: GeneralSettings | None = None,
+                     managers: TaskManagers | None = None) -> GeneralResult:
     """Run each lm-eval task on the model as it is now (no checkpoint written).
 
     A limit keeps the same documents at every checkpoint (``settings.sample``: a seeded choice
@@ -158,15 +176,16 @@ def evaluate_general(handle: ModelHandle, tasks: list[str],
     opts = settings or GeneralSettings()
     lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype)
     try:
-        return evaluate_lm(lm, tasks, opts)
+        return evaluate_lm(lm, tasks, opts, managers)
     finally:
         handle.model.eval()
 
 
-def evaluate_lm(lm, tasks: list[str], opts: GeneralSettings) -> GeneralResult:
+def evaluate_lm(lm, tasks: list[str], opts: GeneralSettings,
+                managers: TaskManagers | None = None) -> GeneralResult:
     """Each task on ``lm``, any lm-eval language model (evaluate_general's HFLM, a test's)."""
     with tempfile.TemporaryDirectory(prefix="rlsedit_tasks_") as scratch:
-        return _evaluate(lm, tasks, opts, Path(scratch))
+        return _evaluate(lm, tasks, opts, Path(scratch), managers or TaskManagers())
 
 
 def _run_task(lm, task: str, spec, manager, opts: GeneralSettings, shots: int | None) -> dict:
@@ -202,13 +221,12 @@ def _settings(task: str, out: dict, opts: GeneralSettings, spec) -> dict:
                if task in local_data.NOTES and not isinstance(spec, str) else {})}
 
 
-def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path) -> GeneralResult:
-    from lm_eval.tasks import TaskManager
-
+def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path,
+              managers: TaskManagers) -> GeneralResult:
     result = GeneralResult()
     local = set(SHIPPED_TASKS) | set(PAPER_TASKS)
     builtin = [t for t in tasks if t not in local]
-    manager = TaskManager(include_defaults=bool(builtin), verbosity="ERROR")
+    manager = managers.get(bool(builtin))
     known = set(manager.all_tasks) if builtin else set()
     for task in progress(tasks, desc="general ability (lm-eval)", unit="task", leave=False):
         if task not in local and task not in known:

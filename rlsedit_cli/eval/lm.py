@@ -1,11 +1,11 @@
 """The language model lm-eval scores: its HFLM on the in-memory (edited) model, with two settings.
 
-- ``eval.logits=continuation`` (the default): a loglikelihood request, or a window of a rolling
-  one, runs the model's blocks over its tokens as lm-eval does (right-padded batches, longest
-  first, truncated from the left to the context), but computes the LM head and the log-softmax
-  only at the positions whose next token lm-eval reads (the continuation's), not at every
-  position. The figures are lm-eval's own within float rounding (tests/test_eval_lm.py); the
-  head over a 49,152-word vocabulary at every position is most of a short model's cost.
+- ``eval.logits=continuation`` (the default): the requests that share a context (the choices of
+  a multiple-choice question) run it once: contexts (truncated from the left to the model's
+  window, as lm-eval truncates) left-padded into a key/value cache, batched by length, then each
+  continuation after its context (eval/scoring.py's ``read_states``); the LM head and the
+  log-softmax run only at the positions whose next token lm-eval reads, not at every position.
+  The figures are lm-eval's own within float rounding (tests/test_eval_lm.py).
   ``eval.logits=all`` is lm-eval's own path.
 - ``eval.compute_dtype=bfloat16``: every pass (scoring and generation) with bfloat16 matrix
   products (lm-eval's ``mixed_precision_dtype``), the weights cast once per point
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
+from rlsedit_cli.eval.scoring import little_padding, read_states
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.precision import Float32Attention, LoweredLinears
 
@@ -62,53 +63,100 @@ class EditedLM(HFLM):
         if not self.only_continuation or self.backend != "causal":
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
         size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
-        rows: dict[tuple[int, ...], list[int]] = {}  # input tokens -> requests that share them
-        for i, (_, ctx, cont) in enumerate(requests):  # (one-token choices of one context)
-            rows.setdefault(tuple((ctx + cont)[-(self.max_length + 1):][:-1]), []).append(i)
-        unique = sorted(rows, key=len, reverse=True)  # longest first, as lm-eval batches
+        budget = size * self.max_length  # tokens a pass may hold: lm-eval's batch of windows
+        contexts: dict[tuple[int, ...], list[int]] = {}  # context -> its requests
+        for i, (_, ctx, cont) in enumerate(requests):
+            kept = (ctx + cont)[-(self.max_length + 1):]  # truncated from the left, as lm-eval
+            contexts.setdefault(tuple(kept[:-len(cont)]), []).append(i)
+        # a context runs once for its requests when it is at least as long as each of their
+        # continuations (ARC's answers, HellaSwag's endings, one-token labels); else they are
+        # rows of their own (PIQA's long solutions after a short goal: a padded second pass
+        # would cost more than it saves; docs/benchmarks.md section 9)
+        shared = sorted((c for c in contexts if len(contexts[c]) > 1
+                         and len(c) >= max(len(requests[i][2]) for i in contexts[c])),
+                        key=len, reverse=True)
+        once = set(shared)
+        alone = sorted((i for c in contexts if c not in once for i in contexts[c]),
+                       key=lambda i: -len(requests[i][1] + requests[i][2]))
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        for start in range(0, len(unique), size):
-            chunk = unique[start:start + size]
-            conts = [[requests[i][2] for i in rows[row]] for row in chunk]
-            for row, scored in zip(chunk, self._score(chunk, conts)):
-                for i, answer in zip(rows[row], scored):
-                    answers[i] = answer
-                    if requests[i][0] is not None:
-                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+        for batch in _by_tokens(shared, [len(c) + max(len(requests[i][2]) for i in contexts[c])
+                                         for c in shared], budget):
+            ks = [i for c in batch for i in contexts[c]]
+            rows = torch.tensor([b for b, c in enumerate(batch) for _ in contexts[c]])
+            scored = self._shared([list(c) for c in batch], [requests[i][2] for i in ks], rows)
+            answers = _put(answers, ks, scored)
+        rows_of = {i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1]
+                   for i in alone}
+        for batch in _by_tokens(alone, [len(rows_of[i]) for i in alone], budget):
+            scored = self._whole([rows_of[i] for i in batch], [requests[i][2] for i in batch])
+            answers = _put(answers, batch, scored)
+        for i, (request, _, _) in enumerate(requests):
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, answers[i])
         return answers
 
-    def _score(self, rows: list[tuple[int, ...]],
-               conts: list[list[list[int]]]) -> list[list[tuple[float, bool]]]:
-        """Per input row, per continuation read from it: (sum of the continuation's
-        log-probabilities, whether each of its tokens is the greedy one)."""
+    def _shared(self, contexts: list[list[int]], conts: list[list[int]],
+                rows: torch.Tensor) -> list[tuple[float, bool]]:
+        """Continuations that share contexts: each context once into a key/value cache
+        (``rows[j]``: continuation j's), then the continuations (eval/scoring.py)."""
+        with self._passes():
+            read = read_states(self.handle.model.base_model, self.tokenizer, contexts, conts,
+                               rows, self.device)  # (sum of continuation lengths, d_model)
+        return self._read(read, conts)
+
+    def _whole(self, rows: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """Requests with a context of their own: one right-padded pass, as lm-eval's (no mask:
+        padding after a row changes none of its positions), states read where cont is predicted."""
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([list(r) + [pad] * (width - len(r)) for r in rows],
-                           device=self.device)  # (B, T), right-padded as lm-eval pads
-        b_idx, t_idx, targets, lengths = [], [], [], []
-        for b, (row, row_conts) in enumerate(zip(rows, conts)):
-            for cont in row_conts:
-                n = len(cont)
-                b_idx += [b] * n
-                t_idx += range(len(row) - n, len(row))  # the positions that predict cont
-                targets += cont
-                lengths.append(n)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        b_idx = [b for b, c in enumerate(conts) for _ in c]
+        t_idx = [t for r, c in zip(rows, conts) for t in range(len(r) - len(c), len(r))]
+        with self._passes():
+            hidden = self.handle.model.base_model(ids).last_hidden_state  # (B, T, d_model)
+            read = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]  # (N, d_model)
+        return self._read(read, conts)
+
+    @contextlib.contextmanager
+    def _passes(self) -> Iterator[None]:
         with torch.no_grad(), self._precision(), torch.autocast(
                 self.device.type, dtype=self.mixed_precision_dtype,
                 enabled=self.mixed_precision_dtype is not None):
-            hidden = self.handle.model.base_model(ids).last_hidden_state  # (B, T, d), ln_f in
-            picked = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]  # (N, d)
-            logits = self.handle.module(self.handle.spec.lm_head)(picked)  # (N, V)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
-        target = torch.tensor(targets, device=logprobs.device)
+            yield
+
+    def _read(self, read: torch.Tensor, conts: list[list[int]]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's log-probabilities, whether each of its tokens is the
+        greedy one) per continuation, from the states that predict its tokens, in order."""
+        with self._passes():
+            logits = self.handle.model.get_output_embeddings()(read)  # (N, vocab)
+        logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, vocab)
+        target = torch.tensor([t for c in conts for t in c], device=logprobs.device)  # (N,)
         token_lp = logprobs.gather(1, target[:, None])[:, 0]  # (N,)
         greedy = logprobs.argmax(-1) == target  # (N,)
-        flat, at = [], 0
-        for n in lengths:
-            flat.append((float(token_lp[at:at + n].sum()), bool(greedy[at:at + n].all())))
-            at += n
         out, at = [], 0
-        for row_conts in conts:
-            out.append(flat[at:at + len(row_conts)])
-            at += len(row_conts)
+        for cont in conts:
+            n = len(cont)
+            out.append((float(token_lp[at:at + n].sum()), bool(greedy[at:at + n].all())))
+            at += n
         return out
+
+
+def _by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
+    """``items`` (longest first) in batches whose padded size (count x first length) stays
+    within ``budget`` tokens and whose padding stays small (eval/scoring.py's rule)."""
+    out: list[list] = []
+    for group in little_padding(list(range(len(items))), lengths, max(1, len(items))):
+        batch: list = []
+        for k in group:
+            if batch and (len(batch) + 1) * lengths[group[0]] > budget:
+                out.append(batch)
+                batch = []
+            batch.append(items[k])
+        out.append(batch)
+    return out
+
+
+def _put(answers: list, ks: list[int], scored: list) -> list:
+    for i, answer in zip(ks, scored):
+        answers[i] = answer
+    return answers

@@ -70,7 +70,7 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> 
                           disable=len(groups) < 4):
         ks = [k for u in batch for k in of_prompt[u]]  # this batch's pairs
         rows = torch.tensor([b for b, u in enumerate(batch) for _ in of_prompt[u]])  # (n,)
-        read = _read_states(body, tok, [prompt_ids[u] for u in batch],
+        read = read_states(body, tok, [prompt_ids[u] for u in batch],
                             [target_ids[k] for k in ks], rows, device)
         logits = head(read.to(head.weight.device)).float()  # (sum of target lengths, vocab)
         at = 0
@@ -100,7 +100,7 @@ def little_padding(items: list[int], lengths: list[int], most: int,
     return batches
 
 
-def _read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
+def read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
                  rows: torch.Tensor, device) -> torch.Tensor:
     """The hidden states that predict each target's tokens after its prompt (``rows[j]``: the
     prompt of target j), target after target: (sum of target lengths, d_model)."""
@@ -116,7 +116,8 @@ def _read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
     pick = rows[longer].to(device)  # (m,)
     cache.batch_select_indices(pick)
     s_ids, s_mask = pad([targets[j][:-1] for j in longer], tok.pad_token_id, device=device)
-    s_pos = pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)  # (m, S)
+    s_pos = (pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)) * s_mask  # (m, S)
+    # (padding at position 0: a long prompt's padded slots stay inside the position table)
     after = body(input_ids=s_ids, attention_mask=torch.cat([mask[pick], s_mask], 1),
                  position_ids=s_pos, past_key_values=cache,
                  use_cache=True).last_hidden_state  # (m, S, d_model)

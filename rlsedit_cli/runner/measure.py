@@ -10,7 +10,12 @@ from omegaconf import OmegaConf
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
-from rlsedit_cli.eval.general import GeneralSettings, check_strict, evaluate_general
+from rlsedit_cli.eval.general import (
+    GeneralSettings,
+    TaskManagers,
+    check_strict,
+    evaluate_general,
+)
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.runner.unedited import EVAL_NOT_IN_KEY, UneditedFigures
@@ -40,6 +45,7 @@ class Measurer:
         self.record, self.retention = record, retention
         self.pre: dict | None = None
         self.general: list[dict] = []
+        self.managers = TaskManagers()  # lm-eval's task index, once for the run's points
         self.seconds = 0.0
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # where the measuring time went
         self.warnings: list[str] = []  # runs that do not work say so (summary["warnings"])
@@ -86,7 +92,7 @@ class Measurer:
                  if edits == 0 and self.unedited else None)
         if point is None:
             res = evaluate_general(self.handle, list(cfg.tasks),
-                                   GeneralSettings.from_cfg(cfg, self.seed))
+                                   GeneralSettings.from_cfg(cfg, self.seed), self.managers)
             check_strict(res, cfg.strict)
             point = {"scores": res.scores, "errors": res.errors, "settings": res.settings,
                      "perplexity": {task: values[PERPLEXITY] for task, values in
