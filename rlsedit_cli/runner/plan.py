@@ -172,7 +172,9 @@ def plan(folder: str | Path, resume: bool, overwrite: bool, before_hydra: bool =
         raise ConfigError(f"{folder} holds an earlier run: choose another folder, continue it "
                           f"with resume={folder}, or add overwrite=true to replace it (only "
                           "that run's own files are removed)")
-    return Plan(folder, "new", own_files(folder))
+    # after the CLI's check, Hydra has written its record of this command: it stays
+    return Plan(folder, "new", [f for f in own_files(folder)
+                                if before_hydra or not f.startswith(f"{HYDRA}/")])
 
 
 def _plan_resume(folder: Path) -> Plan:
