@@ -176,3 +176,18 @@ def test_the_tradeoff_experiment_sweeps_lam_and_mu_resumably():
     params = cfg.hydra.sweeper.params
     assert [len(str(params[k]).split(",")) for k in ("editor.lam", "editor.mu")] == [3, 3]
     assert cfg.hydra.sweep.dir == "outputs/tradeoff_smollm2"
+
+
+def test_the_paper_length_experiment_is_the_long_stream_at_10000_edits():
+    """+experiment=paper_smollm2: long_smollm2's settings over 10,000 edits, general ability and
+    retention every 1,000 edits, the collapse alarm ending the stream."""
+    from .conftest import compose_cfg
+
+    long = compose_cfg(["+experiment=long_smollm2"])
+    cfg = compose_cfg(["+experiment=paper_smollm2"])
+    assert cfg.experiment == "paper_smollm2" and cfg.stream.num_edits == 10000
+    assert cfg.eval.every_edits == 1000 and cfg.stream.stop_on_collapse
+    assert cfg.measure.retention_every * cfg.stream.batch_size == 1000
+    assert cfg.eval.compute_dtype == "bfloat16" and cfg.checkpoint.every == 1
+    for section in ("model", "dataset", "speed"):
+        assert cfg[section] == long[section]
