@@ -314,7 +314,8 @@ class Runner:
         record = RunRecord(folder, tracker)
         settings = OmegaConf.to_container(cfg.measure, resolve=True)  # presets' values, resolved
         unedited = UneditedFigures(cfg.paths.cache if cfg.measure.reuse_unedited else None,
-                                   self.handle.model, settings, cfg.seed, self.dataset.protocol)
+                                   self.handle.model, settings, cfg.seed, self.dataset.protocol,
+                                   self.identity["model"])  # taken before any edit
         measure = Measurer(self.handle, self.dataset.references, cfg.measure, cfg.eval, cfg.seed,
                            record, self.edited[: cfg.measure.retention_edits],
                            self.dataset.protocol, unedited)

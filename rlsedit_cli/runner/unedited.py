@@ -37,11 +37,13 @@ class UneditedFigures:
     """Figures of the unedited model by kind ("pre", "general"), cached under ``root``."""
 
     def __init__(self, root: str | Path | None, model: torch.nn.Module, measure: dict,
-                 seed: int, protocol: str) -> None:
+                 seed: int, protocol: str, weights: str | None = None) -> None:
+        """``weights``: the unedited model's parameter checksum when the caller has it (the
+        run's identity); else taken from ``model`` when first needed."""
         self.root = None if root is None else Path(root).expanduser() / "unedited"
         self.model, self.seed, self.protocol = model, seed, protocol
         self.settings = {k: v for k, v in measure.items() if k not in NOT_IN_KEY}
-        self._weights: str | None = None
+        self._weights = weights
         self.used: dict[str, str] = {}  # kind -> cache file the figures were read from
 
     def _path(self, kind: str, records: list[Record], refs: References | None,
