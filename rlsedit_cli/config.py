@@ -46,6 +46,8 @@ class ModelConfig:
     num_layers: int = MISSING
     layer_template: str = MISSING  # a block; its output is the residual stream
     mlp_out_template: str = MISSING  # the edited linear map (MLP down projection)
+    # the MLP's linear maps by kind (gate, up, down), for editors that edit others (UltraEdit)
+    mlp_maps: dict[str, str] = field(default_factory=dict)
     weight_transposed: bool = False  # True for GPT-2's Conv1D, which stores W as (d_in, d_out)
     ln_f: str = MISSING
     lm_head: str = MISSING

@@ -171,7 +171,7 @@ def test_speed_presets_compose_with_every_editor_and_land_where_read(preset):
 
     with initialize_config_dir(config_dir=str(config.conf_dir()), version_base="1.3"):
         node = OmegaConf.to_container(compose("config", overrides=[f"speed={preset}"])["speed"])
-    for editor in ("rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m", "none"):
+    for editor in ("rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m", "ultraedit", "none"):
         cfg = compose_cfg([f"speed={preset}", f"editor={editor}", "model=smollm2_135m"])
         assert cfg.speed.name == preset
         if "target" in cfg.editor:

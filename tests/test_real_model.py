@@ -108,7 +108,7 @@ def test_unreadable_gguf_file_fails_in_one_line(tmp_path):
         load_model(cfg.model, torch.device("cpu"), tmp_path / "cache")
 
 
-EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft"]
+EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft", "ultraedit"]
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +137,10 @@ def test_every_editor_makes_real_counterfact_edits(editor, smollm2, real_cache, 
     cfg = compose_cfg(["model=smollm2_135m", f"editor={editor}"])
     batch, known = real_cases
     stats = AnchorStats(smollm2, real_cache, **cfg.stats)
-    layers = {int(x) for x in cfg.model.edit_layers} | {int(cfg.model.single_layer)}
-    saved = {layer: smollm2.weight(layer).detach().clone() for layer in layers}
+    built = instantiate(cfg.editor, _partial_=True, _convert_="all")(handle=smollm2,
+                                                                    anchor=stats)
+    saved = {key: smollm2.weight(key).detach().clone() for key in built.edited_layers}
     try:
-        built = instantiate(cfg.editor, _partial_=True, _convert_="all")(handle=smollm2,
-                                                                        anchor=stats)
         built.edit(batch)
         assert sum(prefers_new(smollm2, batch)) >= 4, editor  # the edited facts hold
         assert not any(prefers_new(smollm2, known)), editor  # unrelated facts stay

@@ -81,7 +81,8 @@ PAPER = sorted(p.stem for p in (conf_dir() / "experiment").glob("paper_*.yaml")
                if not p.stem.endswith("smollm2"))
 
 
-@pytest.mark.parametrize("editor", ["rlsedit", "alphaedit", "memit", "rome", "ft", "ft_m"])
+@pytest.mark.parametrize("editor", ["rlsedit", "alphaedit", "memit", "rome", "ft", "ft_m",
+                                    "ultraedit"])
 @pytest.mark.parametrize("experiment", PAPER)
 def test_every_paper_setup_resolves(experiment, editor):
     cfg = compose_cfg([f"+experiment={experiment}", f"editor={editor}"])
@@ -89,7 +90,8 @@ def test_every_paper_setup_resolves(experiment, editor):
     assert cfg.dataset.name == "counterfact" and cfg.eval.name == "paper"
     assert cfg.model.name == experiment.removeprefix("paper_")
     assert cfg.editor.name == editor
-    assert ("target" in cfg.editor) == (not editor.startswith("ft"))  # FT: no target values
+    # FT and UltraEdit optimise no target values
+    assert ("target" in cfg.editor) == (editor not in ("ft", "ft_m", "ultraedit"))
     if editor == "rlsedit" and cfg.model.name == "llama3_8b":
         assert cfg.editor.lam == 0 and cfg.editor.mu == 1  # the paper's appendix B
     # as the references: multi_counterfact.json in file order; 100,000 Wikipedia articles drawn

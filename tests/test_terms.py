@@ -141,7 +141,8 @@ def test_the_collapse_alarm_rings_on_a_real_perplexity_rise_of_smollm2(make_cfg,
     assert collapse["factor"] == 2
 
 
-@pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m"])
+@pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m",
+                                    "ultraedit"])
 def test_the_long_smollm2_experiment_composes_for_every_editor(editor):
     """+experiment=long_smollm2: SmolLM2, 2,000 real edits in batches of 100, general ability at
     0 and every 500 edits with wikitext perplexity, the first 100 edits re-measured at those

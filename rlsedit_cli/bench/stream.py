@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from rlsedit_cli.bench.update import slope
 
-PHASES = ("templates", "targets", "keys", "update")
+PHASES = ("templates", "targets", "keys", "gradients", "update")
 DEFAULTS = ("eval=none", "logger=none")  # general ability: `rlsedit bench general`
 FIGURES = ("efficacy", "generalization", "specificity", "fluency", "consistency")
 

@@ -66,5 +66,15 @@ class FTConfig(EditorConfig):
     weight_decay: float = MISSING  # Adam's
 
 
+@dataclass
+class UltraEditConfig(EditorConfig):
+    gate: list[int] = MISSING  # layers whose MLP gate map is edited (model.mlp_maps)
+    up: list[int] = MISSING  # ... whose up map (GPT-2's c_fc, GPT-J's fc_in)
+    down: list[int] = MISSING  # ... whose down map (the key-value editors' map)
+    lr: float = MISSING  # v = -lr ||k^||^2 g^
+    pass_size: int = MISSING  # requests per forward/backward pass (its dataset.batch_size)
+
+
 SCHEMAS = {"none": NoEditConfig, "rlsedit": RLSEditConfig, "memit": MEMITConfig,
-           "alphaedit": AlphaEditConfig, "rome": ROMEConfig, "ft": FTConfig, "ft_m": FTConfig}
+           "alphaedit": AlphaEditConfig, "rome": ROMEConfig, "ft": FTConfig, "ft_m": FTConfig,
+           "ultraedit": UltraEditConfig}

@@ -71,7 +71,7 @@ class EditedLM(HFLM):
         # a context runs once for its requests when it is at least as long as each of their
         # continuations (ARC's answers, HellaSwag's endings, one-token labels); else they are
         # rows of their own (PIQA's long solutions after a short goal: a padded second pass
-        # would cost more than it saves; docs/benchmarks.md section 9)
+        # would cost more than it saves; docs/benchmarks.md section 5)
         shared = sorted((c for c in contexts if len(contexts[c]) > 1
                          and len(c) >= max(len(requests[i][2]) for i in contexts[c])),
                         key=len, reverse=True)

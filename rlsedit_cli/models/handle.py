@@ -26,10 +26,10 @@ def grouped_kv_attention(device: torch.device) -> Iterator[None]:
     """On the CPU, transformers' SDPA attention hands grouped key/value heads (GQA: SmolLM2,
     Llama 3, Qwen 2.5) to torch as they are (``enable_gqa``) where, given a padding mask, it
     would repeat them for every query head first: the same numbers (tests), a SmolLM2 target step
-    about 11% faster (docs/benchmarks.md 6.1). Used by the editing passes (editing/inputs.py) and
-    the anchor statistics (scoring gained 1.5%: not used there). transformers reads the switch,
-    the environment variable FORCE_GQA, at every call; a value the user set is left alone. CUDA
-    keeps transformers' default (not measured there).
+    about 11% faster (docs/benchmarks.md section 4). Used by the editing passes
+    (editing/inputs.py) and the anchor statistics (scoring gained 1.5%: not used there).
+    transformers reads the switch, the environment variable FORCE_GQA, at every call; a value the
+    user set is left alone. CUDA keeps transformers' default (not measured there).
     """
     if torch.device(device).type != "cpu" or FORCE_GQA in os.environ:
         yield
@@ -98,26 +98,66 @@ class ModelHandle:
         """The transformer block whose output is the residual stream after ``layer``."""
         return self.module(self.spec.layer_template, layer)
 
-    def edited_module(self, layer: int) -> nn.Module:
-        """The edited linear map (MLP down projection) of ``layer``."""
-        return self.module(self.spec.mlp_out_template, layer)
+    def edited_module(self, key: int | str) -> nn.Module:
+        """An edited linear map: the MLP down projection of layer ``key`` (an int), or the
+        module named ``key`` (a str: another MLP map, :meth:`mlp_map`)."""
+        return self.model.get_submodule(self.map_name(key))
+
+    def map_name(self, key: int | str) -> str:
+        """The module name of an edited map (an int: the MLP output map of that layer)."""
+        return key if isinstance(key, str) else self.spec.mlp_out_template.format(key)
+
+    def mlp_map(self, kind: str, layer: int) -> str:
+        """The module name of the MLP map ``kind`` (gate, up, down: conf/model's mlp_maps) of
+        ``layer``."""
+        maps = dict(self.spec.get("mlp_maps") or {})
+        if kind not in maps:
+            raise ConfigError(f"{self.spec.name} has no MLP map {kind!r} (its model.mlp_maps: "
+                              f"{sorted(maps) or 'none'}): use one of them, or add it to "
+                              f"conf/model/{self.spec.name}.yaml")
+        self.check_layers([layer], f"the layers of the {kind} maps")
+        return maps[kind].format(int(layer))
+
+    def map_layer(self, key: int | str) -> int:
+        """The layer of an edited map (its block's index)."""
+        if not isinstance(key, str):
+            return int(key)
+        label = self.map_label(key)
+        digits = label[len(label.rstrip("0123456789")):]
+        if label == key or not digits:
+            raise ConfigError(f"{key} is none of {self.spec.name}'s MLP maps (model.mlp_maps)")
+        return int(digits)
+
+    def map_label(self, key: int | str) -> str:
+        """A short name for logs and cache files: layer5 (the MLP output map of layer 5, as the
+        key-value editors name it, by number or by module name), gate11 (another MLP map), or
+        the module name."""
+        if not isinstance(key, str):
+            return f"layer{key}"
+        for kind, template in dict(self.spec.get("mlp_maps") or {}).items():
+            head, _, tail = template.partition("{}")
+            middle = key[len(head):len(key) - len(tail)]
+            if key.startswith(head) and key.endswith(tail) and middle.isdigit():
+                same = template == self.spec.mlp_out_template  # the key-value editors' map
+                return f"layer{middle}" if same else f"{kind}{middle}"
+        return key
 
     def mlp_module(self, layer: int) -> nn.Module:
         """The MLP of ``layer``: the edited map's parent, position-wise in every supported arch."""
         return self.module(self.spec.mlp_out_template.rsplit(".", 1)[0], layer)
 
-    def weight(self, layer: int) -> torch.Tensor:
-        """W of the edited map in (d_out, d_in) layout (a view: no copy)."""
+    def weight(self, layer: int | str) -> torch.Tensor:
+        """W of an edited map (:meth:`edited_module`) in (d_out, d_in) layout (a view)."""
         w = self.edited_module(layer).weight
         return w.T if self.spec.weight_transposed else w
 
     @torch.no_grad()
-    def set_weight(self, layer: int, W: torch.Tensor) -> None:
+    def set_weight(self, layer: int | str, W: torch.Tensor) -> None:
         """Write W (d_out, d_in), any dtype/device, into the edited map's storage."""
         param = self.edited_module(layer).weight
         param.copy_((W.T if self.spec.weight_transposed else W).to(param.dtype))
 
-    def weight_shape(self, layer: int) -> tuple[int, int]:
+    def weight_shape(self, layer: int | str) -> tuple[int, int]:
         """(d_out, d_in) of the edited map."""
         d_out, d_in = self.weight(layer).shape
         return int(d_out), int(d_in)

@@ -30,7 +30,7 @@ class Float32Attention(TorchFunctionMode):
     With ``short_queries``, attention with at most :data:`SHORT_QUERY` query tokens on the CPU
     (the target step's suffixes) is :func:`rlsedit_cli.ops.attention.grouped_attention`, two
     batched products per key/value head group, instead of torch's kernel: the same numbers
-    within float32 rounding (tests), a cheaper backward (docs/benchmarks.md 7.7).
+    within float32 rounding (tests), a cheaper backward (docs/benchmarks.md section 2).
     """
 
     def __init__(self, short_queries: bool = False) -> None:
@@ -99,7 +99,7 @@ class LoweredLinears:
     def swapped(self) -> Iterator[None]:
         """Every map holds its copy inside the block, its own weight again afterwards."""
         # straight into the parameter dicts: Module.__setattr__'s checks cost about 10 us a
-        # map, 8 ms per target step on SmolLM2's 211 maps (docs/benchmarks.md 7.7)
+        # map, 8 ms per target step on SmolLM2's 211 maps (docs/benchmarks.md section 2)
         saved = [m._parameters["weight"] for m in self.maps]
         try:
             for m, weight in zip(self.maps, self.low):

@@ -2,7 +2,7 @@
 
 torch's CPU attention kernel (flash attention for the CPU) works in blocks sized for long
 sequences; on the target step's queries (a few suffix tokens against a prefix of a few dozen,
-docs/benchmarks.md 7.7) its forward and backward cost more than the products themselves. Here
+docs/benchmarks.md section 2) its forward and backward cost more than the products themselves. Here
 the query heads of each key/value head group (GQA: SmolLM2, Llama 3, Qwen 2.5) are stacked so
 that each group is one product with its keys and one with its values, no head repeated.
 """

@@ -121,17 +121,23 @@ TERMS = {"fit": "fitting error ||W K - V|| over all edits", "drift": "drift ||W 
          "preservation": "preservation error sqrt(tr(D C D^T))", "norm": "||W||"}
 
 
-def _terms(rows: list[dict], name: str) -> tuple[dict[int, list], list[int]]:
-    """layer -> values of term ``name`` (metrics.jsonl's layer{L}/{name}) and the edits."""
+def _map_order(label: str) -> tuple[str, int]:
+    """layer4 before layer10; gate maps before up maps."""
+    head = label.rstrip("0123456789")
+    return head, int(label[len(head):] or 0)
+
+
+def _terms(rows: list[dict], name: str) -> tuple[dict[str, list], list[int]]:
+    """map -> values of term ``name`` (metrics.jsonl's MAP/{name}: layer5, gate11) and the
+    edits."""
     rows = [r for r in rows if any(k.endswith("/" + name) for k in r)]
-    layers = sorted({int(k[5:].split("/")[0]) for r in rows for k in r
-                     if k.startswith("layer") and k.endswith("/" + name)})
-    return {layer: [r.get(f"layer{layer}/{name}") for r in rows] for layer in layers}, [
-        r["edits"] for r in rows]
+    maps = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/" + name)},
+                  key=_map_order)
+    return {m: [r.get(f"{m}/{name}") for r in rows] for m in maps}, [r["edits"] for r in rows]
 
 
 def terms_plot(runs: list[Run], out: Path) -> Path | None:
-    """The paper's Figure 2 (and ||W||) against edits made: one line per edited layer for one
+    """The paper's Figure 2 (and ||W||) against edits made: one line per edited map for one
     run; for several, one line per run with its layers taken together (the root of the sum of
     squares, the term of all edited maps at once)."""
     runs = [r for r in runs if any(k.endswith("/drift") for row in r.metrics for k in row)]
@@ -142,8 +148,9 @@ def terms_plot(runs: list[Run], out: Path) -> Path | None:
         for run in runs:
             per_layer, xs = _terms(run.metrics, name)
             if len(runs) == 1:
-                for layer, ys in per_layer.items():
-                    ax.plot(xs, ys, marker="o", ms=3, label=f"layer {layer}")
+                for label, ys in per_layer.items():
+                    head = label.rstrip("0123456789")
+                    ax.plot(xs, ys, marker="o", ms=3, label=f"{head} {label[len(head):]}")
             elif per_layer:
                 ax.plot(xs, [sum(v * v for v in vals) ** 0.5 for vals in zip(*per_layer.values())],
                         marker="o", ms=3, label=run.label)

@@ -79,8 +79,8 @@ def save(folder: Path, state: dict) -> None:
         raise RlseditError(f"{e} ({kept}; checkpoint.every=0 saves none)") from e.__cause__
 
 
-def save_final_maps(folder: Path, weights: dict[int, torch.Tensor], done: int) -> None:
-    """The edited layers' final weights (as the handle keeps them), for ``rlsedit export``."""
+def save_final_maps(folder: Path, weights: dict[int | str, torch.Tensor], done: int) -> None:
+    """The edited maps' final weights (as the handle keeps them), for ``rlsedit export``."""
     from safetensors.torch import save_file
 
     with disk_errors(folder, FINAL_MAPS), replaced_atomically(folder / FINAL_MAPS) as tmp:
@@ -96,7 +96,8 @@ def load_final_maps(folder: Path) -> dict:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            weights = {int(k): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open)
+            weights = {int(k) if k.isdigit() else k: f.get_tensor(k)  # a layer, or a name
+                       for k in f.keys()}  # noqa: SIM118 (safe_open)
     except (SafetensorError, OSError, ValueError) as e:
         raise DataError(f"{path} cannot be read ({first_line(e)[:100]}): it is not a complete "
                         "file of the run's final maps") from e

@@ -36,11 +36,11 @@ def base_digest(model: torch.nn.Module) -> str:
     return parameters_digest(model.named_parameters())
 
 
-def _param_name(handle: ModelHandle, layer: int) -> str:
-    return handle.spec.mlp_out_template.format(layer) + ".weight"
+def _param_name(handle: ModelHandle, key: int | str) -> str:
+    return handle.map_name(key) + ".weight"
 
 
-def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int]]:
+def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int | str]]:
     """The run's base model, with the checksum taken, then its last checkpoint's edited maps
     written into it; also the export's metadata and the edited layers."""
     if not (folder / "config.yaml").is_file():
@@ -57,14 +57,15 @@ def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int]]:
     cfg = OmegaConf.load(folder / "config.yaml")
     handle = load_model(cfg.model, torch.device("cpu"), cfg.paths.cache)
     digest = base_digest(handle.model)
-    for layer, weight in state["weights"].items():
-        handle.set_weight(int(layer), weight)
+    keys = [int(k) if str(k).isdigit() else str(k) for k in state["weights"]]
+    for key, weight in zip(keys, state["weights"].values()):
+        handle.set_weight(key, weight)
     base = cfg.model.get("name_or_path") or cfg.model.get("gguf_file") or cfg.model.name
     info = {"base_model": str(base), "model_config": str(cfg.model.name),
             "base_model_digest": digest, "editor": str(cfg.editor.name),
             "num_edits": str(state["done"]),
-            "layers": ",".join(str(int(k)) for k in state["weights"])}  # (metadata: strings)
-    return handle, info, [int(k) for k in state["weights"]]
+            "layers": ",".join(str(k) for k in keys)}  # (metadata: strings)
+    return handle, info, keys
 
 
 def export_run(folder: str | Path, out: str | Path, full: bool = False) -> dict:

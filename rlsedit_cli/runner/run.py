@@ -411,8 +411,8 @@ class Runner:
             "weights": self._weights(),
             "rng": checkpoint.rng_state(), "lines": record.lines()})
 
-    def _weights(self) -> dict[int, torch.Tensor]:
-        """The edited layers' weights as the handle keeps them, on the CPU."""
+    def _weights(self) -> dict[int | str, torch.Tensor]:
+        """The edited maps' weights as the handle keeps them, on the CPU."""
         return {layer: self.handle.weight(layer).detach().cpu().clone()
                 for layer in self.editor.edited_layers}
 

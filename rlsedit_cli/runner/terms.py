@@ -19,12 +19,13 @@ class ObjectiveTerms:
     """Fitting error, drift, preservation error and norm of each edited map, batch after batch.
 
     Args:
-        layers: the editor's edited layers (empty: nothing to follow).
-        moments: layer -> C (d_in, d_in); a layer without one gets no preservation error.
+        layers: the editor's edited maps (``Editor.edited_layers``: layer numbers of the MLP
+            output maps, or module names; empty: nothing to follow).
+        moments: map -> C (d_in, d_in); a map without one gets no preservation error.
     """
 
-    def __init__(self, handle: ModelHandle, layers: list[int],
-                 moments: dict[int, torch.Tensor]) -> None:
+    def __init__(self, handle: ModelHandle, layers: list[int | str],
+                 moments: dict[int | str, torch.Tensor]) -> None:
         self.handle = handle
         self.W0 = {layer: handle.weight(layer).detach().clone() for layer in layers}
         self.C = moments
@@ -51,7 +52,8 @@ class ObjectiveTerms:
             V = torch.cat(self.V[layer], 1) if self.V[layer] else None  # (d_out, N)
             terms = objective_terms(self.handle.weight(layer).detach(), W0, K, V,
                                     self.C.get(layer))
-            row |= {f"layer{layer}/{name}": value for name, value in terms.items()}
+            label = self.handle.map_label(layer)
+            row |= {f"{label}/{name}": value for name, value in terms.items()}
         return row
 
     def state_dict(self) -> dict:

@@ -76,22 +76,26 @@ class AnchorStats:
         self.root = Path(cache_dir).expanduser() / "stats" / _slug(str(handle.spec.name))
         self._fingerprints: dict[int, str] = {}
 
-    def _key(self, layer: int) -> dict:
+    def _key(self, key: int | str) -> dict:
+        """The cache key of the statistics of an edited map's input (a layer: its MLP output
+        map; a module name: another MLP map)."""
+        layer = self.handle.map_layer(key)
         if layer not in self._fingerprints:
             self._fingerprints[layer] = fingerprint(self.handle, layer)
         return {"model": str(self.handle.spec.name), "weights": self._fingerprints[layer],
-                "layer": layer, "module": self.handle.spec.mlp_out_template.format(layer),
+                "layer": layer, "module": self.handle.map_name(key),
                 "corpus": corpus_id(self.corpus), "num_samples": self.num_samples,
                 "sample": self.sample if self.sample == "first" else f"random:{self.seed}",
                 "max_length": self.max_length, "model_dtype": str(self.handle.spec.dtype),
                 "precision": self.precision}
 
-    def _path(self, layer: int) -> Path:
+    def _path(self, layer: int | str) -> Path:
         key = self._key(layer)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return self.root / f"layer{layer}_n{self.num_samples}_{digest}.safetensors"
+        name = self.handle.map_label(layer)  # layer5 (an MLP output map), gate11, ...
+        return self.root / f"{name}_n{self.num_samples}_{digest}.safetensors"
 
-    def _load(self, layer: int) -> torch.Tensor | None:
+    def _load(self, layer: int | str) -> torch.Tensor | None:
         path = self._path(layer)
         meta_path = path.with_suffix(".json")
         if not path.is_file() or not meta_path.is_file():
@@ -111,7 +115,7 @@ class AnchorStats:
                             f"(rlsedit stats rm --layer {layer}) and compute or import them again")
         return moment
 
-    def store(self, layer: int, moment: torch.Tensor, tokens: int, samples: int,
+    def store(self, layer: int | str, moment: torch.Tensor, tokens: int, samples: int,
               **extra) -> Path:
         """Write C of ``layer`` into the cache under this configuration's key (a computed one,
         or one imported from another tool: ``extra`` says from where)."""
@@ -130,24 +134,25 @@ class AnchorStats:
             tmp.write_text(json.dumps(meta, indent=2))
         return path
 
-    def cached(self, layer: int) -> tuple[torch.Tensor, dict] | None:
+    def cached(self, layer: int | str) -> tuple[torch.Tensor, dict] | None:
         """The cached C of ``layer`` and its sidecar (tokens, samples), or None."""
         moment = self._load(layer)
         if moment is None:
             return None
         return moment, json.loads(self._path(layer).with_suffix(".json").read_text())
 
-    def _partial_path(self, layers: list[int]) -> Path:
+    def _partial_path(self, layers: list[int | str]) -> Path:
         names = "_".join(self._path(layer).stem for layer in layers)
         return self.root / f"partial_{hashlib.sha256(names.encode()).hexdigest()[:16]}.pt"
 
-    def moments(self, layers: list[int]) -> dict[int, torch.Tensor]:
+    def moments(self, layers: list[int | str]) -> dict[int | str, torch.Tensor]:
         """C for each layer, (d_in, d_in) float64 on the layer's device."""
         out = {}
         for layer in layers:
             cached = self._load(layer)
             if cached is not None:
-                log.info("anchor statistics of layer %d from cache %s", layer, self._path(layer))
+                log.info("anchor statistics of %s from cache %s", self.handle.map_label(layer),
+                         self._path(layer))
                 out[layer] = cached
         missing = [layer for layer in layers if layer not in out]
         if missing:  # one process computes; others (a sweep's jobs) wait, then read its files
@@ -156,8 +161,8 @@ class AnchorStats:
                 for layer in missing:
                     cached = self._load(layer)
                     if cached is not None:
-                        log.info("anchor statistics of layer %d computed by another process",
-                                 layer)
+                        log.info("anchor statistics of %s computed by another process",
+                                 self.handle.map_label(layer))
                         out[layer] = cached
                 missing = [layer for layer in layers if layer not in out]
                 if missing:
@@ -165,7 +170,7 @@ class AnchorStats:
         return {layer: out[layer].to(device=self.handle.weight(layer).device,
                                      dtype=torch.float64) for layer in layers}
 
-    def _compute(self, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _compute(self, layers: list[int | str]) -> dict[int | str, torch.Tensor]:
         partial = self._partial_path(layers)
         state = None
         if partial.is_file():

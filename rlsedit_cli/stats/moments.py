@@ -20,7 +20,7 @@ from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_
 from rlsedit_cli.models.tokens import pad
 
 # batches of texts read at once and sorted by length before batching: on SmolLM2's anchor
-# paragraphs, 4 left 32% of the positions padding, 32 leaves 7% (docs/benchmarks.md 6.5); a
+# paragraphs, 4 left 32% of the positions padding, 32 leaves 7% (docs/benchmarks.md section 6); a
 # killed computation resumes from the last whole window
 SORT_WINDOW = 32
 
@@ -29,11 +29,11 @@ SORT_WINDOW = 32
 class MomentState:
     """Running sums (possibly partial, for resuming): sum of k k^T per layer and token counts."""
 
-    sums: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (d_in, d_in) float64
+    sums: dict[int | str, torch.Tensor] = field(default_factory=dict)  # map -> (d_in, d_in) f64
     tokens: int = 0
     samples: int = 0
 
-    def moment(self, layer: int) -> torch.Tensor:
+    def moment(self, layer: int | str) -> torch.Tensor:
         """E[k k^T] = sum / tokens. (d_in, d_in) float64."""
         return self.sums[layer] / max(self.tokens, 1)
 
@@ -49,7 +49,7 @@ def sorted_batches(tok, window: list[str], max_length: int, batch_size: int,
 
 
 @torch.no_grad()
-def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num_samples: int,
+def accumulate(handle: ModelHandle, layers: list[int | str], texts: Iterator[str], num_samples: int,
                max_length: int, batch_size: int, state: MomentState | None = None,
                on_batch: Callable[[MomentState], None] | None = None) -> MomentState:
     """Add the keys of ``num_samples`` texts (after ``state.samples`` already done) to the sums.
@@ -61,11 +61,10 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
     """
     state = state or MomentState()
     tok, model = handle.tok, handle.model
-    acc: dict[int, torch.Tensor] = {}
+    acc: dict[int | str, torch.Tensor] = {}
     mask_ref: dict[str, torch.Tensor] = {}
-    top = max(layers)
 
-    def hook(layer: int):
+    def hook(layer: int | str):
         def fn(module, args):
             x = args[0]  # (batch, seq, d_in)
             keys = x[mask_ref["mask"].to(x.device)].float()  # (n_tok, d_in)
@@ -74,7 +73,7 @@ def accumulate(handle: ModelHandle, layers: list[int], texts: Iterator[str], num
                 acc[layer] += gram
             else:
                 acc[layer] = gram
-            if layer == top:
+            if len(acc) == len(layers):  # every edited map read: the layers above change none
                 raise StopForwardError
 
         return fn
