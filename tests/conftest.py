@@ -128,7 +128,7 @@ def rls_closed_form(W0, anchor_moment, lam, mu, n_anchor, Ks, Vs) -> torch.Tenso
 
 def target_cfg(**values):
     """A TargetConfig with the tiny models' values (conf/target/gpt2_tiny.yaml), ``values`` over."""
-    from rlsedit_cli.config import TargetConfig
+    from rlsedit_cli.settings import TargetConfig
 
     base = dict(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5, clamp_norm_factor=4.0,
                 loss_layer=2, early_stop_loss=0.05, stop_when_top1=False, stop_below_nll=None,

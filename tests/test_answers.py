@@ -1,4 +1,4 @@
-"""Accuracy without teacher forcing (issue 28): the model's greedy answer, WILD's exact match."""
+"""Accuracy without teacher forcing: the model's greedy answer, WILD's exact match."""
 
 from __future__ import annotations
 

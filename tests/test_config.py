@@ -179,7 +179,7 @@ def test_schemas_hold_types_and_the_yaml_files_the_values():
     the root schema alone leaves the settings missing."""
     from omegaconf import OmegaConf
 
-    from rlsedit_cli.config import RootConfig, TargetConfig
+    from rlsedit_cli.settings import RootConfig, TargetConfig
 
     root = OmegaConf.structured(RootConfig)
     for key in ("stream.num_edits", "measure.fluency", "stats.batch_size", "paths.cache",
@@ -205,3 +205,19 @@ def test_bad_general_ability_settings_stop_the_run_at_start(make_cfg, override, 
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(cfg)
     assert not (Path(cfg.paths.run_dir) / "metrics.jsonl").exists()
+
+
+def test_the_schemas_import_no_config_module_and_no_torch():
+    """settings.py is a leaf; the editors' and datasets' schemas need only it (no circle with
+    config.py, which imports them), and composing imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, rlsedit_cli.editors.schema, rlsedit_cli.datasets.schema; "
+            "print(sorted(m for m in sys.modules if m.startswith('rlsedit_cli')), "
+            "'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == ("['rlsedit_cli', 'rlsedit_cli.datasets', 'rlsedit_cli.datasets.schema',"
+                           " 'rlsedit_cli.editors', 'rlsedit_cli.editors.schema', "
+                           "'rlsedit_cli.settings'] False")

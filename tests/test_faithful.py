@@ -1,4 +1,4 @@
-"""The baselines behave as their authors' code (issue 14): each test pins one reference
+"""The baselines behave as their authors' code: each test pins one reference
 behaviour that the code did not have before (kmeng01/memit, kmeng01/rome, AlphaEdit, RLSEdit)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Faults a new user met (issue 29): each fed as the real input, each answered at its mechanism."""
+"""Faults a new user met: each fed as the real input, each answered at its mechanism."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def test_smoke_suite_runs_at_chosen_points_on_the_edited_model(make_cfg, tmp_pat
     assert (folder / "plots" / "general.png").stat().st_size > 0
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert all("general" in r for r in rows)
-    # each figure is named with its metric (issue 29: a bare task name said nothing of it)
+    # each figure is named with its metric (a bare task name says nothing of it)
     assert set(summary["general"]) >= {"rlsedit_smoke/acc", "points", "settings"}
     assert all(set(r["general"]) == {"rlsedit_smoke/acc"} for r in rows)
     assert (folder / "general.csv").read_text().splitlines()[0] == "edits,task,metric,score"

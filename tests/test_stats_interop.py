@@ -1,4 +1,4 @@
-"""Statistics in MEMIT's format (issue 28): import, export, ls and rm of the cache."""
+"""Statistics in MEMIT's format: import, export, ls and rm of the cache."""
 
 from __future__ import annotations
 

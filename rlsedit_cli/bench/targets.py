@@ -27,12 +27,12 @@ from dataclasses import replace
 import torch
 
 from rlsedit_cli.bench.gemm import share_of_gemm, timed
-from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.reference import FullForwardLoss
 from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.settings import TargetConfig
 
 
 class WholePrefixLoss(TargetLoss):

@@ -1,1 +1,2 @@
-"""Edit datasets: one module (its config dataclass and loader) and one conf/dataset YAML each."""
+"""Edit datasets: one module each (its loader); the types of its settings in datasets/schema.py,
+its values in conf/dataset/NAME.yaml."""

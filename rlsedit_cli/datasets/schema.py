@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from rlsedit_cli.config import DatasetConfig
+from rlsedit_cli.settings import DatasetConfig
 
 
 @dataclass

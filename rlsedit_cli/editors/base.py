@@ -18,7 +18,6 @@ from abc import ABC, abstractmethod
 import torch
 from omegaconf import OmegaConf
 
-from rlsedit_cli.config import TargetConfig
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import LayerKeys
 from rlsedit_cli.editing.targets import optimise_targets
@@ -26,6 +25,7 @@ from rlsedit_cli.editing.templates import ContextTemplates
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import PhaseClock
+from rlsedit_cli.settings import TargetConfig
 
 
 class MasterWeights:

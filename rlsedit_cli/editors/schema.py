@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from rlsedit_cli.config import EditorConfig, TargetConfig
+from rlsedit_cli.settings import EditorConfig, TargetConfig
 
 
 @dataclass

@@ -1,0 +1,231 @@
+"""Typed schemas of every config section: the types only (the values are in conf/).
+
+A leaf module: it imports no other module of the package, so config.py, the editors' and the
+datasets' schema modules all import it without a circle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Architecture facts of one model; editors interpolate them."""
+
+    name: str = MISSING
+    name_or_path: str = MISSING  # hub id, local folder, or pkg:DIST (a GGUF inside a package)
+    gguf_file: str | None = None  # a .gguf file (path, or a name inside name_or_path)
+    arch: str = MISSING  # gpt2 | gptj | llama | qwen2: selects the module templates' meaning
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    revision: str | None = None
+    device_map: str | None = None  # "auto" shards across GPUs (accelerate)
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None  # eager | sdpa | flash_attention_2; None: the default
+    num_layers: int = MISSING
+    layer_template: str = MISSING  # a block; its output is the residual stream
+    mlp_out_template: str = MISSING  # the edited linear map (MLP down projection)
+    # the MLP's linear maps by kind (gate, up, down), for editors that edit others (UltraEdit)
+    mlp_maps: dict[str, str] = field(default_factory=dict)
+    weight_transposed: bool = False  # True for GPT-2's Conv1D, which stores W as (d_in, d_out)
+    ln_f: str = MISSING
+    lm_head: str = MISSING
+    mlp_out_is_residual: bool = MISSING  # the edited map's output is added to the stream as is
+    logits_are_head_of_norm: bool = MISSING  # logits = lm_head(ln_f(h)), nothing after
+    edit_layers: list[int] = MISSING  # layers edited by MEMIT-style editors
+    single_layer: int = MISSING  # the layer edited by ROME and FT
+    loss_layer: int = MISSING  # layer whose output feeds the target loss (usually the last)
+    anchor_corpus: str = "wikitext"  # ordinary text for the anchor statistics
+    anchor_samples: int = 10000  # texts of anchor_corpus to read (stats.num_samples)
+    anchor_max_length: int = 128  # tokens per text (stats.max_length)
+
+
+@dataclass
+class TargetConfig:
+    """Target-value optimisation (docs/design.md section 4), shared by the key-value editors.
+
+    Types only: the values are in conf/target/MODEL.yaml (and an editor_model file may change
+    one for one editor).
+    """
+
+    steps: int = MISSING
+    lr: float = MISSING
+    kl_factor: float = MISSING
+    weight_decay: float = MISSING
+    clamp_norm_factor: float = MISSING
+    loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
+    early_stop_loss: float = MISSING
+    stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
+    stop_below_nll: float | None = MISSING  # stop a request once its mean target NLL is below this
+    context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
+    chunk_size: int = MISSING  # requests optimised together; bounds activation memory
+    compute_dtype: str = MISSING  # the frozen blocks' products: float32 | bfloat16 (autocast)
+    keys_dtype: str = MISSING  # the key passes' products: float32 | bfloat16 (autocast)
+
+
+@dataclass
+class EditorConfig:
+    """Fields every editor has."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class StreamConfig:
+    """Which records are edited, in which order and batches (values: conf/config.yaml)."""
+
+    num_edits: int = MISSING
+    batch_size: int = MISSING
+    seed: int = MISSING
+    shuffle: bool = MISSING
+    offset: int = MISSING
+    stop_on_collapse: bool = MISSING  # end the stream cleanly at measure.collapse_factor's alarm
+
+
+@dataclass
+class StatsConfig:
+    """Anchor statistics E[k k^T] of each edited map's input over ordinary text."""
+
+    corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
+    num_samples: int = "${model.anchor_samples}"  # type: ignore[assignment]  # texts
+    max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
+    batch_size: int = MISSING
+    precision: str = MISSING  # dtype of the cached C (sums are always float64)
+    sample: str = MISSING  # random (seeded, as the references) | first (the corpus's order)
+    seed: int = MISSING  # of the random sample
+
+
+@dataclass
+class DatasetConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    path: str | None = MISSING
+    skip_invalid: bool = MISSING
+
+
+@dataclass
+class MeasureConfig:
+    """The editing metrics (efficacy ... consistency, retention) and when they are measured.
+
+    Always measured, whatever the ``eval`` group says; values in conf/config.yaml.
+    """
+
+    batch_size: int = MISSING  # prompts per forward pass
+    pre_edit: bool = MISSING  # measure the edited records before the stream starts
+    fluency: bool = MISSING  # generation metrics (fluency, consistency)
+    generation: str = MISSING  # sample (top-5, seeded: the references') | greedy
+    max_length: int = MISSING  # tokens of each generated text, its prompt included
+    generation_prompts: int | None = MISSING  # per record; None: all of them
+    generated_accuracy: bool = MISSING  # efficacy/generalization_generated: greedy answers (WILD)
+    retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
+    retention_every: int = MISSING  # ... every this many batches (0: never)
+    reuse_unedited: bool = MISSING  # the unedited model's figures from paths.cache when cached
+    fluency_records: int | None = MISSING  # texts of a seeded subset of N records; None: all
+    fluency_at: str = MISSING  # every (before, retention points, end) | ends (before and end)
+    generated_at: str = MISSING  # every (wherever efficacy is) | ends (before and end)
+    compute_dtype: str = MISSING  # of the measuring forward passes: float32 | bfloat16
+    objective_terms: bool = MISSING  # fit, drift, preservation, ||W|| per edited layer per batch
+    collapse_factor: float | None = MISSING  # alarm: perplexity above this x the unedited one
+
+
+@dataclass
+class EvalConfig:
+    """General ability through lm-evaluation-harness: which tasks, how often (conf/eval/)."""
+
+    name: str = MISSING
+    tasks: list[str] = MISSING  # lm-eval tasks; [] (eval=none): no general-ability figures
+    every_edits: int = 0  # every this many edits (0: before and after the stream only)
+    limit: int | None = None  # documents per task (MMLU: per subject); None: all
+    limits: dict[str, int] = field(default_factory=dict)  # per task, over limit
+    sample: str = "seeded"  # which documents a limit keeps: seeded (by the run's seed) | first
+    source: str = "local"  # local: installed data packages where they hold the task | hub
+    gen_kwargs: dict[str, Any] = field(default_factory=dict)  # over generating tasks' own
+    num_fewshot: int | None = None
+    fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
+    lm_batch_size: int = 8
+    logits: str = "continuation"  # continuation: LM head only where lm-eval reads it | all
+    compute_dtype: str = "float32"  # of lm-eval's forward passes: float32 | bfloat16
+    strict: bool = False
+    allow_code_execution: bool = False
+    data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)
+    paper_glue_dir: str | None = None  # AlphaEdit's glue_eval/dataset files (eval=paper_glue)
+
+
+@dataclass
+class LoggerConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class WandbConfig(LoggerConfig):
+    _target_: str = "rlsedit_cli.loggers.wandb.WandbLogger"
+    name: str = "wandb"
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "rlsedit"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    init_timeout: float = 60.0
+
+
+@dataclass
+class NoLoggerConfig(LoggerConfig):
+    _target_: str = "rlsedit_cli.loggers.base.Tracker"
+    name: str = "none"
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING  # where new run folders go
+    cache: str = MISSING  # anchor statistics, de-quantised models, the toy bundle
+    run_dir: str | None = "${hydra:runtime.output_dir}"  # None when printing with --cfg
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = MISSING  # batches between checkpoints (0: off)
+
+
+@dataclass
+class SpeedConfig:
+    """A speed preset (conf/speed/NAME.yaml): the settings that trade exactness for time, read
+    by the target settings (conf/target, ROME's) and the measure section through interpolation."""
+
+    name: str = MISSING  # faithful | long_stream | fastest
+    target_dtype: str = MISSING  # editor.target.compute_dtype
+    stop_when_top1: bool = MISSING  # editor.target.stop_when_top1 (ENCORE's stop)
+    stop_below_nll: float | None = MISSING  # editor.target.stop_below_nll
+    keys_dtype: str = MISSING  # editor.target.keys_dtype
+    target_lr: float | None = MISSING  # editor.target.lr of MEMIT, AlphaEdit, RLSEdit (None: model)
+    measure_dtype: str = MISSING  # measure.compute_dtype
+    fluency_records: int | None = MISSING  # measure.fluency_records
+    fluency_at: str = MISSING  # measure.fluency_at
+    generated_at: str = MISSING  # measure.generated_at
+
+
+@dataclass
+class RootConfig:
+    model: ModelConfig = MISSING
+    editor: Any = MISSING
+    dataset: Any = MISSING
+    eval: Any = MISSING
+    logger: Any = MISSING
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    device: str = MISSING  # auto | cpu | cuda | cuda:N
+    seed: int = MISSING
+    resume: str | None = None
+    resume_jobs: bool = MISSING  # a sweep run again in its hydra.sweep.dir continues its jobs
+    overwrite: bool = MISSING  # replace the earlier run in hydra.run.dir (else refused)
+    experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
+    speed: SpeedConfig = field(default_factory=lambda: SpeedConfig())
+    objective: str = MISSING  # what a sweep maximises: hmean (of efficacy, generalization,
+    # specificity) or any summary metric (efficacy, fluency, ...)
