@@ -60,7 +60,9 @@ class TargetConfig:
     early_stop_loss: float = MISSING
     stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
     stop_below_nll: float | None = MISSING  # stop a request once its mean target NLL is below this
-    context_templates: list[list[int]] = MISSING  # [[tokens, count], ...] groups of prefixes
+    # [[tokens, count], ...] groups of sampled prefixes; or the templates, [["{}"], [...]];
+    # or a JSON file of them (editing/templates.py)
+    context_templates: Any = MISSING
     chunk_size: int = MISSING  # requests optimised together; bounds activation memory
     compute_dtype: str = MISSING  # the frozen blocks' products: float32 | bfloat16 (autocast)
     keys_dtype: str = MISSING  # the key passes' products: float32 | bfloat16 (autocast)

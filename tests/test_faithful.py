@@ -11,7 +11,12 @@ import torch
 from rlsedit_cli.datasets.toy import load as load_toy
 from rlsedit_cli.editing.keys import keys_and_hidden
 from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
-from rlsedit_cli.editing.templates import STARTERS, context_templates, template_weights
+from rlsedit_cli.editing.templates import (
+    STARTERS,
+    context_templates,
+    group_sizes,
+    template_weights,
+)
 from rlsedit_cli.editors.base import MasterWeights
 from rlsedit_cli.errors import NumericalError
 from rlsedit_cli.models.loader import load_model
@@ -53,9 +58,11 @@ def test_templates_ignore_the_checkpoints_sampling_settings(llama):
 def test_keys_average_within_each_group_then_across_groups(llama, toy_records):
     """compute_ks.py: with [(10, 5)] the plain prompt's key weighs 1/2 and each sample 1/10;
     ROME's compute_u.py averages all templates alike."""
-    assert template_weights([[10, 5]]) == pytest.approx([0.5] + [0.1] * 5)
-    assert template_weights([[5, 10], [10, 10]]) == pytest.approx([1 / 3] + [1 / 30] * 20)
-    assert template_weights([[5, 10], [10, 10]], "rome") == pytest.approx([1 / 21] * 21)
+    assert template_weights(group_sizes([[10, 5]])) == pytest.approx([0.5] + [0.1] * 5)
+    sizes = group_sizes([[5, 10], [10, 10]])
+    assert template_weights(sizes) == pytest.approx([1 / 3] + [1 / 30] * 20)
+    assert template_weights(group_sizes([[5, 10], [10, 10]], "rome"), "rome") == pytest.approx(
+        [1 / 21] * 21)
     templates = ["{}", "One. {}", "Two words here. {}", "Three. {}"]
     weights = [0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3]
     K, _ = keys_and_hidden(llama, toy_records[:2], templates, 1, 1, weights)

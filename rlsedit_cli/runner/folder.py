@@ -188,7 +188,7 @@ class RunFolder:
             entry = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": list(overrides)}
             write_atomic(path, earlier + yaml.safe_dump([entry], sort_keys=False))
 
-    def write_json(self, name: str, obj: dict) -> None:
+    def write_json(self, name: str, obj: dict | list) -> None:
         self.claim(name)
         with disk_errors(self.path, name):
             write_atomic(self.path / name, json.dumps(_clean(obj), indent=2) + "\n")

@@ -38,7 +38,7 @@ LOCK = ".rlsedit.lock"
 # the names a run writes into its folder (files, or folders of files)
 OUTPUTS = ("config.yaml", "run.log", "metrics.jsonl", "retention.csv", "general.csv",
            "summary.json", "checkpoint.pt", "final_maps.safetensors", "error.txt", "plots",
-           "documents")
+           "documents", "context_templates.json")
 RUN_MARKS = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt")  # a run was here
 HYDRA = ".hydra"  # Hydra's record of the command; written after the CLI's check, before run()
 

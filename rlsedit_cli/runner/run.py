@@ -36,6 +36,7 @@ from rlsedit_cli.runner.terms import ObjectiveTerms
 from rlsedit_cli.runner.unedited import UneditedFigures
 from rlsedit_cli.stats.anchor import AnchorStats, parameters_digest
 
+TEMPLATES = "context_templates.json"  # the editor's context templates, written once
 log = logging.getLogger(__name__)
 
 
@@ -380,6 +381,10 @@ class Runner:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         self.edit_seconds += seconds
+        templates = getattr(self.editor, "templates", None)
+        if templates is not None and not (self.folder.path / TEMPLATES).is_file():
+            # as the references nest them: another run (or code) takes them as they were
+            self.folder.write_json(TEMPLATES, templates.groups())
         return {"edit_seconds": round(seconds, 4), "memory_mb": memory_mb(self.device),
                 **edit_stats}
 

@@ -141,6 +141,12 @@ class AnchorStats:
             return None
         return moment, json.loads(self._path(layer).with_suffix(".json").read_text())
 
+    def _names(self, layers: list[int | str]) -> str:
+        """The maps, short: layers [4, 5, 6] (MLP output maps), or gate10, up17, ..."""
+        if all(isinstance(key, int) for key in layers):
+            return f"layers {list(layers)}"
+        return ", ".join(self.handle.map_label(key) for key in layers)
+
     def _partial_path(self, layers: list[int | str]) -> Path:
         names = "_".join(self._path(layer).stem for layer in layers)
         return self.root / f"partial_{hashlib.sha256(names.encode()).hexdigest()[:16]}.pt"
@@ -182,7 +188,7 @@ class AnchorStats:
                 log.warning("ignoring unreadable partial statistics %s (%s)", partial, e)
         partial.parent.mkdir(parents=True, exist_ok=True)
         bar = progress(total=self.num_samples, initial=state.samples if state else 0,
-                       desc=f"anchor statistics, layers {layers}", unit="sample")
+                       desc=f"anchor statistics, {self._names(layers)}", unit="sample")
         last_save = [time.monotonic()]
 
         def on_batch(s: MomentState) -> None:
@@ -193,8 +199,8 @@ class AnchorStats:
                                 "tokens": s.tokens, "samples": s.samples}, tmp)
                 last_save[0] = time.monotonic()
 
-        log.info("computing anchor statistics of layers %s over %s (%d samples, %s, %d tokens "
-                 "max)", layers, self.corpus, self.num_samples,
+        log.info("computing anchor statistics of %s over %s (%d samples, %s, %d tokens "
+                 "max)", self._names(layers), self.corpus, self.num_samples,
                  "in file order" if self.sample == "first" else f"random, seed {self.seed}",
                  self.max_length)
         texts = iter_texts(self.corpus, self.sample, self.seed)
