@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench lint toy clean
+.PHONY: help install run test test-all bench lint docs toy clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ bench: $(STAMP)  ## benchmarks (update cost, target optimisation); see docs/benc
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check rlsedit_cli tests
+
+docs: $(STAMP)  ## write docs/configuration.md again from the schemas and conf/
+	$(BIN)/python -m rlsedit_cli.configref > docs/configuration.md
 
 toy: $(STAMP)  ## rebuild the shipped tiny GPT-2 and its toy world (about 12 minutes on 2 cores)
 	$(OFFLINE) $(BIN)/rlsedit toy build $(ARGS)

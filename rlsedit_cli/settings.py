@@ -16,23 +16,23 @@ from omegaconf import MISSING
 class ModelConfig:
     """Architecture facts of one model; editors interpolate them."""
 
-    name: str = MISSING
+    name: str = MISSING  # the model's name (run folders, caches, editor_model files)
     name_or_path: str = MISSING  # hub id, local folder, or pkg:DIST (a GGUF inside a package)
     gguf_file: str | None = None  # a .gguf file (path, or a name inside name_or_path)
     arch: str = MISSING  # gpt2 | gptj | llama | qwen2: selects the module templates' meaning
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    revision: str | None = None
+    revision: str | None = None  # the hub revision (commit or tag) to load
     device_map: str | None = None  # "auto" shards across GPUs (accelerate)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the hub repository's own model code (a choice to make)
     attn_implementation: str | None = None  # eager | sdpa | flash_attention_2; None: the default
-    num_layers: int = MISSING
+    num_layers: int = MISSING  # transformer blocks
     layer_template: str = MISSING  # a block; its output is the residual stream
     mlp_out_template: str = MISSING  # the edited linear map (MLP down projection)
     # the MLP's linear maps by kind (gate, up, down), for editors that edit others (UltraEdit)
     mlp_maps: dict[str, str] = field(default_factory=dict)
     weight_transposed: bool = False  # True for GPT-2's Conv1D, which stores W as (d_in, d_out)
-    ln_f: str = MISSING
-    lm_head: str = MISSING
+    ln_f: str = MISSING  # the final norm's module name
+    lm_head: str = MISSING  # the LM head's module name
     mlp_out_is_residual: bool = MISSING  # the edited map's output is added to the stream as is
     logits_are_head_of_norm: bool = MISSING  # logits = lm_head(ln_f(h)), nothing after
     edit_layers: list[int] = MISSING  # layers edited by MEMIT-style editors
@@ -51,13 +51,13 @@ class TargetConfig:
     one for one editor).
     """
 
-    steps: int = MISSING
-    lr: float = MISSING
-    kl_factor: float = MISSING
-    weight_decay: float = MISSING
-    clamp_norm_factor: float = MISSING
+    steps: int = MISSING  # Adam steps per request at most
+    lr: float = MISSING  # Adam's step size
+    kl_factor: float = MISSING  # weight of the KL term that keeps the subject's other facts
+    weight_decay: float = MISSING  # weight of ||delta||^2 / ||h||^2
+    clamp_norm_factor: float = MISSING  # ||delta|| at most this x ||h||
     loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
-    early_stop_loss: float = MISSING
+    early_stop_loss: float = MISSING  # stop a request once its whole loss is below this
     stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
     stop_below_nll: float | None = MISSING  # stop a request once its mean target NLL is below this
     # [[tokens, count], ...] groups of sampled prefixes; or the templates, [["{}"], [...]];
@@ -73,18 +73,18 @@ class EditorConfig:
     """Fields every editor has."""
 
     _target_: str = MISSING
-    name: str = MISSING
+    name: str = MISSING  # the editor's name (run folders, logs, reports)
 
 
 @dataclass
 class StreamConfig:
     """Which records are edited, in which order and batches (values: conf/config.yaml)."""
 
-    num_edits: int = MISSING
-    batch_size: int = MISSING
-    seed: int = MISSING
-    shuffle: bool = MISSING
-    offset: int = MISSING
+    num_edits: int = MISSING  # records to edit
+    batch_size: int = MISSING  # records per batch (one editor update each)
+    seed: int = MISSING  # of the shuffle
+    shuffle: bool = MISSING  # false: the file's order, as the references edit theirs
+    offset: int = MISSING  # skip this many records of the (shuffled) set first (held-out tuning)
     stop_on_collapse: bool = MISSING  # end the stream cleanly at measure.collapse_factor's alarm
 
 
@@ -95,7 +95,7 @@ class StatsConfig:
     corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
     num_samples: int = "${model.anchor_samples}"  # type: ignore[assignment]  # texts
     max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
-    batch_size: int = MISSING
+    batch_size: int = MISSING  # texts per forward pass
     precision: str = MISSING  # dtype of the cached C (sums are always float64)
     sample: str = MISSING  # random (seeded, as the references) | first (the corpus's order)
     seed: int = MISSING  # of the random sample
@@ -104,9 +104,9 @@ class StatsConfig:
 @dataclass
 class DatasetConfig:
     _target_: str = MISSING
-    name: str = MISSING
-    path: str | None = MISSING
-    skip_invalid: bool = MISSING
+    name: str = MISSING  # the dataset's name (run folders, reports)
+    path: str | None = MISSING  # the records' file (null: the dataset's own default)
+    skip_invalid: bool = MISSING  # skip malformed or over-long records instead of stopping
 
 
 @dataclass
@@ -138,7 +138,7 @@ class MeasureConfig:
 class EvalConfig:
     """General ability through lm-evaluation-harness: which tasks, how often (conf/eval/)."""
 
-    name: str = MISSING
+    name: str = MISSING  # the suite's name (conf/eval/NAME.yaml)
     tasks: list[str] = MISSING  # lm-eval tasks; [] (eval=none): no general-ability figures
     every_edits: int = 0  # every this many edits (0: before and after the stream only)
     limit: int | None = None  # documents per task (MMLU: per subject); None: all
@@ -146,13 +146,13 @@ class EvalConfig:
     sample: str = "seeded"  # which documents a limit keeps: seeded (by the run's seed) | first
     source: str = "local"  # local: installed data packages where they hold the task | hub
     gen_kwargs: dict[str, Any] = field(default_factory=dict)  # over generating tasks' own
-    num_fewshot: int | None = None
+    num_fewshot: int | None = None  # few-shot examples per task; None: each task's own
     fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
-    lm_batch_size: int = 8
+    lm_batch_size: int = 8  # a pass holds at most this x 2,048 tokens
     logits: str = "continuation"  # continuation: LM head only where lm-eval reads it | all
     compute_dtype: str = "float32"  # of lm-eval's forward passes: float32 | bfloat16
-    strict: bool = False
-    allow_code_execution: bool = False
+    strict: bool = False  # a task that fails stops the run (else: its line, the others go on)
+    allow_code_execution: bool = False  # the code tasks run the model's code (HumanEval, MBPP)
     data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)
     paper_glue_dir: str | None = None  # AlphaEdit's glue_eval/dataset files (eval=paper_glue)
 
@@ -160,7 +160,7 @@ class EvalConfig:
 @dataclass
 class LoggerConfig:
     _target_: str = MISSING
-    name: str = MISSING
+    name: str = MISSING  # wandb | none
 
 
 @dataclass
@@ -168,11 +168,11 @@ class WandbConfig(LoggerConfig):
     _target_: str = "rlsedit_cli.loggers.wandb.WandbLogger"
     name: str = "wandb"
     mode: str = "offline"  # offline | online | disabled
-    project: str = "rlsedit"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    init_timeout: float = 60.0
+    project: str = "rlsedit"  # the W&B project
+    entity: str | None = None  # the W&B team or user; None: the default
+    group: str | None = None  # groups a sweep's runs in W&B
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    init_timeout: float = 60.0  # seconds to reach W&B online before it logs offline instead
 
 
 @dataclass
@@ -223,11 +223,12 @@ class RootConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     device: str = MISSING  # auto | cpu | cuda | cuda:N
-    seed: int = MISSING
-    resume: str | None = None
+    seed: int = MISSING  # of everything sampled: templates, texts, document subsets
+    resume: str | None = None  # a run folder to continue from its last checkpoint
     resume_jobs: bool = MISSING  # a sweep run again in its hydra.sweep.dir continues its jobs
     overwrite: bool = MISSING  # replace the earlier run in hydra.run.dir (else refused)
     experiment: str | None = None  # name of the experiment preset, set by conf/experiment files
     speed: SpeedConfig = field(default_factory=lambda: SpeedConfig())
-    objective: str = MISSING  # what a sweep maximises: hmean (of efficacy, generalization,
-    # specificity) or any summary metric (efficacy, fluency, ...)
+    # what a sweep maximises: hmean (of efficacy, generalization, specificity) or any summary
+    # metric (efficacy, fluency, ...)
+    objective: str = MISSING

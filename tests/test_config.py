@@ -221,3 +221,13 @@ def test_the_schemas_import_no_config_module_and_no_torch():
     assert out.strip() == ("['rlsedit_cli', 'rlsedit_cli.datasets', 'rlsedit_cli.datasets.schema',"
                            " 'rlsedit_cli.editors', 'rlsedit_cli.editors.schema', "
                            "'rlsedit_cli.settings'] False")
+
+
+def test_the_configuration_reference_is_the_schemas_own():
+    """docs/configuration.md is written from the schemas and conf/ (`make docs`): a field added,
+    renamed or commented without writing the page again fails here."""
+    from rlsedit_cli.configref import page
+
+    written = (config.conf_dir().parent / "docs" / "configuration.md").read_text()
+    assert written == page(), "docs/configuration.md is stale: run `make docs`"
+    assert "`editor=ultraedit`" in written and "`stream`" in written

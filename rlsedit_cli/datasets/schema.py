@@ -16,7 +16,7 @@ class CounterFactConfig(DatasetConfig):
     snippets: str | None = MISSING  # attribute_snippets.json (null: download, "none": skip)
     idf: str | None = MISSING  # idf.npy
     vocab: str | None = MISSING  # tfidf_vocab.json
-    cache: str = MISSING
+    cache: str = MISSING  # where downloaded files are kept
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ZsREConfig(DatasetConfig):
 @dataclass
 class ToyConfig(DatasetConfig):
     num_subjects: int | None = MISSING  # a world of another size (stress tests; facts unknown)
-    world_seed: int = MISSING
+    world_seed: int = MISSING  # of a generated world of num_subjects
 
 
 SCHEMAS = {"counterfact": CounterFactConfig, "counterfact_easyedit": CounterFactEasyEditConfig,

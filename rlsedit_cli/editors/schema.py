@@ -21,46 +21,46 @@ class NoEditConfig(EditorConfig):
 
 @dataclass
 class RLSEditConfig(EditorConfig):
-    layers: list[int] = MISSING
+    layers: list[int] = MISSING  # the layers whose MLP output map is edited
     lam: float = MISSING  # weight of ||W - W_0||^2
     mu: float = MISSING  # weight of ||W K_0 - W_0 K_0||^2
     n_anchor: float = MISSING  # K_0 K_0^T = n_anchor * E[k k^T]
     precision: str = MISSING  # of P and the master weights: float32 | float64
     reset_each_batch: bool = MISSING  # the published code's behaviour (P_0 every batch)
-    target: TargetConfig = MISSING
-    seed: int = MISSING
+    target: TargetConfig = MISSING  # the target optimisation (editor.target)
+    seed: int = MISSING  # of the context templates' sampling
 
 
 @dataclass
 class MEMITConfig(EditorConfig):
-    layers: list[int] = MISSING
+    layers: list[int] = MISSING  # the layers whose MLP output map is edited
     n_anchor: float = MISSING  # MEMIT's mom2_update_weight
-    target: TargetConfig = MISSING
-    seed: int = MISSING
+    target: TargetConfig = MISSING  # the target optimisation (editor.target)
+    seed: int = MISSING  # of the context templates' sampling
 
 
 @dataclass
 class AlphaEditConfig(EditorConfig):
-    layers: list[int] = MISSING
+    layers: list[int] = MISSING  # the layers whose MLP output map is edited
     threshold: float = MISSING  # eigenvalues of C below it span the null space
-    l2: float = MISSING
-    target: TargetConfig = MISSING
-    seed: int = MISSING
+    l2: float = MISSING  # AlphaEdit's L2 term on the update
+    target: TargetConfig = MISSING  # the target optimisation (editor.target)
+    seed: int = MISSING  # of the context templates' sampling
 
 
 @dataclass
 class ROMEConfig(EditorConfig):
-    layer: int = MISSING
-    target: TargetConfig = MISSING
-    seed: int = MISSING
+    layer: int = MISSING  # the layer whose MLP output map is edited
+    target: TargetConfig = MISSING  # the target optimisation (editor.target)
+    seed: int = MISSING  # of the context templates' sampling
     mom2_adjustment: bool = MISSING  # the write's direction is C^-1 k (true) or k (false)
 
 
 @dataclass
 class FTConfig(EditorConfig):
-    layer: int = MISSING
-    steps: int = MISSING
-    lr: float = MISSING
+    layer: int = MISSING  # the layer whose MLP output map is fine-tuned
+    steps: int = MISSING  # epochs over the batch at most
+    lr: float = MISSING  # Adam's step size
     norm_constraint: float | None = MISSING  # L-inf bound on the change of each weight
     batch_size: int = MISSING  # requests per optimiser step
     weight_decay: float = MISSING  # Adam's
