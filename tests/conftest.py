@@ -145,3 +145,11 @@ def pytest_collection_modifyitems(items):
     processes in this order, so the longest one starts at once instead of running alone at
     the end."""
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
+
+
+def keys_and_hidden(handle, requests, templates, layer, z_layer, weights=None):
+    """K (d_in, n) of ``layer``'s map (the ``weights``-mean over templates) and h (n, d_model)
+    after ``z_layer``, read as one key-value editor batch reads them (editing/keys.py)."""
+    from rlsedit_cli.editing.keys import LayerKeys
+
+    return LayerKeys(handle, requests, templates, z_layer).read(layer, weights)

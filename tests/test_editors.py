@@ -371,8 +371,9 @@ def test_each_layer_writes_what_the_layers_below_left(arch, tiny_models, toy_rec
     written: with near-exact least squares (lam tiny, mu 0) and the plain prompt only, the last
     edited layer then lands the hidden state on z. A stale h (read once, before any layer was
     written) would overshoot by the lower layers' effect."""
-    from rlsedit_cli.editing.keys import keys_and_hidden
     from rlsedit_cli.editors.rlsedit import RLSEdit
+
+    from .conftest import keys_and_hidden
 
     cfg = compose_cfg(tiny_overrides(arch, tiny_models[arch]))
     handle = load_model(cfg.model, torch.device("cpu"))

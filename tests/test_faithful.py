@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from rlsedit_cli.datasets.toy import load as load_toy
-from rlsedit_cli.editing.keys import keys_and_hidden
 from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
 from rlsedit_cli.editing.templates import (
     STARTERS,
@@ -24,7 +23,7 @@ from rlsedit_cli.models.tokens import encode_prompt, subject_last_index
 from rlsedit_cli.ops.baselines import memit_delta
 from rlsedit_cli.ops.rls import rls_init, rls_step
 
-from .conftest import TINY_BUNDLE, compose_cfg, target_cfg, tiny_overrides
+from .conftest import TINY_BUNDLE, compose_cfg, keys_and_hidden, target_cfg, tiny_overrides
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import torch
 from rlsedit_cli.bench.targets import WholePrefixLoss
 from rlsedit_cli.datasets.toy import load as load_toy
 from rlsedit_cli.editing.inputs import build_split_rows, prefix_cache
-from rlsedit_cli.editing.keys import LayerKeys, keys_and_hidden, keys_of_layers
+from rlsedit_cli.editing.keys import LayerKeys, keys_of_layers
 from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
 from rlsedit_cli.models.loader import load_model
 
-from .conftest import TINY_BUNDLE, compose_cfg, target_cfg, tiny_overrides
+from .conftest import TINY_BUNDLE, compose_cfg, keys_and_hidden, target_cfg, tiny_overrides
 
 CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
 

@@ -40,6 +40,7 @@ def test_templates_on_the_command_line_and_their_weights(shipped_handle):
     templates = ContextTemplates(shipped_handle, cfg.editor.target.context_templates, 0)
     assert templates.get() == ["{}", "A fact. {}", "So. {}"]
     assert templates.weights == pytest.approx([1 / 2, 1 / 4, 1 / 4])  # MEMIT: per group
+    assert ContextTemplates(shipped_handle, [], 0).get() == ["{}"]  # the plain prompt alone
     rome = ContextTemplates(shipped_handle, [["{}"], ["A fact. {}", "So. {}"]], 0, "rome")
     assert rome.weights == pytest.approx([1 / 3] * 3)
 

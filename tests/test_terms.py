@@ -8,10 +8,18 @@ import json
 import pytest
 import torch
 
-from rlsedit_cli.ops.terms import least_squares_residual, objective_terms
+from rlsedit_cli.ops.terms import objective_terms
 from rlsedit_cli.runner.run import run
 
 from .conftest import tiny_overrides
+
+
+def least_squares_residual(K: torch.Tensor, V: torch.Tensor) -> float:
+    """``min_W ||W K - V||_F`` (no regulariser), in float64: the fitting error of the plain
+    least-squares map of (K (d_in, N), V (d_out, N))."""
+    K64, V64 = K.double(), V.double()
+    W = torch.linalg.lstsq(K64.mT, V64.mT).solution.mT  # (d_out, d_in)
+    return float((W @ K64 - V64).norm())
 
 QUICK = ["stream.num_edits=6", "stream.batch_size=3", "measure.fluency=false",
          "measure.pre_edit=false", "eval=none", "logger=none",

@@ -13,24 +13,6 @@ from rlsedit_cli.models.handle import ModelHandle, block_hidden
 from rlsedit_cli.models.precision import compute_dtype
 
 
-@torch.no_grad()
-def keys_and_hidden(handle: ModelHandle, requests: list[Record], templates: list[str],
-                    layer: int, z_layer: int, weights: list[float] | None = None,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys of ``layer``'s edited map and the residual stream after ``z_layer``.
-
-    Args:
-        weights: of each template's key (summing to 1; :func:`template_weights`); None: alike.
-
-    Returns:
-        K: the map's input at the subject's last token, a weighted mean over the context
-            templates. (d_in, n) float32
-        h: the residual stream after block ``z_layer`` at the subject's last token of the plain
-            prompt (the first template, "{}"). (n, d_model) float32
-    """
-    return LayerKeys(handle, requests, templates, z_layer).read(layer, weights)
-
-
 def weighted_keys(keys: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
     """(n, n_ctx, d_in) keys per template -> (d_in, n), their ``weights``-mean (None: alike)."""
     n_ctx = keys.shape[1]
@@ -44,7 +26,8 @@ def template_keys_and_hidden(handle: ModelHandle, requests: list[Record], templa
                              layer: int, z_layer: int, dtype: str = "float32",
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass: the key of every (request, template) pair, (n, n_ctx, d_in) float32,
-    and h as in :func:`keys_and_hidden` (``dtype``: of the pass's products)."""
+    and h (n, d_model): the residual stream after block ``z_layer`` at the subject's last token
+    of the plain prompt (``dtype``: of the pass's products)."""
     return LayerKeys(handle, requests, templates, z_layer, dtype).read_templates(layer)
 
 
@@ -73,9 +56,11 @@ class LayerKeys:
 
     def read(self, layer: int, weights: list[float] | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K (d_in, n), the ``weights``-mean over templates, and h (n, d_model): see
-        :func:`keys_and_hidden`. Between two reads only ``layer``s of the earlier read (or
-        above) may have been written."""
+        """K (d_in, n): ``layer``'s map input at the subject's last token, the ``weights``-mean
+        over the templates (None: alike), and h (n, d_model): the residual stream after
+        ``z_layer`` at the subject's last token of the plain prompt (the first template, "{}").
+        Between two reads only ``layer``s of the earlier read (or above) may have been
+        written."""
         keys, h = self.read_templates(layer)
         return weighted_keys(keys, weights), h
 

@@ -116,9 +116,9 @@ def given_templates(value) -> list[list[str]] | None:
                 raise ConfigError(f"context template {template!r} must hold exactly one {{}} "
                                   "(where the prompt goes) and no other brace")
         return groups
-    if groups and all(len(g) == 2 and all(isinstance(x, int) and x > 0 for x in g)
-                      for g in groups):
-        return None
+    if groups is not None and all(len(g) == 2 and all(isinstance(x, int) and x > 0 for x in g)
+                                  for g in groups):
+        return None  # a sampling spec ([]: the plain prompt alone)
     raise ConfigError(f"editor.target.context_templates={value!r} is neither a sampling spec "
                       '[[tokens, count], ...] nor templates [["{}"], ["A text. {}", ...]] nor '
                       "the path of a JSON file of them")

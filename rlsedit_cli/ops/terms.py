@@ -38,11 +38,3 @@ def objective_terms(W: torch.Tensor, W0: torch.Tensor, K: torch.Tensor | None,
         DC = D @ C.to(W64)  # (d_out, d_in)
         terms["preservation"] = float((DC * D).sum().clamp_min(0).sqrt())
     return terms
-
-
-def least_squares_residual(K: torch.Tensor, V: torch.Tensor) -> float:
-    """``min_W ||W K - V||_F`` (no regulariser), in float64: the fitting error of the plain
-    least-squares map of (K (d_in, N), V (d_out, N))."""
-    K64, V64 = K.double(), V.double()
-    W = torch.linalg.lstsq(K64.mT, V64.mT).solution.mT  # (d_out, d_in)
-    return float((W @ K64 - V64).norm())
