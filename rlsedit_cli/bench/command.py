@@ -40,10 +40,12 @@ def _bench_stream(args: argparse.Namespace) -> list[dict]:
 
     root = Path(args.run_dir) if args.run_dir else None
     variants = ["", *args.against]
+    # every configuration composed before the first runs: a YAML file edited meanwhile must not
+    # change a later configuration of the same comparison
+    configs = [composed([f"model={args.model}", f"device={args.device}", *DEFAULTS,
+                         *args.overrides, *variant.split()]) for variant in variants]
     rows = []
-    for k, variant in enumerate(variants):
-        cfg = composed([f"model={args.model}", f"device={args.device}", *DEFAULTS,
-                             *args.overrides, *variant.split()])
+    for k, (variant, cfg) in enumerate(zip(variants, configs)):
         with open_dict(cfg):
             folder = root or (Path(cfg.paths.output_dir) / "bench" / "stream"
                               / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f"))
