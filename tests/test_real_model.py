@@ -108,7 +108,7 @@ def test_unreadable_gguf_file_fails_in_one_line(tmp_path):
         load_model(cfg.model, torch.device("cpu"), tmp_path / "cache")
 
 
-EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft", "ultraedit"]
+EDITORS = ["rlsedit", "memit", "alphaedit", "rome", "ft"]
 
 
 @pytest.fixture(scope="module")
