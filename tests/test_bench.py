@@ -68,7 +68,8 @@ def test_bench_stream_times_a_real_run_by_phase(capsys, tmp_path):
                                                                            6, 3)
     assert (run_dir / "summary.json").is_file()
     phases = row["phase_s_per_edit"]
-    assert set(phases) == {"templates", "targets", "keys", "update", "other", "evaluation"}
+    assert set(phases) == {"templates", "targets", "keys", "gradients", "update", "other",
+                           "evaluation"}
     assert phases["targets"] > 0 and phases["update"] > 0
     edit_phases = sum(v for k, v in phases.items() if k != "evaluation")
     assert edit_phases == pytest.approx(row["edit_s_per_edit"], abs=6e-4)
