@@ -222,3 +222,18 @@ def test_coinciding_tradeoff_points_share_one_label():
         (32.0, 32.08, "lam=0, mu=100; lam=10, mu=100; lam=100, mu=100"),
         (97.6, 45.6, "lam=0, mu=1"), (70.1, 33.4, "lam=0, mu=10")]
     assert _merged_labels(points[:1]) == points[:1]
+
+
+def test_runs_of_two_checkouts_do_not_differ_by_the_shipped_assets_path(tmp_path):
+    """A worktree or a clone ships the same assets under another absolute path: that is not a
+    setting that tells two runs apart."""
+    from rlsedit_cli.report.runs import Run, mark_settings
+
+    def one(checkout, lr):
+        config = {"editor": {"name": "ultraedit", "lr": lr},
+                  "stats": {"corpus": f"{checkout}/rlsedit_cli/assets/english/anchor.txt.gz"}}
+        return Run(path=tmp_path, summary={"editor": "ultraedit", "model": "m"}, config=config)
+
+    runs = [one("/work/a", 1e-3), one("/work/b", 3e-5)]
+    mark_settings(runs)
+    assert [r.setting for r in runs] == ["lr=0.001", "lr=3e-05"]

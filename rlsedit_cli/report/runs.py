@@ -13,6 +13,8 @@ import yaml
 from rlsedit_cli.errors import DataError
 from rlsedit_cli.files import flatten, parse_override
 
+ASSET_DIR = "/rlsedit_cli/assets/"  # where the package ships its assets, in any checkout
+
 OWN_COLUMNS = ("editor", "model", "dataset")  # named in columns of their own: their keys are
 # what the choice of model or dataset brings (hundreds), not settings a reader compares
 DISTINGUISHING = ("dataset.path", "model.name_or_path", "model.gguf_file")  # data and weights:
@@ -53,7 +55,7 @@ class Run:
         """Settings that can tell runs apart: every key of the run's resolved config (its
         overrides where no config.yaml was kept), not paths, tracker, device, checkpoints or the
         editor/model/dataset choices (columns of their own)."""
-        values = {k: str(v) for k, v in flatten(self.config).items()}
+        values = {k: _portable(str(v)) for k, v in flatten(self.config).items()}
         values |= self._override_values()  # as the user wrote them: lam=2, not 2.0
         return {k: v for k, v in values.items()
                 if not k.startswith(IGNORED_OVERRIDES) and k not in OWN_COLUMNS
@@ -103,6 +105,13 @@ def read_run(path: Path) -> Run:
     return Run(path=path, summary=summary, config=config or {}, overrides=overrides or [],
                metrics=metrics, retention=_csv(path / "retention.csv"),
                general=_csv(path / "general.csv"))
+
+
+def _portable(value: str) -> str:
+    """A shipped asset is the same file in every checkout (a worktree, a clone): asset:NAME,
+    not the checkout's absolute path."""
+    _, sep, tail = value.partition(ASSET_DIR)
+    return f"asset:{tail}" if sep else value
 
 
 def mark_settings(runs: list[Run]) -> None:
