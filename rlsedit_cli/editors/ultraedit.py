@@ -132,8 +132,9 @@ class UltraEdit(Editor):
                     shape = self._shape(name)
                     state = self.normalisers.get(shape) or Normaliser.empty(
                         K[name].shape[1] + G[name].shape[1], K[name].device)
-                    self.normalisers[shape] = normaliser_update(
-                        state, torch.cat([K[name], G[name]], -1))
+                    rows = torch.cat([K[name], G[name]], -1).to(state.mean.device)
+                    self.normalisers[shape] = normaliser_update(state, rows)  # one per shape,
+                    # on the device of the first map of that shape (maps may sit on several)
                     keys[name].append(K[name])
                     grads[name].append(G[name])
         stats = {"ultraedit_loss": sum(losses) / len(losses)}
@@ -141,12 +142,14 @@ class UltraEdit(Editor):
         with clock("update"):
             deltas = {}
             for name in self.maps:
-                K, G = torch.cat(keys[name]), torch.cat(grads[name])  # (n, d_in), (n, d_out)
-                V = ultraedit_values(self.normalisers[self._shape(name)], K, G, self.lr)
+                state = self.normalisers[self._shape(name)]
+                K = torch.cat(keys[name]).to(state.mean.device)  # (n, d_in)
+                G = torch.cat(grads[name]).to(state.mean.device)  # (n, d_out)
+                V = ultraedit_values(state, K, G, self.lr)
                 deltas[name] = ultraedit_delta(K, V)  # (d_in, d_out)
                 W = self.master.copies.get(name)
                 W = W if W is not None else self.handle.weight(name).detach().float()
-                self._written[name] = (K.T, W @ K.T + V.T)  # (d_in, n), (d_out, n)
+                self._written[name] = (K.T, W @ K.T.to(W.device) + V.T.to(W.device))
             for name, delta in deltas.items():
                 self.master.add(name, delta.T)
                 label = self.handle.map_label(name)
