@@ -51,6 +51,11 @@ class MasterWeights:
         self.copies[layer] += delta.to(self.copies[layer])
         self.handle.set_weight(layer, self.copies[layer])
 
+    def now(self, layer: int | str) -> torch.Tensor:
+        """The map as the editor holds it: its float32 master, else the model's weight."""
+        W = self.copies.get(layer)
+        return W if W is not None else self.handle.weight(layer).detach().float()
+
     def state_dict(self) -> dict:
         return dict(self.copies)
 
@@ -136,8 +141,7 @@ class TargetEditor(Editor):
 
     def map_now(self, layer: int) -> torch.Tensor:
         """The edited map as the editor holds it before its update: its float32 master."""
-        W = self.master.copies.get(layer)
-        return W if W is not None else self.handle.weight(layer).detach().float()
+        return self.master.now(layer)
 
     def state_dict(self) -> dict:
         return {"templates": self.templates.texts, "master": self.master.state_dict()}

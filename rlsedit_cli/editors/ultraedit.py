@@ -147,8 +147,7 @@ class UltraEdit(Editor):
                 G = torch.cat(grads[name]).to(state.mean.device)  # (n, d_out)
                 V = ultraedit_values(state, K, G, self.lr)
                 deltas[name] = ultraedit_delta(K, V)  # (d_in, d_out)
-                W = self.master.copies.get(name)
-                W = W if W is not None else self.handle.weight(name).detach().float()
+                W = self.master.now(name)  # (d_out, d_in), before this batch
                 self._written[name] = (K.T, W @ K.T.to(W.device) + V.T.to(W.device))
             for name, delta in deltas.items():
                 self.master.add(name, delta.T)

@@ -118,15 +118,23 @@ class ModelHandle:
         self.check_layers([layer], f"the layers of the {kind} maps")
         return maps[kind].format(int(layer))
 
+    def _mlp_kind(self, name: str) -> tuple[str, int] | None:
+        """(kind, layer) of a module name that one of model.mlp_maps' templates makes."""
+        for kind, template in dict(self.spec.get("mlp_maps") or {}).items():
+            head, _, tail = template.partition("{}")
+            middle = name[len(head):len(name) - len(tail)]
+            if name.startswith(head) and name.endswith(tail) and middle.isdigit():
+                return kind, int(middle)
+        return None
+
     def map_layer(self, key: int | str) -> int:
         """The layer of an edited map (its block's index)."""
         if not isinstance(key, str):
             return int(key)
-        label = self.map_label(key)
-        digits = label[len(label.rstrip("0123456789")):]
-        if label == key or not digits:
+        found = self._mlp_kind(key)
+        if found is None:
             raise ConfigError(f"{key} is none of {self.spec.name}'s MLP maps (model.mlp_maps)")
-        return int(digits)
+        return found[1]
 
     def map_label(self, key: int | str) -> str:
         """A short name for logs and cache files: layer5 (the MLP output map of layer 5, as the
@@ -134,13 +142,12 @@ class ModelHandle:
         the module name."""
         if not isinstance(key, str):
             return f"layer{key}"
-        for kind, template in dict(self.spec.get("mlp_maps") or {}).items():
-            head, _, tail = template.partition("{}")
-            middle = key[len(head):len(key) - len(tail)]
-            if key.startswith(head) and key.endswith(tail) and middle.isdigit():
-                same = template == self.spec.mlp_out_template  # the key-value editors' map
-                return f"layer{middle}" if same else f"{kind}{middle}"
-        return key
+        found = self._mlp_kind(key)
+        if found is None:
+            return key
+        kind, layer = found
+        same = self.spec.mlp_maps[kind] == self.spec.mlp_out_template  # the key-value editors'
+        return f"layer{layer}" if same else f"{kind}{layer}"
 
     def mlp_module(self, layer: int) -> nn.Module:
         """The MLP of ``layer``: the edited map's parent, position-wise in every supported arch."""

@@ -57,8 +57,8 @@ def load_run_model(folder: Path) -> tuple[ModelHandle, dict, list[int | str]]:
     cfg = OmegaConf.load(folder / "config.yaml")
     handle = load_model(cfg.model, torch.device("cpu"), cfg.paths.cache)
     digest = base_digest(handle.model)
-    keys = [int(k) if str(k).isdigit() else str(k) for k in state["weights"]]
-    for key, weight in zip(keys, state["weights"].values()):
+    keys = list(state["weights"])  # a layer (its MLP output map) or a module name
+    for key, weight in state["weights"].items():
         handle.set_weight(key, weight)
     base = cfg.model.get("name_or_path") or cfg.model.get("gguf_file") or cfg.model.name
     info = {"base_model": str(base), "model_config": str(cfg.model.name),
