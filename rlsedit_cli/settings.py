@@ -208,6 +208,10 @@ class SpeedConfig:
     fluency_records: int | None = MISSING  # measure.fluency_records
     fluency_at: str = MISSING  # measure.fluency_at
     generated_at: str = MISSING  # measure.generated_at
+    # work skipped or done cheaper, figures unchanged (within float rounding): all, or a list of
+    # target_loss, replayed_blocks, shared_prompts, lowered_weights, float32_attention,
+    # grouped_attention, gqa_passthrough ([]: the plain path everywhere; accel/__init__.py)
+    accelerations: list[str] = field(default_factory=lambda: ["all"])
 
 
 @dataclass

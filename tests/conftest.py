@@ -140,11 +140,38 @@ def target_cfg(**values):
 LONGEST_FIRST = ("test_real_model.py",)  # about a third of the suite's work, in one file
 
 
-def pytest_collection_modifyitems(items):
+def pytest_addoption(parser):
+    parser.addoption("--accelerations", choices=("all", "none"), default="all",
+                     help="none: every acceleration off in this process (the plain paths; "
+                          "tests marked accelerated are skipped)")
+
+
+def pytest_configure(config):
+    if config.getoption("--accelerations") == "none":
+        from rlsedit_cli.accel import Accelerations
+
+        Accelerations.on = lambda self, name, device: False  # the whole session, on purpose
+
+
+def without(handle, *names: str):
+    """``handle`` (the same model) with the accelerations ``names`` off."""
+    from dataclasses import replace
+
+    from rlsedit_cli.accel import Accelerations
+
+    return replace(handle, accel=Accelerations(handle.accel.names - set(names)))
+
+
+def pytest_collection_modifyitems(config, items):
     """The longest file first (stable otherwise): `make test` hands whole files to two
     processes in this order, so the longest one starts at once instead of running alone at
     the end."""
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
+    if config.getoption("--accelerations") == "none":
+        skip = pytest.mark.skip(reason="asserts an acceleration runs (--accelerations=none)")
+        for item in items:
+            if "accelerated" in item.keywords:
+                item.add_marker(skip)
 
 
 def keys_and_hidden(handle, requests, templates, layer, z_layer, weights=None):

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from rlsedit_cli.accel.target_loss import TargetLoss
 from rlsedit_cli.datasets.toy import load as load_toy
 from rlsedit_cli.editing.reference import FullForwardLoss, plain_target_loss
-from rlsedit_cli.editing.targets import TargetLoss, kl_divergence, optimise_targets
+from rlsedit_cli.editing.targets import kl_divergence, optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.editors import rlsedit as rlsedit_mod
 from rlsedit_cli.errors import ConfigError
@@ -230,6 +231,7 @@ def test_fast_target_loss_equals_its_plain_definition(arch, tiny_models, toy_rec
             assert torch.allclose(full_logp, ref_logp, rtol=1e-4, atol=1e-4), scale
 
 
+@pytest.mark.accelerated
 def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_records,
                                                             monkeypatch):
     """Padded rows on a GQA model (the tiny Llama: 4 query heads, 2 key/value heads): inside
@@ -237,8 +239,9 @@ def test_grouped_kv_heads_go_to_torch_as_they_are_on_the_cpu(tiny_models, toy_re
     states as transformers' default (heads repeated); the switch is gone afterwards."""
     import os
 
+    from rlsedit_cli.accel.attention import FORCE_GQA
     from rlsedit_cli.editing.inputs import build_rows, forward_until
-    from rlsedit_cli.models.handle import FORCE_GQA, block_hidden
+    from rlsedit_cli.models.handle import block_hidden
 
     cfg = compose_cfg(tiny_overrides("llama", tiny_models["llama"]))
     handle = load_model(cfg.model, torch.device("cpu"))
@@ -322,7 +325,7 @@ def test_replayed_blocks_get_their_own_forward_back(shipped_handle, toy_records)
     block0.forward = wrapped
     try:
         cfg = target_cfg(steps=3, lr=0.5, loss_layer=3, early_stop_loss=0.0)
-        optimise_targets(shipped_handle, toy_records[:2], ["{}"], 1, cfg)
+        optimise_targets(shipped_handle, toy_records[:2], ["{}"], 1, cfg, loss=TargetLoss)
         assert len(calls) == 2  # the prefix pass and the first step; then replayed
         assert block0.__dict__["forward"] is wrapped and "forward" not in block1.__dict__
     finally:

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from rlsedit_cli.accel.target_loss import TargetLoss
 from rlsedit_cli.datasets.toy import load as load_toy
-from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
+from rlsedit_cli.editing.targets import optimise_targets
 from rlsedit_cli.editing.templates import (
     STARTERS,
     context_templates,

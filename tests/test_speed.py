@@ -5,17 +5,26 @@ pass), and the bfloat16 target step (a named setting: close, not equal)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
-from rlsedit_cli.bench.targets import WholePrefixLoss
+from rlsedit_cli.accel.prefix import build_split_rows, prefix_cache
+from rlsedit_cli.accel.target_loss import TargetLoss
 from rlsedit_cli.datasets.toy import load as load_toy
-from rlsedit_cli.editing.inputs import build_split_rows, prefix_cache
 from rlsedit_cli.editing.keys import LayerKeys, keys_of_layers
-from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
+from rlsedit_cli.editing.targets import optimise_targets
 from rlsedit_cli.models.loader import load_model
 
-from .conftest import TINY_BUNDLE, compose_cfg, keys_and_hidden, target_cfg, tiny_overrides
+from .conftest import (
+    TINY_BUNDLE,
+    compose_cfg,
+    keys_and_hidden,
+    target_cfg,
+    tiny_overrides,
+    without,
+)
 
 CONTEXTS = ["{}", "A much longer context than the others. {}", "Short. {}"]
 
@@ -45,7 +54,7 @@ def test_stopped_requests_leave_the_step_without_changing_any_target(shipped_han
     batch = toy_records[:6]
     for stop in ({"stop_when_top1": True}, {"early_stop_loss": 3.0}, {"stop_below_nll": 2.5}):
         cfg = target_cfg(steps=12, loss_layer=2, **stop)
-        fast = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg)
+        fast = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg, loss=TargetLoss)
         full = optimise_targets(shipped_handle, batch, CONTEXTS, 1, cfg, loss=EveryRowLoss)
         assert len(set(fast.steps.tolist())) > 1, stop  # the requests stopped apart
         assert torch.equal(fast.steps, full.steps), stop
@@ -86,8 +95,9 @@ def test_shared_context_prefixes_leave_every_target_as_it_was(tiny, toy_records)
     the templates' tokens run once per chunk as with every row's prefix run whole."""
     cfg = target_cfg(steps=10, loss_layer=2, stop_below_nll=2.5)
     batch = toy_records[:6]
-    shared = optimise_targets(tiny, batch, CONTEXTS, 1, cfg)
-    whole = optimise_targets(tiny, batch, CONTEXTS, 1, cfg, loss=WholePrefixLoss)
+    shared = optimise_targets(tiny, batch, CONTEXTS, 1, cfg, loss=TargetLoss)
+    whole = optimise_targets(tiny, batch, CONTEXTS, 1, cfg,
+                             loss=partial(TargetLoss, share_prefixes=False))
     assert torch.equal(shared.steps, whole.steps)
     assert torch.allclose(shared.z, whole.z, rtol=1e-5, atol=1e-5)
     assert torch.allclose(shared.final_loss, whole.final_loss, rtol=1e-4, atol=1e-5)
@@ -125,6 +135,7 @@ def test_bfloat16_key_passes_are_close_to_float32(tiny, toy_records):
             assert 0 < gap < 0.05, (layer, gap)
 
 
+@pytest.mark.accelerated
 def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_records):
     """compute_dtype=bfloat16: the blocks' products in bfloat16, torch's attention on float32
     inputs, targets within 10% of float32's (random tiny models)."""
@@ -153,11 +164,12 @@ def test_bfloat16_target_step_is_close_and_keeps_attention_in_float32(tiny, toy_
     assert 0 < gap < 0.1  # random 2-layer models; SmolLM2: docs/benchmarks.md
 
 
+@pytest.mark.accelerated
 def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
     """Measuring passes in bfloat16 with the linear maps' weights cast once (LoweredLinears)
     produce exactly autocast's logits and greedy tokens; afterwards every map holds its own
     float32 weight again, GPT-2's head still tied to its embedding."""
-    from rlsedit_cli.models.precision import LoweredLinears, compute_dtype
+    from rlsedit_cli.accel.precision import LoweredLinears, compute_dtype
 
     model = tiny.model
     before = {name: p for name, p in model.named_parameters()}
@@ -171,9 +183,9 @@ def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
                                 pad_token_id=0)
         return logits, tokens
 
-    with torch.no_grad(), compute_dtype("cpu", "bfloat16"):
+    with torch.no_grad(), compute_dtype(tiny, "bfloat16"):
         plain = passes()
-        with LoweredLinears([model], "bfloat16").swapped():
+        with LoweredLinears(tiny, [model], "bfloat16").swapped():
             assert model.get_output_embeddings().weight.dtype == torch.bfloat16
             assert model.get_input_embeddings().weight.dtype == torch.float32
             lowered = passes()
@@ -183,16 +195,7 @@ def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
-class CastEveryPassLoss(TargetLoss):
-    """TargetLoss leaving every cast to autocast (no weights lowered once)."""
-
-    def __init__(self, *args, **kwargs):
-        from rlsedit_cli.models.precision import LoweredLinears
-
-        super().__init__(*args, **kwargs)
-        self.low = LoweredLinears([], "float32")
-
-
+@pytest.mark.accelerated
 def test_bfloat16_target_step_with_weights_lowered_once_gives_autocasts_targets(tiny,
                                                                                toy_records):
     """The bfloat16 target step holds the blocks' and the LM head's weights cast once: the same
@@ -213,14 +216,14 @@ def test_bfloat16_target_step_with_weights_lowered_once_gives_autocasts_targets(
     before = {name: p for name, p in tiny.model.named_parameters()}
     cfg = target_cfg(steps=6, loss_layer=2, compute_dtype="bfloat16")
     with Spy():
-        once = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
+        once = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg, loss=TargetLoss)
     cast_once = len(head_casts)
     with Spy():
-        every = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg, loss=CastEveryPassLoss)
+        every = optimise_targets(without(tiny, "lowered_weights"), toy_records[:4], CONTEXTS, 1,
+                                 cfg, loss=TargetLoss)
     assert torch.equal(once.z, every.z) and torch.equal(once.steps, every.steps)
-    # once: when the loss is made; every pass: one per pass (6), after the copy its __init__
-    # made and dropped
-    assert (cast_once, len(head_casts) - cast_once) == (1, 1 + 6)
+    # once: when the loss is made; without lowered_weights: one per pass (6)
+    assert (cast_once, len(head_casts) - cast_once) == (1, 6)
     assert all(p is before[name] for name, p in tiny.model.named_parameters())
     model = tiny.model
     if model.config.tie_word_embeddings:
@@ -233,7 +236,7 @@ def test_grouped_attention_equals_torchs_kernel_and_its_gradients(heads, mask_ki
     """grouped_attention (the target step's short queries on the CPU) gives torch's
     scaled_dot_product_attention (enable_gqa) and its gradients within float32 rounding:
     grouped and plain heads; a padding mask, an additive mask, none."""
-    from rlsedit_cli.ops.attention import grouped_attention
+    from rlsedit_cli.accel.attention import grouped_attention
 
     hq, hkv = heads
     gen = torch.Generator().manual_seed(0)
@@ -256,13 +259,14 @@ def test_grouped_attention_equals_torchs_kernel_and_its_gradients(heads, mask_ki
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.accelerated
 def test_bfloat16_target_step_takes_grouped_attention_for_its_short_queries(tiny, toy_records,
                                                                            monkeypatch):
     """The bfloat16 target step's suffixes go through grouped_attention (no torch attention
     kernel is called), and its targets stay within bfloat16 rounding of the kernel's."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    import rlsedit_cli.models.precision as precision
+    import rlsedit_cli.accel.precision as precision
 
     kernels, grouped_calls = [], []
     plain = precision.grouped_attention
@@ -284,8 +288,8 @@ def test_bfloat16_target_step_takes_grouped_attention_for_its_short_queries(tiny
         nll, _ = loss(delta)
         nll.sum().backward()
     assert kernels == [] and len(grouped_calls) == 1  # block 2, the one block above block 1
-    grouped = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
-    monkeypatch.setattr(precision, "SHORT_QUERY", 0)  # every query to torch's kernel
-    kernel = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg)
+    grouped = optimise_targets(tiny, toy_records[:4], CONTEXTS, 1, cfg, loss=TargetLoss)
+    kernel = optimise_targets(without(tiny, "grouped_attention"), toy_records[:4], CONTEXTS, 1,
+                              cfg, loss=TargetLoss)  # every query to torch's kernel
     gap = float((grouped.z - kernel.z).norm() / kernel.z.norm())
     assert gap < 0.02, gap

@@ -8,7 +8,7 @@ same number of steps:
 - batched: every request in one forward/backward per step, with the fast loss (cached
   prefixes, replayed blocks, MLPs cut to the positions that count);
 - batched, whole prefixes: the same, with each row's prefix run whole (the context templates'
-  tokens once per row, not once per chunk: :class:`WholePrefixLoss`);
+  tokens once per row, not once per chunk: ``TargetLoss(share_prefixes=False)``);
 - one at a time: the same fast loss, one request per call;
 - the references' way: one request per call, each step one full forward pass of its prompts
   through the whole model with logits everywhere (:class:`FullForwardLoss`, as MEMIT's
@@ -23,22 +23,18 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import replace
+from functools import partial
 
 import torch
 
+from rlsedit_cli.accel.target_loss import TargetLoss
 from rlsedit_cli.bench.gemm import share_of_gemm, timed
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.reference import FullForwardLoss
-from rlsedit_cli.editing.targets import TargetLoss, optimise_targets
+from rlsedit_cli.editing.targets import optimise_targets
 from rlsedit_cli.editing.templates import context_templates
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.settings import TargetConfig
-
-
-class WholePrefixLoss(TargetLoss):
-    """The fast target loss with every row's prefix run whole (no tokens shared across rows)."""
-
-    share_prefixes = False
 
 
 def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
@@ -56,13 +52,14 @@ def bench_targets(handle: ModelHandle, records: list[Record], z_layer: int,
     templates = context_templates(handle, cfg.context_templates, seed=0)
 
     def together() -> torch.Tensor:
-        return optimise_targets(handle, records, templates, z_layer, cfg).z
+        return optimise_targets(handle, records, templates, z_layer, cfg, loss=TargetLoss).z
 
     def whole() -> torch.Tensor:
-        return optimise_targets(handle, records, templates, z_layer, cfg, loss=WholePrefixLoss).z
+        return optimise_targets(handle, records, templates, z_layer, cfg,
+                                loss=partial(TargetLoss, share_prefixes=False)).z
 
     def alone() -> torch.Tensor:
-        return torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg).z
+        return torch.cat([optimise_targets(handle, [r], templates, z_layer, cfg, loss=TargetLoss).z
                           for r in records])
 
     def references() -> torch.Tensor:  # one request at a time, a full forward every step

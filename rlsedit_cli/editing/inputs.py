@@ -2,26 +2,20 @@
 
 :class:`Rows` are left-padded so that every row ends at the same position, with position ids
 from the attention mask so padding changes nothing. Each row knows its request (``owner``) and
-the position of the subject's last token (``lookup``).
-
-:class:`SplitRows` cut each row at the subject's last token: an edit at that token changes
-nothing before it (causal attention), so the prefix runs once into a key/value cache and the
-target optimisation re-runs only the suffix (see :func:`prefix_cache`). Rows of one group (the
-same context template) share the tokens their prefixes start with: those run once per group
-(:class:`SharedPrefix`).
+the position of the subject's last token (``lookup``). The rows cut at that token for the
+target step's prefix caches are accel/prefix.py's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from rlsedit_cli.accel.attention import grouped_kv_attention
 from rlsedit_cli.datasets.records import fill
-from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError
 from rlsedit_cli.models.tokens import encode_prompt, pad, positions, subject_last_index
 
 Item = tuple[str, str, list[int], int]  # (template with "{}", subject, ids after the prompt, owner)
@@ -42,7 +36,7 @@ class Rows:
         return {"input_ids": self.ids, "attention_mask": self.mask, "position_ids": self.pos}
 
 
-def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], list[int]]:
+def encode_items(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], list[int]]:
     """Token ids of every item and the index of its subject's last token."""
     tok = handle.tok
     seqs = [encode_prompt(tok, fill(t, s)) + list(extra) for t, s, extra, _ in items]
@@ -52,7 +46,7 @@ def _encode(handle: ModelHandle, items: list[Item]) -> tuple[list[list[int]], li
 
 def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
     """Left-padded rows for ``items``."""
-    seqs, lookups = _encode(handle, items)
+    seqs, lookups = encode_items(handle, items)
     ids, mask = pad(seqs, handle.tok.pad_token_id, left=True)
     width = ids.shape[1]
     lengths = torch.tensor([len(s) for s in seqs])
@@ -62,225 +56,10 @@ def build_rows(handle: ModelHandle, items: list[Item]) -> Rows:
                 owner=torch.tensor([it[3] for it in items]).to(dev))
 
 
-@dataclass
-class SharedPrefix:
-    """The first ``cols`` prefix columns hold tokens that every row of a group starts with.
-
-    ``rep`` (N,): the row whose keys and values there stand for its group's (-1: a row that
-    shares nothing, all padding there). The keys and values of those columns are computed for
-    the representatives only, then copied to their groups (:func:`prefix_cache`).
-    """
-
-    cols: int
-    rep: torch.Tensor
-
-
-@dataclass
-class SplitRows:
-    """Rows cut at the subject's last token.
-
-    The prefix (tokens before it) takes P columns: the tokens its group shares, left-padded to
-    ``shared.cols`` columns, then the rest, left-padded (without sharing: all of it, left-padded);
-    position ids count the real tokens only, so the padding between them changes nothing. The
-    suffix (from the subject's last token on) is right-padded to S columns, so that token sits in
-    suffix column 0 of every row. ``prefix_*``: (N, P); ``suffix_*``: (N, S); ``mask``:
-    (N, P + S); ``suffix_len``, ``owner``: (N,)
-    """
-
-    prefix_ids: torch.Tensor
-    prefix_mask: torch.Tensor
-    prefix_pos: torch.Tensor
-    suffix_ids: torch.Tensor
-    suffix_pos: torch.Tensor
-    mask: torch.Tensor
-    suffix_len: torch.Tensor
-    owner: torch.Tensor
-    shared: SharedPrefix | None = None
-
-    @property
-    def prefix_inputs(self) -> dict:
-        return {"input_ids": self.prefix_ids, "attention_mask": self.prefix_mask,
-                "position_ids": self.prefix_pos}
-
-    @property
-    def suffix_mask(self) -> torch.Tensor:
-        """(N, S): 1 on the suffix's tokens, 0 on its (right) padding."""
-        return self.mask[:, self.prefix_ids.shape[1]:]
-
-    def select(self, rows: torch.Tensor, requests: torch.Tensor) -> SplitRows:
-        """Only ``rows`` (their requests, ``requests``, sorted, become 0..m-1)."""
-        picked = {f: getattr(self, f)[rows.to(getattr(self, f).device)]
-                  for f in self.__dataclass_fields__ if f != "shared"}  # (the cache's business)
-        picked["owner"] = torch.searchsorted(requests.to(self.owner.device), picked["owner"])
-        return SplitRows(**picked)
-
-    def suffix_inputs(self, cache: DynamicCache | None) -> dict:
-        """Inputs of the suffix after a prefix whose keys and values are in ``cache``."""
-        return {"input_ids": self.suffix_ids, "attention_mask": self.mask,
-                "position_ids": self.suffix_pos, "past_key_values": cache,
-                "use_cache": cache is not None}
-
-
-def _common_length(seqs: list[list[int]]) -> int:
-    """How many tokens every one of ``seqs`` starts with."""
-    n = min(len(s) for s in seqs)
-    for j in range(n):
-        if any(s[j] != seqs[0][j] for s in seqs):
-            return j
-    return n
-
-
-def _shared_lengths(prefixes: list[list[int]], groups: list[int] | None, least: int
-                    ) -> tuple[list[int], list[int]]:
-    """Per row: how many prefix tokens it shares with its group, and the group's first row
-    (-1 where it shares fewer than ``least``: not worth a pass)."""
-    shared, rep = [0] * len(prefixes), [-1] * len(prefixes)
-    members: dict[int, list[int]] = {}
-    for row, g in enumerate(groups or []):
-        members.setdefault(g, []).append(row)
-    for rows in members.values():
-        c = _common_length([prefixes[r] for r in rows]) if len(rows) > 1 else 0
-        if c >= least:
-            for r in rows:
-                shared[r], rep[r] = c, rows[0]
-    return shared, rep
-
-
-def build_split_rows(handle: ModelHandle, items: list[Item], groups: list[int] | None = None,
-                     least_shared: int = 2) -> SplitRows:
-    """:class:`SplitRows` for ``items``; ``groups`` (one id per item): rows whose prefixes share
-    their first tokens (at least ``least_shared``) get them once (:class:`SharedPrefix`)."""
-    seqs, lookups = _encode(handle, items)
-    pad_id = handle.tok.pad_token_id
-    prefixes = [s[:k] for s, k in zip(seqs, lookups)]
-    shared, rep = _shared_lengths(prefixes, groups, least_shared)
-    head_ids, head_mask = pad([p[:c] for p, c in zip(prefixes, shared)], pad_id, left=True)
-    rest_ids, rest_mask = pad([p[c:] for p, c in zip(prefixes, shared)], pad_id, left=True)
-    prefix_ids = torch.cat([head_ids, rest_ids], 1)
-    prefix_mask = torch.cat([head_mask, rest_mask], 1)
-    suffix_ids, suffix_mask = pad([s[k:] for s, k in zip(seqs, lookups)], pad_id)
-    lookup = torch.tensor(lookups)
-    suffix_pos = lookup[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
-    dev = handle.device
-    sharing = (SharedPrefix(cols=head_ids.shape[1], rep=torch.tensor(rep, device=dev))
-               if head_ids.shape[1] else None)
-    return SplitRows(prefix_ids=prefix_ids.to(dev), prefix_mask=prefix_mask.to(dev),
-                     prefix_pos=positions(prefix_mask).to(dev),
-                     suffix_ids=suffix_ids.to(dev), suffix_pos=suffix_pos.to(dev),
-                     mask=torch.cat([prefix_mask, suffix_mask], 1).to(dev),
-                     suffix_len=suffix_mask.sum(1).to(dev),
-                     owner=torch.tensor([it[3] for it in items]).to(dev), shared=sharing)
-
-
-class PrefixCache:
-    """Keys and values of the prefixes in blocks 0..stop_layer (None above it), per row."""
-
-    def __init__(self, kv: list[tuple[torch.Tensor | None, torch.Tensor | None]] | None,
-                 config) -> None:
-        self.kv, self.config = kv, config
-
-    def fresh(self) -> DynamicCache | None:
-        """A new cache holding them (a forward pass appends to its cache, so each pass needs
-        its own), or None without prefixes."""
-        return None if self.kv is None else DynamicCache(self.kv, config=self.config)
-
-    def select(self, rows: torch.Tensor) -> PrefixCache:
-        """The cache of ``rows`` only."""
-        if self.kv is None:
-            return self
-        return PrefixCache([(k if k is None else k[rows.to(k.device)],
-                             v if v is None else v[rows.to(v.device)]) for k, v in self.kv],
-                           self.config)
-
-
-@torch.no_grad()
-def prefix_cache(handle: ModelHandle, rows: SplitRows, stop_layer: int) -> PrefixCache:
-    """The prefixes' keys and values in blocks 0..``stop_layer`` (empty without prefixes).
-
-    With :class:`SharedPrefix`, the shared columns run for one row per group, their keys and
-    values are copied to the group's rows, and the rest of each prefix runs after them.
-    """
-    config = handle.model.config
-    if rows.prefix_ids.shape[1] == 0:
-        return PrefixCache(None, config)
-    inputs, start = rows.prefix_inputs, None
-    if rows.shared is not None:
-        cols, rep = rows.shared.cols, rows.shared.rep
-        reps = torch.unique(rep[rep >= 0])  # (G,)
-        head = DynamicCache(config=config)
-        forward_until(handle, {**{k: v[reps, :cols] for k, v in inputs.items()},
-                               "past_key_values": head, "use_cache": True}, stop_layer, [])
-        slot = torch.searchsorted(reps, rep.clamp(min=0))  # (N,) each row's group's slot
-        own = (rep >= 0)[:, None, None, None]  # rows that share nothing: zeros, masked
-
-        def spread(x: torch.Tensor) -> torch.Tensor:  # (G, heads, cols, d) -> (N, ...)
-            return torch.where(own.to(x.device), x[slot.to(x.device)], 0.0)
-
-        start = DynamicCache([(spread(layer.keys), spread(layer.values))
-                              if i <= stop_layer else (None, None)
-                              for i, layer in enumerate(head.layers)], config=config)
-        inputs = {"input_ids": inputs["input_ids"][:, cols:],
-                  "attention_mask": inputs["attention_mask"],
-                  "position_ids": inputs["position_ids"][:, cols:]}
-    cache = start if start is not None else DynamicCache(config=config)
-    if inputs["input_ids"].shape[1]:  # (every prefix may be all shared)
-        forward_until(handle, {**inputs, "past_key_values": cache, "use_cache": True},
-                      stop_layer, [])
-    return PrefixCache([(layer.keys, layer.values) if i <= stop_layer else (None, None)
-                        for i, layer in enumerate(cache.layers)], config)
-
-
-@contextmanager
-def patched_forward(modules: list[torch.nn.Module], make: Callable) -> Iterator[None]:
-    """Each module's forward becomes ``make(forward)`` (given its current forward).
-
-    An existing instance-level ``forward`` (accelerate's) is restored afterwards.
-    """
-    saved = [m.__dict__.get("forward") for m in modules]
-    for m in modules:
-        m.forward = make(m.forward)
-    try:
-        yield
-    finally:
-        for m, fwd in zip(modules, saved):
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd
-
-
-def replay_blocks(handle: ModelHandle, upto: int, output):
-    """Blocks 0..``upto`` skip their work and block ``upto`` returns the recorded ``output``.
-
-    For passes whose inputs up to block ``upto`` are the same as in the pass that recorded it.
-    Forward hooks still run.
-    """
-    modules = [handle.layer_module(i) for i in range(upto + 1)]
-    return patched_forward(modules, lambda fwd: lambda *args, **kwargs: output)
-
-
-def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch.Tensor):
-    """The MLP of ``layer`` computes only at positions (rows, cols) and gives zeros elsewhere.
-
-    For passes that read block ``layer``'s output only there (the MLP is position-wise, so
-    those positions are exact; the others become wrong).
-    """
-
-    def make(inner):
-        def forward(hidden, *args, **kwargs):  # hidden (N, S, d_model)
-            at = (rows.to(hidden.device), cols.to(hidden.device))
-            picked = inner(hidden[at][None], *args, **kwargs)[0]  # (k, d_model)
-            return picked.new_zeros(hidden.shape).index_put(at, picked)
-
-        return forward
-
-    return patched_forward([handle.mlp_module(layer)], make)
-
-
 def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,
                   hooks: list[tuple[torch.nn.Module, str, Callable]]) -> None:
     """Run the model on ``inputs`` with the given hooks, stopping after block ``stop_layer``
-    (on the CPU with :func:`grouped_kv_attention`).
+    (grouped key/value heads as they are where ``gqa_passthrough`` runs).
 
     Args:
         inputs: keyword arguments of the model's forward (``Rows.inputs`` and the like).
@@ -297,7 +76,7 @@ def forward_until(handle: ModelHandle, inputs: dict, stop_layer: int,
 
     handles.append(handle.layer_module(stop_layer).register_forward_hook(stop))
     try:
-        with grouped_kv_attention(handle.device):
+        with grouped_kv_attention(handle):
             handle.model(**{"use_cache": False, **inputs})
     except StopForwardError:
         pass

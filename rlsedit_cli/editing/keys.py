@@ -7,10 +7,11 @@ from contextlib import nullcontext
 
 import torch
 
+from rlsedit_cli.accel.precision import compute_dtype
+from rlsedit_cli.accel.prefix import replay_blocks
 from rlsedit_cli.datasets.records import Record, fill
-from rlsedit_cli.editing.inputs import build_rows, forward_until, replay_blocks
+from rlsedit_cli.editing.inputs import build_rows, forward_until
 from rlsedit_cli.models.handle import ModelHandle, block_hidden
-from rlsedit_cli.models.precision import compute_dtype
 
 
 def weighted_keys(keys: torch.Tensor, weights: list[float] | None) -> torch.Tensor:
@@ -42,9 +43,10 @@ class LayerKeys:
     lowest layer first, each read after the layers below it were written.
 
     Blocks below the layer written since the last read are unchanged, and so are their outputs
-    on the same rows: a read replays them from the last pass (the output of the block below each
-    read layer is kept) and computes only from the written layer up: the same numbers as a full
-    pass, a fraction of its work (SmolLM2, layers 4-8: 23 block passes instead of 45).
+    on the same rows: where ``replayed_blocks`` runs, a read replays them from the last pass
+    (the output of the block below each read layer is kept) and computes only from the written
+    layer up: the same numbers as a full pass, a fraction of its work (SmolLM2, layers 4-8:
+    23 block passes instead of 45).
     """
 
     def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
@@ -87,9 +89,10 @@ class LayerKeys:
                  (self.handle.layer_module(self.z_layer), "post", take_hidden)]
         if layer > 0:
             hooks.append((self.handle.layer_module(layer - 1), "post", keep_below))
-        replayed = (replay_blocks(handle, *self.below)
-                    if self.below is not None and self.below[0] < layer else nullcontext())
-        with replayed, compute_dtype(handle.device, self.dtype):
+        replay = (self.below is not None and self.below[0] < layer
+                  and handle.accel.on("replayed_blocks", handle.device))
+        replayed = replay_blocks(handle, *self.below) if replay else nullcontext()
+        with replayed, compute_dtype(handle, self.dtype):
             forward_until(handle, rows.inputs, max(layer, self.z_layer), hooks)
         self.below = (layer - 1, found["below"]) if layer > 0 else None
         h = found["h"].view(self.n, self.n_ctx, -1)[:, 0]  # (n, d_model)

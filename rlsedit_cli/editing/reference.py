@@ -1,6 +1,6 @@
 """The target loss by its definition: one plain forward pass of the whole model per prompt.
 
-This is what :class:`rlsedit_cli.editing.targets.TargetLoss` computes fast (cached prefixes,
+This is what :class:`rlsedit_cli.accel.target_loss.TargetLoss` computes fast (cached prefixes,
 replayed blocks, MLPs cut to the positions that count); tests hold the two equal on every
 architecture. It is slow and meant to be read: the delta of request i is added to the residual
 stream after block ``z_layer`` at the subject's last token of each of its prompts, and the
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from rlsedit_cli.accel.precision import compute_dtype
 from rlsedit_cli.datasets.records import Record, fill
 from rlsedit_cli.editing.inputs import build_rows
 from rlsedit_cli.models.handle import ModelHandle, block_hidden, with_hidden
@@ -67,15 +68,15 @@ class FullForwardLoss:
     left-padded forward pass of every prompt of the chunk (its rewrite prompts and KL prompts)
     through the whole model, log-softmax over the logits at every position, nothing cached.
 
-    The same interface and values as :class:`rlsedit_cli.editing.targets.TargetLoss`; given one
+    The same interface and values as :class:`rlsedit_cli.accel.target_loss.TargetLoss`; given one
     request at a time it is the references' one-request path, which ``rlsedit bench targets``
     times against the batched fast one.
     """
 
     def __init__(self, handle: ModelHandle, requests: list[Record], templates: list[str],
-                 z_layer: int, loss_layer: int) -> None:
+                 z_layer: int, loss_layer: int, dtype: str = "float32") -> None:
         del loss_layer  # the references read the model's own logits (its last layer)
-        self.handle, self.z_layer = handle, z_layer
+        self.handle, self.z_layer, self.dtype = handle, z_layer, dtype  # dtype: of the products
         self.n, self.n_ctx = len(requests), len(templates)
         items, self.targets = [], []
         for i, r in enumerate(requests):
@@ -106,7 +107,8 @@ class FullForwardLoss:
         if self.map_init is None:
             hooks.append(handle.edited_module(self.z_layer).register_forward_hook(map_output))
         try:
-            logits = handle.model(**rows.inputs, use_cache=False).logits  # (N, T, vocab)
+            with compute_dtype(handle, self.dtype):
+                logits = handle.model(**rows.inputs, use_cache=False).logits  # (N, T, vocab)
         finally:
             for hook in hooks:
                 hook.remove()

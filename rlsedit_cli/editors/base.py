@@ -4,7 +4,8 @@ One batch of a :class:`KeyValueEditor` (RLSEdit, AlphaEdit, MEMIT), top-down:
 
 1. context templates, sampled once (editing/templates.py);
 2. the target hidden states z after the last edited layer, optimised for the whole batch at
-   once (editing/targets.py; its loss is defined plainly in editing/reference.py);
+   once (editing/targets.py; its loss is defined plainly in editing/reference.py, computed
+   fast in accel/target_loss.py);
 3. for each edited layer, lowest first: the keys K of its MLP output map and the current hidden
    states h after the last edited layer, re-read after the layers below were written
    (editing/keys.py); the residual R = (z - h) / (layers left); the editor's own rule

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessorList
 
+from rlsedit_cli.accel.precision import LoweredLinears, compute_dtype
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.answers import said
@@ -20,7 +21,6 @@ from rlsedit_cli.eval.metrics import mean_ci, ngram_entropy, prefers, prob_gap, 
 from rlsedit_cli.eval.scoring import completion_nll, completion_top1
 from rlsedit_cli.models.generation import TopKDraw, fixed_length, seeded
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.models.precision import LoweredLinears, compute_dtype
 from rlsedit_cli.models.tokens import encode_prompt, pad
 from rlsedit_cli.progress import progress
 
@@ -29,6 +29,11 @@ FAMILIES = {  # metric -> (record field, which target should win)
     "generalization": ("paraphrase_prompts", "new"),
     "specificity": ("neighborhood_prompts", "true"),
 }
+
+
+def _shared(handle) -> bool:
+    """Whether pairs that share a prompt run it once (the ``shared_prompts`` acceleration)."""
+    return handle.accel.on("shared_prompts", handle.device)
 
 
 def _prompts(record: Record, field: str) -> tuple[str, ...]:
@@ -60,7 +65,7 @@ def accuracy_metrics(handle: ModelHandle, records: list[Record], batch_size: int
             for prompt, answer in zip(prompts, answers):
                 pairs.append((prompt, answer))
                 owners.append((metric, i))
-    acc = completion_top1(handle.model, handle.tok, pairs, batch_size).numpy()
+    acc = completion_top1(handle.model, handle.tok, pairs, batch_size, _shared(handle)).numpy()
     out: dict[str, np.ndarray] = {}
     for metric in families:
         rows = [k for k, (m, _) in enumerate(owners) if m == metric]
@@ -102,7 +107,8 @@ def probability_metrics(handle: ModelHandle, records: list[Record], batch_size: 
             for p in _prompts(r, field):
                 pairs += [(p, r.target_new), (p, r.target_true)]
                 owners.append((metric, i))
-    nll = completion_nll(handle.model, handle.tok, pairs, batch_size).numpy().reshape(-1, 2)
+    nll = completion_nll(handle.model, handle.tok, pairs, batch_size,
+                         _shared(handle)).numpy().reshape(-1, 2)
     out: dict[str, np.ndarray] = {}
     for metric in families:
         winner = FAMILIES[metric][1]
@@ -231,7 +237,7 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     if not records:
         return {}
     dtype = getattr(cfg, "compute_dtype", "float32")
-    with compute_dtype(handle.device, dtype), LoweredLinears([handle.model], dtype).swapped():
+    with compute_dtype(handle, dtype), LoweredLinears(handle, [handle.model], dtype).swapped():
         return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers)
 
 

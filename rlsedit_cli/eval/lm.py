@@ -3,13 +3,13 @@
 - ``eval.logits=continuation`` (the default): the requests that share a context (the choices of
   a multiple-choice question) run it once: contexts (truncated from the left to the model's
   window, as lm-eval truncates) left-padded into a key/value cache, batched by length, then each
-  continuation after its context (eval/scoring.py's ``read_states``); the LM head and the
+  continuation after its context (accel/prefix.py's ``read_states``); the LM head and the
   log-softmax run only at the positions whose next token lm-eval reads, not at every position.
   The figures are lm-eval's own within float rounding (tests/test_eval_lm.py).
   ``eval.logits=all`` is lm-eval's own path.
 - ``eval.compute_dtype=bfloat16``: every pass (scoring and generation) with bfloat16 matrix
   products (lm-eval's ``mixed_precision_dtype``), the weights cast once per point
-  (models/precision.py's LoweredLinears) and attention in float32. It changes figures by
+  (accel/precision.py's LoweredLinears) and attention in float32. It changes figures by
   bfloat16 rounding: a named setting, measured against float32 in docs/benchmarks.md.
 """
 
@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
-from rlsedit_cli.eval.scoring import little_padding, read_states
+from rlsedit_cli.accel.precision import Float32Attention, LoweredLinears
+from rlsedit_cli.accel.prefix import read_states
+from rlsedit_cli.eval.scoring import little_padding
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.models.precision import Float32Attention, LoweredLinears
 
 LOGITS = ("continuation", "all")
 
@@ -39,15 +40,17 @@ class EditedLM(HFLM):
                          device=str(handle.device),
                          mixed_precision_dtype=torch.bfloat16 if low else None)
         self.handle, self.only_continuation = handle, logits == "continuation"
-        self.lowered = LoweredLinears([handle.model], compute_dtype) if low else None
+        self.lowered = LoweredLinears(handle, [handle.model], compute_dtype) if low else None
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
-        """bfloat16 copies of the weights in place, attention in float32 (nothing in float32)."""
+        """bfloat16 copies of the weights in place, attention in float32 (nothing in float32),
+        as far as ``lowered_weights`` and ``float32_attention`` run on this device."""
         if self.lowered is None:
             yield
             return
-        with self.lowered.swapped(), Float32Attention():
+        f32 = self.handle.accel.on("float32_attention", self.handle.device)
+        with self.lowered.swapped(), Float32Attention() if f32 else contextlib.nullcontext():
             yield
 
     def _model_call(self, inps, attn_mask=None, labels=None):

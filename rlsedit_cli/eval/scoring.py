@@ -4,8 +4,9 @@ of its tokens that are the model's top-1 prediction (zsRE's token accuracy)."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlsedit_cli.accel.prefix import read_states
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad, positions
 from rlsedit_cli.progress import progress
 
@@ -18,6 +19,7 @@ def completion_nll(
     tok: PreTrainedTokenizerBase,
     pairs: list[tuple[str, str]],
     batch_size: int = 64,
+    shared: bool = True,
 ) -> torch.Tensor:
     """Mean negative log-likelihood per token of ``" " + target`` after ``prompt``.
 
@@ -25,25 +27,28 @@ def completion_nll(
         pairs: (prompt, target) pairs.
         batch_size: distinct prompts per forward pass (sorted by length, batches cut where
             padding would grow: :func:`little_padding`).
+        shared: whether a prompt that several pairs share runs once (``shared_prompts``).
 
     Returns:
         (n,) float32 tensor on the CPU, in the order of ``pairs``.
     """
-    return _score(model, tok, pairs, batch_size,
+    return _score(model, tok, pairs, batch_size, shared,
                   lambda logits, target: -logits.log_softmax(-1)[
                       torch.arange(len(target), device=target.device), target].mean())
 
 
 @torch.no_grad()
 def completion_top1(model: PreTrainedModel, tok: PreTrainedTokenizerBase,
-                    pairs: list[tuple[str, str]], batch_size: int = 64) -> torch.Tensor:
+                    pairs: list[tuple[str, str]], batch_size: int = 64,
+                    shared: bool = True) -> torch.Tensor:
     """Share of the tokens of ``" " + target`` that are the model's top-1 prediction after
     ``prompt`` and the target's earlier tokens (memit/eval_utils_zsre.py). (n,) float32."""
-    return _score(model, tok, pairs, batch_size,
+    return _score(model, tok, pairs, batch_size, shared,
                   lambda logits, target: (logits.argmax(-1) == target).float().mean())
 
 
-def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> torch.Tensor:
+def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, shared: bool,
+           score) -> torch.Tensor:
     """``score(logits (T, vocab), target ids (T,))`` of each pair's target positions.
 
     Pairs that share a prompt (a record's target_new and target_true) run it once: the prompts
@@ -52,6 +57,7 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> 
     target is one token: the prompt's last position predicts it). The LM head runs only at the
     positions read. The same logits as each pair run whole (ROME's test_batch_prediction) within
     float rounding (tests/test_measurement.py), at less than half the tokens on CounterFact.
+    Without ``shared``, each pair runs whole (:func:`whole_states`).
     """
     device = model.get_input_embeddings().weight.device
     body, head = model.base_model, model.get_output_embeddings()
@@ -70,8 +76,9 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, score) -> 
                           disable=len(groups) < 4):
         ks = [k for u in batch for k in of_prompt[u]]  # this batch's pairs
         rows = torch.tensor([b for b, u in enumerate(batch) for _ in of_prompt[u]])  # (n,)
-        read = read_states(body, tok, [prompt_ids[u] for u in batch],
-                            [target_ids[k] for k in ks], rows, device)
+        states = read_states if shared else whole_states
+        read = states(body, tok, [prompt_ids[u] for u in batch], [target_ids[k] for k in ks],
+                      rows, device)
         logits = head(read.to(head.weight.device)).float()  # (sum of target lengths, vocab)
         at = 0
         for k in ks:
@@ -100,29 +107,13 @@ def little_padding(items: list[int], lengths: list[int], most: int,
     return batches
 
 
-def read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
+def whole_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
                  rows: torch.Tensor, device) -> torch.Tensor:
-    """The hidden states that predict each target's tokens after its prompt (``rows[j]``: the
-    prompt of target j), target after target: (sum of target lengths, d_model)."""
-    ids, mask = pad(prompts, tok.pad_token_id, left=True, device=device)  # (B, P)
-    pos = positions(mask)  # (B, P): padding changes nothing
-    cache = DynamicCache(config=body.config)
-    hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                  use_cache=True).last_hidden_state  # (B, P, d_model)
-    last = hidden[rows.to(device), -1]  # (n, d_model): predicts each target's first token
-    longer = [j for j, t in enumerate(targets) if len(t) > 1]
-    if not longer:
-        return last
-    pick = rows[longer].to(device)  # (m,)
-    cache.batch_select_indices(pick)
-    s_ids, s_mask = pad([targets[j][:-1] for j in longer], tok.pad_token_id, device=device)
-    s_pos = (pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)) * s_mask  # (m, S)
-    # (padding at position 0: a long prompt's padded slots stay inside the position table)
-    after = body(input_ids=s_ids, attention_mask=torch.cat([mask[pick], s_mask], 1),
-                 position_ids=s_pos, past_key_values=cache,
-                 use_cache=True).last_hidden_state  # (m, S, d_model)
-    slot = {j: i for i, j in enumerate(longer)}
-    parts = [last[j : j + 1] if j not in slot else
-             torch.cat([last[j : j + 1], after[slot[j], : len(t) - 1]]) for j, t in
-             enumerate(targets)]
-    return torch.cat(parts)
+    """What :func:`rlsedit_cli.accel.prefix.read_states` returns, each pair run whole: prompt and
+    target but its last token, left-padded, one pass (the plain path of ``shared_prompts``)."""
+    seqs = [prompts[int(r)] + t[:-1] for r, t in zip(rows, targets)]
+    ids, mask = pad(seqs, tok.pad_token_id, left=True, device=device)  # (n, T)
+    hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                  use_cache=False).last_hidden_state  # (n, T, d_model)
+    width = ids.shape[1]  # every row ends at column T - 1, predicting its target's last token
+    return torch.cat([hidden[j, width - len(t):] for j, t in enumerate(targets)])

@@ -7,38 +7,14 @@ at the edge, and nowhere else.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlsedit_cli.accel import Accelerations
 from rlsedit_cli.errors import ConfigError
-
-FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
-
-
-@contextmanager
-def grouped_kv_attention(device: torch.device) -> Iterator[None]:
-    """On the CPU, transformers' SDPA attention hands grouped key/value heads (GQA: SmolLM2,
-    Llama 3, Qwen 2.5) to torch as they are (``enable_gqa``) where, given a padding mask, it
-    would repeat them for every query head first: the same numbers (tests), a SmolLM2 target step
-    about 11% faster (docs/benchmarks.md section 4). Used by the editing passes
-    (editing/inputs.py) and the anchor statistics (scoring gained 1.5%: not used there).
-    transformers reads the switch, the environment variable FORCE_GQA, at every call; a value the
-    user set is left alone. CUDA keeps transformers' default (not measured there).
-    """
-    if torch.device(device).type != "cpu" or FORCE_GQA in os.environ:
-        yield
-        return
-    os.environ[FORCE_GQA] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(FORCE_GQA, None)
 
 
 class StopForwardError(Exception):
@@ -62,6 +38,7 @@ class ModelHandle:
     model: PreTrainedModel
     tok: PreTrainedTokenizerBase
     spec: object  # ModelConfig (DictConfig)
+    accel: Accelerations = field(default_factory=Accelerations)  # speed.accelerations
 
     @property
     def device(self) -> torch.device:

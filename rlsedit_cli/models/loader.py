@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlsedit_cli.accel import Accelerations
 from rlsedit_cli.config import conf_dir
 from rlsedit_cli.errors import ConfigError, ModelLoadError, first_line
 from rlsedit_cli.models.facts import check_facts
@@ -100,12 +101,14 @@ def _source(spec, cache: str | Path | None) -> str:
     return str(dequantised_folder(locate(name, str(gguf_file), spec.revision), cache))
 
 
-def load_model(spec, device: torch.device, cache: str | Path | None = None) -> ModelHandle:
+def load_model(spec, device: torch.device, cache: str | Path | None = None,
+               accel: Accelerations | None = None) -> ModelHandle:
     """Load a conf/model node's model onto ``device`` and check its templates.
 
     Args:
         cache: folder for derived files (``paths.cache``); GGUF models keep their de-quantised
             float32 copy there.
+        accel: the accelerations its passes may take (``speed.accelerations``; None: all).
     """
     if spec.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={spec.dtype!r} is not one of {sorted(DTYPES)}")
@@ -149,7 +152,7 @@ def load_model(spec, device: torch.device, cache: str | Path | None = None) -> M
                 "needs: add one to its tokenizer_config.json (e.g. \"eos_token\")")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    handle = ModelHandle(model=model, tok=tok, spec=spec)
+    handle = ModelHandle(model=model, tok=tok, spec=spec, accel=accel or Accelerations())
     handle.check_layers(list(spec.edit_layers), "model.edit_layers")
     handle.check_layers([spec.single_layer], "model.single_layer")
     handle.check_layers([spec.loss_layer], "model.loss_layer")

@@ -21,6 +21,7 @@ import transformers
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from rlsedit_cli.accel import ACCELERATIONS, Accelerations, unknown
 from rlsedit_cli.console import route_library_logs
 from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError
@@ -85,6 +86,9 @@ def check_config(cfg: DictConfig) -> None:
                        ("measure.compute_dtype", cfg.measure.compute_dtype)):
         if dtype not in (None, "float32", "bfloat16"):
             raise ConfigError(f"{key}={dtype!r} must be float32 or bfloat16")
+    if bad := unknown(cfg.speed.accelerations):
+        raise ConfigError(f"speed.accelerations names {bad[0]!r}: use all, [] or any of "
+                          f"{', '.join(ACCELERATIONS)}")
     factor = cfg.measure.collapse_factor
     if factor is not None and not factor > 0:
         raise ConfigError(f"measure.collapse_factor={factor!r} must be above 0 (null: no alarm)")
@@ -105,7 +109,8 @@ def speed_settings(cfg: DictConfig) -> dict:
     return {"preset": cfg.speed.name, "target_dtype": target.get("compute_dtype"),
             "stop_when_top1": target.get("stop_when_top1"),
             "stop_below_nll": target.get("stop_below_nll"),
-            "keys_dtype": target.get("keys_dtype"), "target_lr": target.get("lr")}
+            "keys_dtype": target.get("keys_dtype"), "target_lr": target.get("lr"),
+            "accelerations": sorted(Accelerations.parse(cfg.speed.accelerations).names)}
 
 
 TEMPLATE_ROOM = 24  # tokens a context template may put before a prompt
@@ -286,7 +291,8 @@ class Runner:
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
         transformers.set_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.handle = load_model(cfg.model, self.device, cfg.paths.cache)
+        self.handle = load_model(cfg.model, self.device, cfg.paths.cache,
+                                 Accelerations.parse(cfg.speed.accelerations))
         self.dataset = build(cfg.dataset)
         self.batches = fitting_stream(self.handle, self.dataset, cfg.stream,
                                       bool(cfg.dataset.get("skip_invalid")))

@@ -16,7 +16,8 @@ from itertools import islice
 
 import torch
 
-from rlsedit_cli.models.handle import ModelHandle, StopForwardError, grouped_kv_attention
+from rlsedit_cli.accel.attention import grouped_kv_attention
+from rlsedit_cli.models.handle import ModelHandle, StopForwardError
 from rlsedit_cli.models.tokens import pad
 
 # batches of texts read at once and sorted by length before batching: on SmolLM2's anchor
@@ -92,7 +93,7 @@ def accumulate(handle: ModelHandle, layers: list[int | str], texts: Iterator[str
                 mask_ref["mask"] = mask
                 acc.clear()
                 with (contextlib.suppress(StopForwardError),
-                      grouped_kv_attention(handle.device)):
+                      grouped_kv_attention(handle)):
                     model(input_ids=input_ids.to(handle.device),
                           attention_mask=mask.long().to(handle.device))
                 for layer, gram in acc.items():

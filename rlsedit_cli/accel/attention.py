@@ -1,4 +1,7 @@
-"""Attention of short queries as two batched matrix products, a pure tensor function.
+"""Attention: short queries as two batched matrix products (``grouped_attention``), and grouped
+key/value heads handed to torch as they are (``gqa_passthrough``); both serve the CPU.
+
+:func:`grouped_attention` is a pure tensor function.
 
 torch's CPU attention kernel (flash attention for the CPU) works in blocks sized for long
 sequences; on the target step's queries (a few suffix tokens against a prefix of a few dozen,
@@ -9,7 +12,32 @@ that each group is one product with its keys and one with its values, no head re
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextmanager
+def grouped_kv_attention(handle) -> Iterator[None]:
+    """Where ``gqa_passthrough`` runs (the CPU), transformers' SDPA attention hands grouped
+    key/value heads (GQA: SmolLM2, Llama 3, Qwen 2.5) to torch as they are (``enable_gqa``)
+    where, given a padding mask, it would repeat them for every query head first: the same
+    numbers (tests), a SmolLM2 target step about 11% faster (docs/benchmarks.md section 4).
+    transformers reads the switch, the environment variable FORCE_GQA, at every call; a value the
+    user set is left alone.
+    """
+    if not handle.accel.on("gqa_passthrough", handle.device) or FORCE_GQA in os.environ:
+        yield
+        return
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(FORCE_GQA, None)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

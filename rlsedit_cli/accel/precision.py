@@ -1,22 +1,24 @@
-"""Lower-precision arithmetic for passes whose result is read in float32 (the target step's
-frozen blocks): matrix products in bfloat16 through torch's autocast, attention kept in float32.
+"""Lower-precision passes done cheaper: ``lowered_weights`` (frozen weights cast once for many
+passes, :class:`LoweredLinears`) and ``float32_attention`` (attention on float32 inputs inside
+bfloat16 autocast, :class:`Float32Attention`, with ``grouped_attention`` for short queries).
 
 On the CPU torch's bfloat16 attention backward is several times slower than its float32 one
 (a SmolLM2 target step: 29 ms against 4.7 ms per block, docs/benchmarks.md), while bfloat16
-products run at about 2.7x the float32 rate on CPUs with AVX512_BF16; so the attention's inputs
-go back to float32 (:class:`Float32Attention`), and the weights are cast once for many passes
-(:class:`LoweredLinears`). Scoped to a ``with`` block: nothing outside it changes.
+products run at about 2.7x the float32 rate on CPUs with AVX512_BF16. The plain path of a
+bfloat16 pass is torch's autocast alone (:func:`compute_dtype` with the accelerations off).
+Scoped to a ``with`` block: nothing outside it changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from rlsedit_cli.ops.attention import grouped_attention
+from rlsedit_cli.accel.attention import grouped_attention
 
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -28,7 +30,7 @@ class Float32Attention(TorchFunctionMode):
     """Inside autocast, ``scaled_dot_product_attention`` runs on float32 inputs without it.
 
     With ``short_queries``, attention with at most :data:`SHORT_QUERY` query tokens on the CPU
-    (the target step's suffixes) is :func:`rlsedit_cli.ops.attention.grouped_attention`, two
+    (the target step's suffixes) is :func:`rlsedit_cli.accel.attention.grouped_attention`, two
     batched products per key/value head group, instead of torch's kernel: the same numbers
     within float32 rounding (tests), a cheaper backward (docs/benchmarks.md section 2).
     """
@@ -82,12 +84,14 @@ class LoweredLinears:
     require a gradient, which a loaded model's do not: every pass (a target step, a generated
     token) would cast all the weights again. Inside :meth:`swapped` each map holds its copy as
     its ``weight``; a weight shared with another module (an LM head tied to the embedding) is
-    replaced in the linear map only, one copy per shared weight. Nothing for "float32".
+    replaced in the linear map only, one copy per shared weight. Nothing for "float32", nor
+    where ``lowered_weights`` does not run on ``handle``'s device (autocast casts every pass).
     """
 
-    def __init__(self, modules: list[torch.nn.Module], name: str) -> None:
+    def __init__(self, handle, modules: list[torch.nn.Module], name: str) -> None:
         dtype = DTYPES[name]
-        self.maps = _linear_maps(modules) if dtype is not None else []
+        on = handle.accel.on("lowered_weights", handle.device)
+        self.maps = _linear_maps(modules) if dtype is not None and on else []
         low: dict[int, torch.nn.Parameter] = {}
         for m in self.maps:
             if id(m.weight) not in low:
@@ -111,15 +115,20 @@ class LoweredLinears:
 
 
 @contextmanager
-def compute_dtype(device: torch.device | str, name: str, short_queries: bool = False,
-                  ) -> Iterator[None]:
-    """Matrix products in ``name`` ("float32": unchanged; "bfloat16": autocast, attention in
-    float32, with ``short_queries`` as :class:`Float32Attention` says) inside the block."""
+def compute_dtype(handle, name: str, short_queries: bool = False,
+                  device: torch.device | None = None) -> Iterator[None]:
+    """Matrix products in ``name`` ("float32": unchanged; "bfloat16": autocast) inside the
+    block, on ``device`` (default: ``handle``'s); where ``float32_attention`` runs, attention in
+    float32, and with ``short_queries`` where ``grouped_attention`` runs too, as
+    :class:`Float32Attention` says."""
     if name not in DTYPES:
         raise ValueError(f"unknown compute dtype {name!r}: use one of {', '.join(DTYPES)}")
     if DTYPES[name] is None:
         yield
         return
-    kind = torch.device(device).type
-    with torch.autocast(kind, dtype=DTYPES[name]), Float32Attention(short_queries):
+    device = handle.device if device is None else torch.device(device)
+    accel = handle.accel
+    mode = (Float32Attention(short_queries and accel.on("grouped_attention", device))
+            if accel.on("float32_attention", device) else contextlib.nullcontext())
+    with torch.autocast(device.type, dtype=DTYPES[name]), mode:
         yield
