@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
         config.check_added_keys(cfg, list(hydra_cfg.overrides.task))
-        config.log_composition(dict(hydra_cfg.runtime.choices), cfg.editor.name)
+        config.log_composition(dict(hydra_cfg.runtime.choices), cfg.editor)
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except RlseditError as e:
         log.error("error: %s", e)

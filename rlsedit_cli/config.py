@@ -50,20 +50,22 @@ def folder_name(text: str, limit: int = 120) -> str:
     return name.encode()[: limit - 11].decode(errors="ignore") + "~" + digest
 
 
-def log_composition(choices: dict[str, str], editor: str) -> None:
+def log_composition(choices: dict[str, str], editor_cfg: DictConfig) -> None:
     """Log which files of conf/ made the run; warn when the editor has no settings for the model.
 
-    ``choices`` is Hydra's group -> chosen option (``hydra.runtime.choices``).
+    ``choices`` is Hydra's group -> chosen option (``hydra.runtime.choices``); ``editor_cfg``
+    the composed editor section (an editor with a ``target`` section reads conf/target).
     """
-    conf, model = conf_dir(), choices.get("model")
+    conf, model, editor = conf_dir(), choices.get("model"), choices.get("editor")
     files = [f"{group}/{option}.yaml" for group, option in choices.items()
              if option and not group.startswith("hydra") and (conf / group).is_dir()
              and (conf / group / f"{option}.yaml").is_file()]
     targets = f"target/{model}.yaml"
-    if editor in ("rlsedit", "memit", "alphaedit") and (conf / targets).is_file():
+    if "target" in editor_cfg.keys() and (conf / targets).is_file():  # noqa: SIM118
         files.append(targets)
     log.info("composed from conf/: %s", ", ".join(files))
-    if editor != "none" and not (conf / "editor_model" / f"{editor}_{model}.yaml").is_file():
+    if editor not in (None, "none") and not (conf / "editor_model"
+                                            / f"{editor}_{model}.yaml").is_file():
         log.warning("no conf/editor_model/%s_%s.yaml: %s runs on the values of "
                     "conf/editor/%s.yaml, which were not chosen for %s; write that file to set "
                     "them", editor, model, editor, editor, model)
@@ -105,6 +107,17 @@ def composed(overrides: list[str]):
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return compose("config", overrides=overrides)
+
+
+def register_editor(name: str, schema: type, **values) -> None:
+    """Make ``editor=NAME`` an option without files in conf/: ``schema`` (a dataclass deriving
+    from :class:`rlsedit_cli.settings.EditorConfig`) with ``values`` (its ``_target_``, the
+    class that edits, among them). For an editor that lives outside the package (a plugin, a
+    test's); the package's own have their YAML in conf/editor and their schema in
+    editors/schema.py. Per-model values still come from conf/editor_model/NAME_MODEL.yaml when
+    that file exists, and the command line overrides both."""
+    node = OmegaConf.merge(OmegaConf.structured(schema), {"name": name, **values})
+    ConfigStore.instance().store(group="editor", name=name, node=node)
 
 
 def register() -> None:

@@ -160,7 +160,8 @@ def test_a_model_without_settings_is_named(tmp_path, caplog):
                                           "conf/target/gpt2_tiny.yaml"):
         check_config(cfg)
     with caplog.at_level(logging.INFO):
-        config.log_composition({"model": "mine", "editor": "memit", "dataset": "toy"}, "memit")
+        config.log_composition({"model": "mine", "editor": "memit", "dataset": "toy"},
+                               cfg.editor)
     assert "composed from conf/: editor/memit.yaml, dataset/toy.yaml" in caplog.text
     assert "no conf/editor_model/memit_mine.yaml: memit runs on the values of" in caplog.text
 
