@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from rlsedit_cli import config
 from rlsedit_cli.errors import RlseditError, Terminated, stopped_by
+from rlsedit_cli.validate import check_added_keys
 
 config.register()
 log = logging.getLogger("rlsedit")
@@ -25,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
 
     hydra_cfg = HydraConfig.get()
     try:
-        config.check_added_keys(cfg, list(hydra_cfg.overrides.task))
+        check_added_keys(cfg, list(hydra_cfg.overrides.task))
         config.log_composition(dict(hydra_cfg.runtime.choices), cfg.editor)
         summary = run(cfg, overrides=list(hydra_cfg.overrides.task))
     except RlseditError as e:

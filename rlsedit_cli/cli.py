@@ -126,7 +126,6 @@ def _check_folder_first(args: list[str]):
     """Claim the run folder named on the command line before Hydra writes .hydra/ into it (the
     lock the run holds, the refusals of runner/plan.py); a sweep folder that holds an earlier
     sweep is refused unless resume_jobs=true. Returns the lock (None: nothing to claim)."""
-    from rlsedit_cli.errors import ConfigError
     from rlsedit_cli.files import parse_override
     from rlsedit_cli.runner import plan
 
@@ -136,17 +135,14 @@ def _check_folder_first(args: list[str]):
     overwrite = given.get("overwrite", "false").lower() == "true"
     resume_jobs = given.get("resume_jobs", "false").lower() == "true"
     if {"-m", "--multirun"} & set(args):
-        sweep = given.get("hydra.sweep.dir")
-        if sweep and (Path(sweep).expanduser() / "multirun.yaml").exists() and not resume_jobs:
-            raise ConfigError(f"hydra.sweep.dir={sweep} holds an earlier sweep: continue it with "
-                              "resume_jobs=true, or choose another folder")
+        plan.sweep_folder(given.get("hydra.sweep.dir"), resume_jobs)
         return None
     if resume_jobs:
-        return None  # the run finds its own earlier attempt (runner/folder.py, continues)
+        return None  # the run finds its own earlier attempt (runner/plan.py)
     if given.get("resume") not in (None, "", "null"):
-        return plan.claim(given["resume"], True, overwrite, before_hydra=True)
+        return plan.claim(given["resume"], True, overwrite, before_hydra=True)[0]
     if given.get("hydra.run.dir"):
-        return plan.claim(given["hydra.run.dir"], False, overwrite, before_hydra=True)
+        return plan.claim(given["hydra.run.dir"], False, overwrite, before_hydra=True)[0]
     return None
 
 
@@ -210,7 +206,6 @@ def toy_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     """``rlsedit report RUN_DIR...``: report.md and plots."""
     import time
-    from pathlib import Path
 
     from rlsedit_cli.report import make_report
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -69,34 +68,6 @@ def log_composition(choices: dict[str, str], editor_cfg: DictConfig) -> None:
         log.warning("no conf/editor_model/%s_%s.yaml: %s runs on the values of "
                     "conf/editor/%s.yaml, which were not chosen for %s; write that file to set "
                     "them", editor, model, editor, editor, model)
-
-
-def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
-    """Refuse a key written with ``+``/``++`` that its section's schema does not have.
-
-    Hydra adds such a key to any section (a misspelt ``+stream.batch_sise=3`` was silently
-    kept); only a config group (``+experiment=...``) or a key of an open map (``eval.limits``)
-    may be added.
-    """
-    from rlsedit_cli.errors import ConfigError
-
-    for override in overrides:
-        if not override.startswith("+") or "=" not in override:
-            continue
-        key = override.lstrip("+").split("=", 1)[0]
-        if key.startswith("hydra") or "@" in key or (conf_dir() / key).is_dir():
-            continue
-        node, parts = cfg, key.split(".")
-        for i, part in enumerate(parts):
-            schema = node._metadata.object_type if isinstance(node, DictConfig) else None
-            if not is_dataclass(schema):
-                break  # an open map (or a plain value): any key may be added
-            if part not in {f.name for f in fields(schema)}:
-                section = ".".join(parts[:i]) or "the root config"
-                raise ConfigError(f"{key} is not a setting ({section} has no key {part!r}; "
-                                  "'+' does not make one): check the spelling, `rlsedit run "
-                                  "--cfg job` prints every key")
-            node = node.get(part)
 
 
 def composed(overrides: list[str]):

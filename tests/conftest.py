@@ -174,6 +174,21 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def interrupt_after_row(monkeypatch, batch: int) -> None:
+    """Runs raise KeyboardInterrupt (a Ctrl-C) right after writing batch ``batch``'s row of
+    metrics.jsonl, until ``monkeypatch.undo()``."""
+    from rlsedit_cli.runner.folder import RunFolder
+
+    real_append = RunFolder.append_jsonl
+
+    def append_then_stop(self, name, row):
+        real_append(self, name, row)
+        if row.get("batch") == batch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunFolder, "append_jsonl", append_then_stop)
+
+
 def keys_and_hidden(handle, requests, templates, layer, z_layer, weights=None):
     """K (d_in, n) of ``layer``'s map (the ``weights``-mean over templates) and h (n, d_model)
     after ``z_layer``, read as one key-value editor batch reads them (editing/keys.py)."""

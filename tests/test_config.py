@@ -150,7 +150,7 @@ def test_a_model_without_settings_is_named(tmp_path, caplog):
     from hydra import compose, initialize_config_dir
 
     from rlsedit_cli.errors import ConfigError
-    from rlsedit_cli.runner.run import check_config
+    from rlsedit_cli.validate import check as check_config
 
     conf = shutil.copytree(config.conf_dir(), tmp_path / "conf")
     (conf / "target" / "gpt2_tiny.yaml").unlink()

@@ -12,8 +12,9 @@ from rlsedit_cli.datasets.stream import make_stream
 from rlsedit_cli.datasets.toy import load as load_toy
 from rlsedit_cli.errors import ConfigError, DataError
 from rlsedit_cli.runner.run import run
+from rlsedit_cli.validate import check
 
-from .conftest import TINY_BUNDLE, shared
+from .conftest import TINY_BUNDLE, compose_cfg, shared
 
 
 def test_all_easyedit_counterfact_records_load_and_validate():
@@ -155,8 +156,8 @@ def test_stream_is_deterministic_and_checked():
     assert a == make_stream(recs, 30, 7, seed=1) and a != make_stream(recs, 30, 7, seed=2)
     kept = make_stream(recs, 10, 5, seed=0, shuffle=False, offset=4)
     assert [r.case_id for b in kept for r in b] == [r.case_id for r in recs[4:14]]
-    with pytest.raises(ConfigError, match="stream.offset=-1"):
-        make_stream(recs, 10, 5, seed=0, offset=-1)
+    with pytest.raises(ConfigError, match="stream.offset=-1 must not be negative"):
+        check(compose_cfg(["stream.offset=-1"]))
 
 
 def test_a_file_in_another_layout_names_the_dataset_config_that_reads_it(tmp_path):

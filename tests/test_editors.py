@@ -21,6 +21,7 @@ from rlsedit_cli.eval.counterfact import probability_metrics
 from rlsedit_cli.models.loader import load_model
 from rlsedit_cli.runner.run import run
 from rlsedit_cli.stats.anchor import AnchorStats
+from rlsedit_cli.validate import check
 
 from .conftest import (
     ARCHS,
@@ -156,8 +157,16 @@ def test_editor_layers_out_of_range_and_bad_values(tiny_models, tmp_path):
     handle = load_model(compose_cfg(base).model, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"editor.layers=\[0, 7\] has layer 7 out of range"):
         build_editor(compose_cfg([*base, "editor=memit", "editor.layers=[0,7]"]), handle, tmp_path)
-    with pytest.raises(ConfigError, match="editor.lam=-1.0 must be a finite non-negative"):
-        build_editor(compose_cfg([*base, "editor=rlsedit", "editor.lam=-1"]), handle, tmp_path)
+    with pytest.raises(ConfigError, match="editor.lam=-1.0 must not be negative"):
+        check(compose_cfg([*base, "editor=rlsedit", "editor.lam=-1"]))
+    with pytest.raises(ConfigError, match="editor.mu=nan must be a finite number"):
+        check(compose_cfg([*base, "editor=rlsedit", "editor.mu=nan"]))
+    with pytest.raises(ConfigError, match="editor.precision='half' must be float32 or float64"):
+        check(compose_cfg([*base, "editor=rlsedit", "editor.precision=half"]))
+    with pytest.raises(ConfigError, match="editor.threshold=0.0 must be above 0"):
+        check(compose_cfg([*base, "editor=alphaedit", "editor.threshold=0"]))
+    with pytest.raises(ConfigError, match="editor.norm_constraint=-1.0 must be above 0"):
+        check(compose_cfg([*base, "editor=ft", "editor.norm_constraint=-1"]))
 
 
 @pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit"])

@@ -66,8 +66,8 @@ def test_braces_in_prompts_are_text(layout, tmp_path, make_cfg):
 def test_a_key_added_with_plus_is_refused_like_a_misspelt_one(override):
     """Hydra adds any ``+key`` (kept silently at the root, a traceback inside an editor);
     now it is refused in one line unless the schema has the key or the section is a map."""
-    from rlsedit_cli.config import check_added_keys
     from rlsedit_cli.errors import ConfigError
+    from rlsedit_cli.validate import check_added_keys
 
     cfg = compose_cfg([override])
     with pytest.raises(ConfigError, match=r"is not a setting .*check the spelling"):
@@ -75,7 +75,7 @@ def test_a_key_added_with_plus_is_refused_like_a_misspelt_one(override):
 
 
 def test_plus_keeps_working_for_groups_and_open_maps():
-    from rlsedit_cli.config import check_added_keys
+    from rlsedit_cli.validate import check_added_keys
 
     overrides = ["+experiment=long_smollm2", "+eval.limits.boolq=3", "+eval.fewshot.boolq=1"]
     check_added_keys(compose_cfg(overrides), overrides)

@@ -20,7 +20,7 @@ from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.run import run
 from rlsedit_cli.settings import EditorConfig
 
-from .conftest import TINY_BUNDLE, compose_cfg
+from .conftest import TINY_BUNDLE, compose_cfg, interrupt_after_row
 
 
 @dataclass
@@ -88,19 +88,10 @@ LONGER = ["stream.num_edits=30", "checkpoint.every=1"]
 
 
 def test_it_resumes_from_its_checkpoint_without_repeating_a_batch(tmp_path, monkeypatch):
-    from rlsedit_cli.runner.folder import RunFolder
-
-    real_append = RunFolder.append_jsonl
-
-    def stop_at_batch_1(self, name, row):
-        real_append(self, name, row)
-        if row.get("batch") == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunFolder, "append_jsonl", stop_at_batch_1)
+    interrupt_after_row(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(compose_cfg([*RUN, *LONGER], tmp_path / "run"))
-    monkeypatch.setattr(RunFolder, "append_jsonl", real_append)
+    monkeypatch.undo()
     folder = tmp_path / "run"
     run(compose_cfg([*RUN, *LONGER, f"resume={folder}"], folder))
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").open()]

@@ -131,27 +131,18 @@ def test_resume_rewinds_the_line_files_and_the_measurements(tmp_path, monkeypatc
     the resumed run drops those rows (metrics, retention, general ability) and restores what was
     measured before the checkpoint: every file and the summary's general-ability history end as
     in a run that never stopped."""
-    from rlsedit_cli.runner.folder import RunFolder
-
-    from .conftest import compose_cfg
+    from .conftest import compose_cfg, interrupt_after_row
 
     args = [*RUN, "eval=smoke", "eval.every_edits=10", "eval.limit=4", "checkpoint.every=2"]
     whole = compose_cfg(args, tmp_path / "whole")
     ref = run(whole)
-    real_append = RunFolder.append_jsonl
-
-    def stop_after_batch_3(self, name, row):
-        real_append(self, name, row)
-        if row.get("batch") == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(RunFolder, "append_jsonl", stop_after_batch_3)
+    interrupt_after_row(monkeypatch, 3)
     cut = compose_cfg(args, tmp_path / "cut")
     with pytest.raises(KeyboardInterrupt):
         run(cut)
     folder = tmp_path / "cut"
     assert checkpoint.load(folder)["next_batch"] == 2
-    monkeypatch.setattr(RunFolder, "append_jsonl", real_append)
+    monkeypatch.undo()
     done = run(compose_cfg([*args, f"resume={folder}"], tmp_path / "cut"))
     for name in ("retention.csv", "general.csv"):
         assert (folder / name).read_text() == (tmp_path / "whole" / name).read_text(), name

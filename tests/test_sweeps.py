@@ -156,7 +156,7 @@ def test_one_bad_point_does_not_stop_the_sweep(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out
     (line,) = [x for x in out.splitlines() if "job(s) of the sweep failed" in x]
-    assert "error: 1 job(s)" in line and "editor.lam=-1.0 must be" in line
+    assert "error: 1 job(s)" in line and "editor.lam=-1.0 must not be negative" in line
     assert len(list(tmp_path.glob("multirun/**/summary.json"))) == 1
     (error,) = tmp_path.glob("multirun/**/error.txt")
     assert error.parent.name.startswith("0_editor.lam=-1")

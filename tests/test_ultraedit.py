@@ -19,6 +19,7 @@ from rlsedit_cli.models.loader import load_model
 from rlsedit_cli.ops.ultraedit import Normaliser, normaliser_update
 from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.run import run
+from rlsedit_cli.validate import check
 
 from .conftest import TINY_BUNDLE, compose_cfg, tiny_overrides
 from .test_resume import cli, finish, wait_for_lines
@@ -178,11 +179,14 @@ def test_bad_settings_are_one_line(tiny_models):
     for kwargs, said in (({"gate": [0]}, "has no MLP map 'gate'"),
                          ({"up": [7]}, "out of range"),
                          ({"down": []}, "are all empty"),
-                         ({"up": [0, 0]}, r"editor.up=\[0, 0\] names a layer twice"),
-                         ({"up": [0], "lr": 0.0}, "editor.lr=0.0"),
-                         ({"up": [0], "pass_size": 0}, "editor.pass_size=0")):
+                         ({"up": [0, 0]}, r"editor.up=\[0, 0\] names a layer twice")):
         with pytest.raises(ConfigError, match=said):
             UltraEdit(handle, **({"lr": 1e-3, "pass_size": 2} | kwargs))
+    for override, said in (("editor.lr=0", "editor.lr=0.0 must be above 0"),
+                           ("editor.lr=inf", "editor.lr=inf must be a finite number"),
+                           ("editor.pass_size=0", "editor.pass_size=0 must be at least 1")):
+        with pytest.raises(ConfigError, match=said):
+            check(compose_cfg(["editor=ultraedit", override]))
 
 
 TOY = ["editor=ultraedit", "logger=none", "eval=none", "measure.fluency=false",

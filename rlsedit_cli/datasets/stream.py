@@ -14,12 +14,6 @@ def make_stream(records: list[Record], num_edits: int, batch_size: int, seed: in
 
     The order depends only on ``seed``, so the same config always streams the same edits.
     """
-    if batch_size < 1:
-        raise ConfigError(f"stream.batch_size={batch_size} must be at least 1")
-    if num_edits < 1:
-        raise ConfigError(f"stream.num_edits={num_edits} must be at least 1")
-    if offset < 0:
-        raise ConfigError(f"stream.offset={offset} must not be negative")
     order = list(records)
     if shuffle:
         random.Random(seed).shuffle(order)

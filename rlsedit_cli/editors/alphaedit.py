@@ -8,7 +8,6 @@ import torch
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import keys_of_layers
 from rlsedit_cli.editors.base import KeyValueEditor
-from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.baselines import alphaedit_delta, nullspace_projector
 
 
@@ -16,8 +15,6 @@ class AlphaEdit(KeyValueEditor):
     def __init__(self, handle, anchor=None, *, name: str = "alphaedit", layers: list[int],
                  threshold: float, l2: float, target: dict | None = None, seed: int = 0) -> None:
         super().__init__(handle, layers, target, seed, name)
-        if not threshold > 0 or not l2 >= 0:
-            raise ConfigError(f"editor.threshold={threshold} must be > 0 and editor.l2={l2} >= 0")
         self.l2 = float(l2)
         C = anchor.moments(self.layers)
         self.Pi = {layer: nullspace_projector(C[layer].float(), threshold) for layer in self.layers}

@@ -98,7 +98,8 @@ class Editor(ABC):
 
 
 def target_config(target: dict | TargetConfig | None) -> TargetConfig:
-    """The editor's ``target`` section as a :class:`TargetConfig`; every value must be given."""
+    """The editor's ``target`` section as a :class:`TargetConfig`; every value must be given
+    (each value's range is checked with the composed config: rlsedit_cli/validate.py)."""
     if isinstance(target, TargetConfig):
         return target
     node = OmegaConf.merge(OmegaConf.structured(TargetConfig), target or {})
@@ -106,13 +107,6 @@ def target_config(target: dict | TargetConfig | None) -> TargetConfig:
     if missing:
         raise ConfigError(f"editor.target.{missing[0]} is not set: give it on the command line "
                           "or in conf/target/MODEL.yaml")
-    for key, low, strict in (("steps", 1, False), ("chunk_size", 1, False), ("lr", 0, True),
-                             ("clamp_norm_factor", 0, True), ("kl_factor", 0, False),
-                             ("weight_decay", 0, False)):
-        value = node[key]
-        if value < low or (strict and value == low):
-            raise ConfigError(f"editor.target.{key}={value} must be "
-                              + (f"above {low}" if strict else f"at least {low}"))
     return OmegaConf.to_object(node)
 
 

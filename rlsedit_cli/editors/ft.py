@@ -16,7 +16,6 @@ import torch
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.editing.keys import template_keys_and_hidden
 from rlsedit_cli.editors.base import Editor
-from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
 
 STOP_LOSS = 1e-2  # ft_main.py: no step below it; the epochs end when their mean is below it
@@ -27,11 +26,6 @@ class FT(Editor):
                  norm_constraint: float | None, batch_size: int = 64,
                  weight_decay: float = 0.0) -> None:
         handle.check_layers([layer], "editor.layer")
-        if steps < 1 or not lr > 0 or batch_size < 1 or not weight_decay >= 0:
-            raise ConfigError(f"editor.steps={steps} and editor.batch_size={batch_size} must be "
-                              f">= 1, editor.lr={lr} > 0, editor.weight_decay={weight_decay} >= 0")
-        if norm_constraint is not None and not norm_constraint > 0:
-            raise ConfigError(f"editor.norm_constraint={norm_constraint} must be > 0 or null")
         self.handle, self.name, self.layer = handle, name, int(layer)
         self.steps, self.lr, self.eps = int(steps), float(lr), norm_constraint
         self.batch_size, self.weight_decay = int(batch_size), float(weight_decay)

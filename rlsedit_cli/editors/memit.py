@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from rlsedit_cli.editors.base import KeyValueEditor
-from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.baselines import memit_delta
 
 
@@ -13,8 +12,6 @@ class MEMIT(KeyValueEditor):
     def __init__(self, handle, anchor=None, *, name: str = "memit", layers: list[int],
                  n_anchor: float, target: dict | None = None, seed: int = 0) -> None:
         super().__init__(handle, layers, target, seed, name)
-        if not n_anchor >= 0:
-            raise ConfigError(f"editor.n_anchor={n_anchor} must be a non-negative number")
         self.n_anchor = float(n_anchor)
         self.C = anchor.moments(self.layers)
 

@@ -16,7 +16,6 @@ import logging
 import torch
 
 from rlsedit_cli.editors.base import KeyValueEditor
-from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.ops.rls import rls_from_normal, rls_init, rls_step
 
 log = logging.getLogger(__name__)
@@ -27,11 +26,6 @@ class RLSEdit(KeyValueEditor):
                  lam: float, mu: float, n_anchor: float, precision: str = "float32",
                  reset_each_batch: bool = False, target: dict | None = None, seed: int = 0) -> None:
         super().__init__(handle, layers, target, seed, name)
-        for key, value in (("lam", lam), ("mu", mu), ("n_anchor", n_anchor)):
-            if not 0 <= value < float("inf"):  # also catches NaN
-                raise ConfigError(f"editor.{key}={value} must be a finite non-negative number")
-        if precision not in ("float32", "float64"):
-            raise ConfigError(f"editor.precision={precision!r} must be float32 or float64")
         self.lam, self.mu, self.n_anchor = float(lam), float(mu), float(n_anchor)
         self.dtype = getattr(torch, precision)
         self.reset_each_batch = reset_each_batch

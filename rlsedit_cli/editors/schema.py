@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import MISSING
 
-from rlsedit_cli.settings import EditorConfig, TargetConfig
+from rlsedit_cli.settings import EditorConfig, TargetConfig, checked
 
 
 @dataclass
@@ -22,10 +22,10 @@ class NoEditConfig(EditorConfig):
 @dataclass
 class RLSEditConfig(EditorConfig):
     layers: list[int] = MISSING  # the layers whose MLP output map is edited
-    lam: float = MISSING  # weight of ||W - W_0||^2
-    mu: float = MISSING  # weight of ||W K_0 - W_0 K_0||^2
-    n_anchor: float = MISSING  # K_0 K_0^T = n_anchor * E[k k^T]
-    precision: str = MISSING  # of P and the master weights: float32 | float64
+    lam: float = checked(low=0)  # weight of ||W - W_0||^2
+    mu: float = checked(low=0)  # weight of ||W K_0 - W_0 K_0||^2
+    n_anchor: float = checked(low=0)  # K_0 K_0^T = n_anchor * E[k k^T]
+    precision: str = checked(choices=("float32", "float64"))  # of P and the master weights
     reset_each_batch: bool = MISSING  # the published code's behaviour (P_0 every batch)
     target: TargetConfig = MISSING  # the target optimisation (editor.target)
     seed: int = MISSING  # of the context templates' sampling
@@ -34,7 +34,7 @@ class RLSEditConfig(EditorConfig):
 @dataclass
 class MEMITConfig(EditorConfig):
     layers: list[int] = MISSING  # the layers whose MLP output map is edited
-    n_anchor: float = MISSING  # MEMIT's mom2_update_weight
+    n_anchor: float = checked(low=0)  # MEMIT's mom2_update_weight
     target: TargetConfig = MISSING  # the target optimisation (editor.target)
     seed: int = MISSING  # of the context templates' sampling
 
@@ -42,8 +42,8 @@ class MEMITConfig(EditorConfig):
 @dataclass
 class AlphaEditConfig(EditorConfig):
     layers: list[int] = MISSING  # the layers whose MLP output map is edited
-    threshold: float = MISSING  # eigenvalues of C below it span the null space
-    l2: float = MISSING  # AlphaEdit's L2 term on the update
+    threshold: float = checked(above=0)  # eigenvalues of C below it span the null space
+    l2: float = checked(low=0)  # AlphaEdit's L2 term on the update
     target: TargetConfig = MISSING  # the target optimisation (editor.target)
     seed: int = MISSING  # of the context templates' sampling
 
@@ -59,11 +59,11 @@ class ROMEConfig(EditorConfig):
 @dataclass
 class FTConfig(EditorConfig):
     layer: int = MISSING  # the layer whose MLP output map is fine-tuned
-    steps: int = MISSING  # epochs over the batch at most
-    lr: float = MISSING  # Adam's step size
-    norm_constraint: float | None = MISSING  # L-inf bound on the change of each weight
-    batch_size: int = MISSING  # requests per optimiser step
-    weight_decay: float = MISSING  # Adam's
+    steps: int = checked(low=1)  # epochs over the batch at most
+    lr: float = checked(above=0)  # Adam's step size
+    norm_constraint: float | None = checked(above=0)  # L-inf bound on each weight's change
+    batch_size: int = checked(low=1)  # requests per optimiser step
+    weight_decay: float = checked(low=0)  # Adam's
 
 
 @dataclass
@@ -71,8 +71,8 @@ class UltraEditConfig(EditorConfig):
     gate: list[int] = MISSING  # layers whose MLP gate map is edited (model.mlp_maps)
     up: list[int] = MISSING  # ... whose up map (GPT-2's c_fc, GPT-J's fc_in)
     down: list[int] = MISSING  # ... whose down map (the key-value editors' map)
-    lr: float = MISSING  # v = -lr ||k^||^2 g^
-    pass_size: int = MISSING  # requests per forward/backward pass (its dataset.batch_size)
+    lr: float = checked(above=0)  # v = -lr ||k^||^2 g^
+    pass_size: int = checked(low=1)  # requests per forward/backward pass (its batch_size)
 
 
 SCHEMAS = {"none": NoEditConfig, "rlsedit": RLSEditConfig, "memit": MEMITConfig,

@@ -55,10 +55,6 @@ class UltraEdit(Editor):
         if not any(modules.values()):
             raise ConfigError("editor.gate, editor.up and editor.down are all empty: give "
                               "UltraEdit at least one map, e.g. editor.up=[5,6]")
-        if not 0 < lr < float("inf"):
-            raise ConfigError(f"editor.lr={lr} must be a positive number")
-        if pass_size < 1:
-            raise ConfigError(f"editor.pass_size={pass_size} must be at least 1")
         self.handle, self.name = handle, name
         self.lr, self.pass_size = float(lr), int(pass_size)
         self.maps = [handle.mlp_map(kind, layer) for kind, layers in modules.items()

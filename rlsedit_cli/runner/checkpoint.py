@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import pickle
 import random
+from dataclasses import is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlsedit_cli.errors import ConfigError, DataError, RlseditError, first_line
 from rlsedit_cli.files import flatten, parse_override, replaced_atomically
@@ -33,6 +34,26 @@ FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite") 
 # with the value that keeps it measured as it began (its line files keep their columns).
 LATER_KEYS = {("measure", "generated_accuracy"): False, ("measure", "generated_at"): "every",
               ("eval", "logits"): "all", ("eval", "compute_dtype"): "float32"}
+
+
+def restore_config(cfg: DictConfig, saved: dict, overrides: list[str] | None,
+                   folder: Path) -> None:
+    """A resumed run goes on with its own settings (``saved``, the checkpoint's) and its own
+    tracker (the folder's config.yaml) unless the command names a logger. A section whose type
+    is one schema (model, stream, measure, ...) is merged into; an editor's or a dataset's
+    (their schema depends on the choice) is replaced."""
+    from typing import get_type_hints
+
+    from rlsedit_cli.settings import RootConfig
+
+    typed = {key for key, hint in get_type_hints(RootConfig).items() if is_dataclass(hint)}
+    given = {parse_override(o)[0].split(".")[0] for o in overrides or []}
+    with open_dict(cfg):
+        saved_file = folder / "config.yaml"
+        if "logger" not in given and saved_file.is_file():
+            cfg.logger = OmegaConf.load(saved_file).get("logger", cfg.logger)
+        for key, value in saved.items():
+            cfg[key] = OmegaConf.merge(cfg[key], value) if key in typed else value
 
 
 def fill_later_keys(saved: dict) -> dict:

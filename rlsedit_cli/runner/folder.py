@@ -99,28 +99,6 @@ def write_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def continues(folder: Path, resume_jobs: bool) -> str | None:
-    """How a job goes on from its own earlier attempt in ``folder``: "resume" (the attempt left
-    a checkpoint), "keep" (it finished; with ``resume_jobs`` only), "restart" (it stopped before
-    its first checkpoint: its own files are replaced) or None (no earlier attempt).
-
-    Only for a requeued submitit job (Slurm, or local processes) or with ``resume_jobs``: a
-    job's folder is its own (the sweep's folder and the job's overrides), so what is there is
-    this job's; a resumed or kept run is still checked against this job's settings.
-    """
-    if not (os.environ.get("SUBMITIT_EXECUTOR") or resume_jobs):
-        return None
-    if (folder / "summary.json").is_file():
-        return "keep" if resume_jobs else None
-    if (folder / "checkpoint.pt").is_file():
-        return "resume"
-    if plan.own_files(folder):
-        log.warning("the earlier attempt in %s stopped before its first checkpoint: starting "
-                    "over", folder)
-        return "restart"
-    return None
-
-
 class RunFolder:
     """One run's output folder."""
 

@@ -1,4 +1,5 @@
-"""What a run folder is, decided in one place: a new run, a resumed one, or refused.
+"""What a run folder is, decided in one place: a new run, a resumed one, a sweep job's earlier
+attempt kept, resumed or restarted, or refused; and whether a sweep folder may be used.
 
 A run claims its folder before it writes anything there:
 
@@ -123,8 +124,9 @@ class FolderLock:
 
 @dataclass
 class Plan:
-    """What happens to a folder: ``kind`` is "new" or "resume"; ``remove``: the earlier run's
-    own files that ``overwrite=true`` replaces."""
+    """What happens to a folder: ``kind`` is "new", "resume" (from its checkpoint), "keep" (a
+    finished sweep job, reported again) or "restart" (a job's attempt that stopped before its
+    first checkpoint); ``remove``: the earlier run's own files that are replaced."""
 
     folder: Path
     kind: str
@@ -134,8 +136,9 @@ class Plan:
         """Remove the listed files (only those), then the marker and folders left empty."""
         if not self.remove:
             return
-        log.warning("overwrite=true: removing the earlier run's %d files in %s (other files "
-                    "there stay)", len(self.remove), self.folder)
+        log.warning("%s: removing the earlier run's %d files in %s (other files there stay)",
+                    "starting over" if self.kind == "restart" else "overwrite=true",
+                    len(self.remove), self.folder)
         for name in self.remove:
             path = self.folder / name.rstrip("/")
             if name.endswith("/") and path.is_dir() and not path.is_symlink():
@@ -148,16 +151,21 @@ class Plan:
         (self.folder / MARKER).unlink(missing_ok=True)
 
 
-def plan(folder: str | Path, resume: bool, overwrite: bool, before_hydra: bool = False) -> Plan:
+def plan(folder: str | Path, resume: bool, overwrite: bool, before_hydra: bool = False,
+         resume_jobs: bool = False) -> Plan:
     """Decide what ``folder`` is for this run, or refuse it in one line (nothing changed).
 
     Args:
         before_hydra: checked before Hydra writes its ``.hydra/`` record (the CLI): a foreign
             ``.hydra/`` is refused too.
+        resume_jobs: a sweep run again (``resume_jobs=true``): its job finds its own earlier
+            attempt (see :func:`_plan_again`).
     """
     folder = Path(folder).expanduser()
     if resume:
         return _plan_resume(folder)
+    if (again := _plan_again(folder, resume_jobs)) is not None:
+        return again
     names = OUTPUTS + ((HYDRA,) if before_hydra else ())
     foreign = foreign_outputs(folder, names) if folder.is_dir() else []
     if foreign:
@@ -175,6 +183,35 @@ def plan(folder: str | Path, resume: bool, overwrite: bool, before_hydra: bool =
     # after the CLI's check, Hydra has written its record of this command: it stays
     return Plan(folder, "new", [f for f in own_files(folder)
                                 if before_hydra or not f.startswith(f"{HYDRA}/")])
+
+
+def _plan_again(folder: Path, resume_jobs: bool) -> Plan | None:
+    """How a sweep job goes on from its own earlier attempt in ``folder``: kept (it finished;
+    with ``resume_jobs`` only), resumed (it left a checkpoint) or restarted (it stopped before
+    its first checkpoint: its own files are replaced); None: no earlier attempt.
+
+    Only for a requeued submitit job (Slurm, or local processes) or with ``resume_jobs``: a
+    job's folder is its own (the sweep's folder and the job's overrides), so what is there is
+    this job's; a resumed or kept run is still checked against this job's settings.
+    """
+    if not (os.environ.get("SUBMITIT_EXECUTOR") or resume_jobs) or not folder.is_dir():
+        return None
+    if (folder / "summary.json").is_file():
+        return Plan(folder, "keep") if resume_jobs else None
+    if (folder / "checkpoint.pt").is_file():
+        return Plan(folder, "resume")
+    if own := own_files(folder):
+        log.warning("the earlier attempt in %s stopped before its first checkpoint: starting "
+                    "over", folder)
+        return Plan(folder, "restart", [f for f in own if not f.startswith(f"{HYDRA}/")])
+    return None
+
+
+def sweep_folder(folder: str | Path | None, resume_jobs: bool) -> None:
+    """Refuse a sweep folder that holds an earlier sweep, unless ``resume_jobs`` continues it."""
+    if folder and (Path(folder).expanduser() / "multirun.yaml").exists() and not resume_jobs:
+        raise ConfigError(f"hydra.sweep.dir={folder} holds an earlier sweep: continue it with "
+                          "resume_jobs=true, or choose another folder")
 
 
 def _plan_resume(folder: Path) -> Plan:
@@ -210,18 +247,20 @@ def write_marker(folder: Path, marker: dict) -> None:
         tmp.write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
 
 
-def claim(folder: str | Path, resume: bool, overwrite: bool,
-          before_hydra: bool = False) -> FolderLock:
-    """Lock ``folder``, decide what it is and carry the plan out (``overwrite``: the earlier
-    run's own files removed); the caller holds the returned lock while the run lives. A refused
-    folder is left as it was (a folder or lock file made for the check is removed)."""
+def claim(folder: str | Path, resume: bool, overwrite: bool, before_hydra: bool = False,
+          resume_jobs: bool = False) -> tuple[FolderLock, Plan]:
+    """Lock ``folder``, decide what it is (:func:`plan`) and carry the plan out (``overwrite``:
+    the earlier run's own files removed); the caller holds the returned lock while the run
+    lives. A refused folder is left as it was (a folder or lock file made for the check is
+    removed)."""
     folder = Path(folder).expanduser()
     if resume and not folder.is_dir():
         _plan_resume(folder)  # refuses
     made_folder, made_lock = not folder.exists(), not (folder / LOCK).exists()
     lock = FolderLock(folder).acquire()
     try:
-        plan(folder, resume, overwrite, before_hydra).carry_out()
+        decided = plan(folder, resume, overwrite, before_hydra, resume_jobs)
+        decided.carry_out()
     except BaseException:
         lock.release()
         if made_lock:
@@ -230,4 +269,4 @@ def claim(folder: str | Path, resume: bool, overwrite: bool,
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    return lock
+    return lock, decided

@@ -21,16 +21,16 @@ import transformers
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from rlsedit_cli.accel import ACCELERATIONS, Accelerations, unknown
+from rlsedit_cli import validate
+from rlsedit_cli.accel import Accelerations
 from rlsedit_cli.console import route_library_logs
 from rlsedit_cli.datasets.stream import stream_of
-from rlsedit_cli.errors import ConfigError, DataError, RlseditError
-from rlsedit_cli.files import parse_override
+from rlsedit_cli.errors import DataError, RlseditError
 from rlsedit_cli.models.loader import load_model, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
 from rlsedit_cli.progress import progress, quiet_library_bars
 from rlsedit_cli.runner import checkpoint, plan
-from rlsedit_cli.runner.folder import RunFolder, continues
+from rlsedit_cli.runner.folder import RunFolder
 from rlsedit_cli.runner.measure import Measurer, brief
 from rlsedit_cli.runner.record import RunRecord
 from rlsedit_cli.runner.terms import ObjectiveTerms
@@ -48,59 +48,6 @@ def build(node: DictConfig, **kwargs):
     value) reach the user unwrapped, and runtime objects are never converted to configs.
     """
     return instantiate(node, _partial_=True, _convert_="all")(**kwargs)
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Value checks the schemas cannot express; each error names the key and the fix."""
-    for section, key, low in (("measure", "batch_size", 1), ("measure", "max_length", 1),
-                              ("measure", "retention_edits", 0), ("measure", "retention_every", 0),
-                              ("measure", "generation_prompts", 0),
-                              ("measure", "fluency_records", 1), ("eval", "every_edits", 0),
-                              ("stats", "num_samples", 1), ("stats", "batch_size", 1)):
-        if cfg[section][key] is not None and cfg[section][key] < low:
-            raise ConfigError(f"{section}.{key}={cfg[section][key]} must be "
-                              + ("at least 1" if low else "not negative"))
-    if cfg.checkpoint.every < 0:
-        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must not be negative")
-    # `in` on a DictConfig is False for a missing value: look at its keys
-    if "target" in cfg.editor.keys() and OmegaConf.is_missing(cfg.editor, "target"):  # noqa: SIM118
-        raise ConfigError(f"editor.target is not set for model {cfg.model.name}: add "
-                          f"conf/target/{cfg.model.name}.yaml (as conf/target/llama3_8b.yaml) or "
-                          "set editor.target.lr=... and the rest on the command line")
-    if cfg.eval.data_dir and not Path(cfg.eval.data_dir).expanduser().is_dir():
-        raise ConfigError(f"eval.data_dir={cfg.eval.data_dir} is not a folder: give a datasets "
-                          "cache folder (HF_DATASETS_CACHE of a machine that loaded the tasks)")
-    for section, key, allowed in (("eval", "sample", ("seeded", "first")),
-                                  ("eval", "logits", ("continuation", "all")),
-                                  ("eval", "compute_dtype", ("float32", "bfloat16")),
-                                  ("eval", "source", ("local", "hub")),
-                                  ("measure", "generation", ("sample", "greedy")),
-                                  ("measure", "fluency_at", ("every", "ends")),
-                                  ("measure", "generated_at", ("every", "ends"))):
-        if cfg[section][key] not in allowed:
-            raise ConfigError(f"{section}.{key}={cfg[section][key]!r} must be "
-                              f"{' or '.join(allowed)}")
-    target = cfg.editor.get("target", {})
-    for key, dtype in (("editor.target.compute_dtype", target.get("compute_dtype")),
-                       ("editor.target.keys_dtype", target.get("keys_dtype")),
-                       ("measure.compute_dtype", cfg.measure.compute_dtype)):
-        if dtype not in (None, "float32", "bfloat16"):
-            raise ConfigError(f"{key}={dtype!r} must be float32 or bfloat16")
-    if bad := unknown(cfg.speed.accelerations):
-        raise ConfigError(f"speed.accelerations names {bad[0]!r}: use all, [] or any of "
-                          f"{', '.join(ACCELERATIONS)}")
-    factor = cfg.measure.collapse_factor
-    if factor is not None and not factor > 0:
-        raise ConfigError(f"measure.collapse_factor={factor!r} must be above 0 (null: no alarm)")
-    nll = target.get("stop_below_nll")
-    if nll is not None and not nll > 0:
-        raise ConfigError(f"editor.target.stop_below_nll={nll!r} must be above 0 (null: off)")
-    for task, n in {"": cfg.eval.limit, **cfg.eval.limits}.items():
-        if n is not None and n < 1:
-            raise ConfigError(f"eval.limit{'s.' + task if task else ''}={n} must be at least 1 "
-                              "(leave it null for every document)")
-    if cfg.objective not in OBJECTIVES:
-        raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
 
 
 def speed_settings(cfg: DictConfig) -> dict:
@@ -176,10 +123,6 @@ def uncovered(records) -> dict[str, int]:
     return counts
 
 
-OBJECTIVES = ("hmean", "efficacy", "generalization", "specificity", "efficacy_magnitude",
-              "generalization_magnitude", "specificity_magnitude", "fluency", "consistency")
-
-
 def objective(summary: dict, name: str) -> float | None:
     """The value a sweep maximises: the harmonic mean of efficacy, generalization and
     specificity (``hmean``), or one summary metric (None where the run has no such figure)."""
@@ -207,26 +150,27 @@ def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             against the checkpoint's settings (without them the whole config is compared).
     """
     target = Path(cfg.resume or cfg.paths.run_dir).expanduser()
-    again = None if cfg.resume else continues(target, cfg.resume_jobs)
-    if again == "keep":
-        return kept(cfg, target)
-    if again == "resume":
-        with open_dict(cfg):
-            cfg.resume = str(target)
-    lock = plan.claim(target, bool(cfg.resume), cfg.overwrite or again == "restart")
+    lock, decided = plan.claim(target, bool(cfg.resume), cfg.overwrite,
+                               resume_jobs=cfg.resume_jobs)
     try:
+        if decided.kind == "keep":
+            return kept(cfg, target)
+        again = decided.kind == "resume" and not cfg.resume  # a sweep job's earlier attempt
+        if again:
+            with open_dict(cfg):
+                cfg.resume = str(target)
         return _run_in(cfg, RunFolder(target), overrides, again)
     finally:
         lock.release()
 
 
 def _run_in(cfg: DictConfig, folder: RunFolder, overrides: list[str] | None,
-            again: str | None) -> dict:
+            again: bool = False) -> dict:
     """The run in its claimed folder: its log file, its checkpoint read when it resumes."""
     folder.begin()
     with folder.log_file():
         state = None
-        if again == "resume":
+        if again:
             log.info("this job's earlier attempt (preempted, out of time or interrupted) left a "
                      "checkpoint: it continues from there")
         if cfg.resume:
@@ -236,15 +180,7 @@ def _run_in(cfg: DictConfig, folder: RunFolder, overrides: list[str] | None,
                 checkpoint.check_matches(state["config"], checkpoint.edit_config(cfg), folder.path)
             else:
                 checkpoint.check_overrides(state["config"], overrides, folder.path)
-            with open_dict(cfg):  # the run goes on with its own settings
-                given = {parse_override(o)[0].split(".")[0] for o in overrides or []}
-                saved_file = folder.path / "config.yaml"
-                if "logger" not in given and saved_file.is_file():  # and its own tracker
-                    cfg.logger = OmegaConf.load(saved_file).get("logger", cfg.logger)
-                for key, value in state["config"].items():
-                    fixed_schema = key in ("model", "stream", "measure", "stats", "checkpoint",
-                                           "speed")
-                    cfg[key] = OmegaConf.merge(cfg[key], value) if fixed_schema else value
+            checkpoint.restore_config(cfg, state["config"], overrides, folder.path)
         with cache_errors(cfg.paths.cache):
             runner = Runner(cfg, folder, overrides)
             if state is not None:
@@ -285,7 +221,7 @@ class Runner:
     """One run: set-up, the stream of batches with checkpoints, the final measurements."""
 
     def __init__(self, cfg: DictConfig, folder: RunFolder, overrides: list[str] | None) -> None:
-        check_config(cfg)
+        validate.check(cfg)
         quiet_library_bars()
         route_library_logs()
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
