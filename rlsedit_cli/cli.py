@@ -1,4 +1,4 @@
-"""The ``rlsedit`` command: run, ls, toy, report, bench, export, stats.
+"""The ``rlsedit`` command: run, ls, toy, report, bench, export, stats, tune.
 
 ``rlsedit run ARGS`` hands ARGS to Hydra untouched (overrides, ``-m``, ``--cfg job``, ``--help``).
 User errors (bad config, missing file, unreachable hub, ...) end in one ``error:`` line and exit
@@ -231,6 +231,7 @@ def export_command(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from rlsedit_cli.stats import commands as stats_commands
+    from rlsedit_cli.tune import commands as tune_commands
 
     parser = argparse.ArgumentParser(
         prog="rlsedit",
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also the whole edited model (OUT/model, from_pretrained loads it)")
 
     stats_commands.add_parser(sub)
+    tune_commands.add_parser(sub)
 
     toy = sub.add_parser("toy", help="build or check a tiny GPT-2 that knows a set of facts")
     toy_sub = toy.add_subparsers(dest="toy_verb", required=True, metavar="VERB")
@@ -319,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv[1:])
     from rlsedit_cli.bench.command import bench_command
     from rlsedit_cli.stats.commands import stats_command
+    from rlsedit_cli.tune.commands import tune_command
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # a bench's overrides may follow its options
-    if rest and (args.command not in ("bench", "stats")
+    if rest and (args.command not in ("bench", "stats", "tune")
                  or any(x.startswith("-") for x in rest)):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if rest:
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers = {"ls": ls_command, "toy": toy_command, "bench": bench_command,
                 "report": report_command, "export": export_command,
-                "stats": stats_command}
+                "stats": stats_command, "tune": tune_command}
     try:
         return handlers[args.command](args)
     except RlseditError as e:
