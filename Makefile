@@ -12,7 +12,7 @@ TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-all bench lint docs toy clean
+.PHONY: help install run test test-plain test-all bench lint docs toy clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ run: $(STAMP)  ## install, then run the embedded default offline (ARGS="editor=m
 
 test: $(STAMP)  ## install, then run the test suite (fast tests; no GPU, no network)
 	$(OFFLINE) WANDB_MODE=disabled $(PYTEST) $(ARGS)
+
+test-plain: $(STAMP)  ## the test suite with every acceleration off (the plain paths)
+	$(OFFLINE) WANDB_MODE=disabled $(PYTEST) --accelerations=none $(ARGS)
 
 test-all: $(STAMP)  ## the whole suite, slow tests included
 	$(OFFLINE) WANDB_MODE=disabled $(PYTEST) -m 'not gpu' $(ARGS)
