@@ -71,6 +71,7 @@ def test_bfloat16_llama_run_without_accelerations_is_within_bfloat16_rounding(tm
     assert gaps and max(gaps.values()) < 0.1, gaps
 
 
+@pytest.mark.accelerated
 def test_each_acceleration_serves_its_devices_only():
     every = Accelerations()
     assert all(every.on(name, "cpu") for name in ACCELERATIONS)
