@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlsedit_cli.accel import ACCELERATIONS, unknown
+from rlsedit_cli.accel import Accelerations
 from rlsedit_cli.config import conf_dir
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.settings import OBJECTIVES
@@ -87,9 +87,7 @@ def check_across(cfg: DictConfig) -> None:
         if n is not None and n < 1:
             raise ConfigError(f"eval.limits.{task}={n} must be at least 1 (leave it out for "
                               "every document)")
-    if bad := unknown(cfg.speed.accelerations):
-        raise ConfigError(f"speed.accelerations names {bad[0]!r}: use all, [] or any of "
-                          f"{', '.join(ACCELERATIONS)}")
+    Accelerations.parse(cfg.speed.accelerations)  # refuses an unknown name
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
 

@@ -45,6 +45,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rlsedit_cli.errors import ConfigError
+
 ACCELERATIONS: dict[str, tuple[str, ...]] = {  # name -> device types it serves
     "target_loss": ("cpu", "cuda"),
     "replayed_blocks": ("cpu", "cuda"),
@@ -56,11 +58,6 @@ ACCELERATIONS: dict[str, tuple[str, ...]] = {  # name -> device types it serves
 }
 
 
-def unknown(names) -> list[str]:
-    """The entries of ``names`` that name no acceleration ("all" names every one)."""
-    return [n for n in names if n != "all" and n not in ACCELERATIONS]
-
-
 @dataclass(frozen=True)
 class Accelerations:
     """Which accelerations a model's passes may take (a :class:`ModelHandle` carries one)."""
@@ -69,10 +66,11 @@ class Accelerations:
 
     @classmethod
     def parse(cls, names) -> Accelerations:
-        """From ``speed.accelerations``: a list of names, "all" for every one, [] for none."""
-        if bad := unknown(names):
-            raise ValueError(f"unknown acceleration {bad[0]!r}: use all or any of "
-                             f"{', '.join(ACCELERATIONS)}")
+        """From ``speed.accelerations``: a list of names, "all" for every one, [] for none;
+        an unknown name is a one-line :class:`ConfigError`."""
+        if bad := [n for n in names if n != "all" and n not in ACCELERATIONS]:
+            raise ConfigError(f"speed.accelerations names {bad[0]!r}: use all, [] or any of "
+                              f"{', '.join(ACCELERATIONS)}")
         return cls(frozenset(ACCELERATIONS) if "all" in names else frozenset(names))
 
     def on(self, name: str, device) -> bool:

@@ -114,6 +114,16 @@ class LoweredLinears:
                 m._parameters["weight"] = weight
 
 
+def attention_mode(handle, short_queries: bool = False, device: torch.device | None = None):
+    """:class:`Float32Attention` where ``float32_attention`` runs on ``device`` (default:
+    ``handle``'s), with ``short_queries`` where ``grouped_attention`` runs too; else nothing."""
+    device = handle.device if device is None else device
+    accel = handle.accel
+    if not accel.on("float32_attention", device):
+        return contextlib.nullcontext()
+    return Float32Attention(short_queries and accel.on("grouped_attention", device))
+
+
 @contextmanager
 def compute_dtype(handle, name: str, short_queries: bool = False,
                   device: torch.device | None = None) -> Iterator[None]:
@@ -127,8 +137,6 @@ def compute_dtype(handle, name: str, short_queries: bool = False,
         yield
         return
     device = handle.device if device is None else torch.device(device)
-    accel = handle.accel
-    mode = (Float32Attention(short_queries and accel.on("grouped_attention", device))
-            if accel.on("float32_attention", device) else contextlib.nullcontext())
-    with torch.autocast(device.type, dtype=DTYPES[name]), mode:
+    with torch.autocast(device.type, dtype=DTYPES[name]), attention_mode(handle, short_queries,
+                                                                         device):
         yield

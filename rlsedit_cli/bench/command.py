@@ -15,17 +15,15 @@ def _bench_targets(args: argparse.Namespace) -> dict:
     """The first ``--batch`` requests of the configured stream, batched against one at a time."""
     from omegaconf import OmegaConf
 
-    from rlsedit_cli.accel import Accelerations
     from rlsedit_cli.bench.targets import bench_targets
     from rlsedit_cli.datasets.stream import stream_of
     from rlsedit_cli.editors.base import target_config
-    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.models.loader import load_configured, resolve_device
     from rlsedit_cli.runner.run import build
 
     cfg = composed([f"model={args.model}", *args.overrides])
     records = [r for b in stream_of(build(cfg.dataset).records, cfg.stream) for r in b]
-    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache,
-                        Accelerations.parse(cfg.speed.accelerations))
+    handle = load_configured(cfg, resolve_device(args.device))
     target = target_config(OmegaConf.to_container(cfg.editor.target, resolve=True))
     return bench_targets(handle, records[: args.batch], z_layer=max(cfg.model.edit_layers),
                          target=target, steps=args.steps, repeat=args.repeat)
@@ -62,13 +60,11 @@ def _bench_stream(args: argparse.Namespace) -> list[dict]:
 
 def _bench_stats(args: argparse.Namespace) -> dict:
     """The anchor statistics of the model's edited layers against a plain forward pass."""
-    from rlsedit_cli.accel import Accelerations
     from rlsedit_cli.bench.stats import bench_stats
-    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.models.loader import load_configured, resolve_device
 
     cfg = composed([f"model={args.model}", *args.overrides])
-    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache,
-                        Accelerations.parse(cfg.speed.accelerations))
+    handle = load_configured(cfg, resolve_device(args.device))
     return bench_stats(handle, list(cfg.model.edit_layers), cfg.stats.corpus, args.samples,
                        cfg.stats.max_length, cfg.stats.batch_size, cfg.stats.seed)
 
@@ -79,14 +75,12 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
     on the same model and documents, then their comparison."""
     import time
 
-    from rlsedit_cli.accel import Accelerations
     from rlsedit_cli.bench.general import bench_general, compare_general
     from rlsedit_cli.eval.general import GeneralSettings, TaskManagers
-    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.models.loader import load_configured, resolve_device
 
     base = composed([f"model={args.model}", *args.overrides])
-    handle = load_model(base.model, resolve_device(args.device), base.paths.cache,
-                        Accelerations.parse(base.speed.accelerations))
+    handle = load_configured(base, resolve_device(args.device))
     points, managers = [], TaskManagers()  # the index built once, as a run does
     for variant in ["", *args.against]:
         cfg = composed([f"model={args.model}", *args.overrides, *variant.split()])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
-from rlsedit_cli.accel.precision import Float32Attention, LoweredLinears
+from rlsedit_cli.accel.precision import LoweredLinears, attention_mode
 from rlsedit_cli.accel.prefix import read_states
 from rlsedit_cli.eval.scoring import little_padding
 from rlsedit_cli.models.handle import ModelHandle
@@ -49,8 +49,7 @@ class EditedLM(HFLM):
         if self.lowered is None:
             yield
             return
-        f32 = self.handle.accel.on("float32_attention", self.handle.device)
-        with self.lowered.swapped(), Float32Attention() if f32 else contextlib.nullcontext():
+        with self.lowered.swapped(), attention_mode(self.handle):
             yield
 
     def _model_call(self, inps, attn_mask=None, labels=None):

@@ -101,6 +101,12 @@ def _source(spec, cache: str | Path | None) -> str:
     return str(dequantised_folder(locate(name, str(gguf_file), spec.revision), cache))
 
 
+def load_configured(cfg, device: torch.device) -> ModelHandle:
+    """The model of a composed config (``cfg.model``) with its ``speed.accelerations``."""
+    return load_model(cfg.model, device, cfg.paths.cache,
+                      Accelerations.parse(cfg.speed.accelerations))
+
+
 def load_model(spec, device: torch.device, cache: str | Path | None = None,
                accel: Accelerations | None = None) -> ModelHandle:
     """Load a conf/model node's model onto ``device`` and check its templates.

@@ -26,7 +26,7 @@ from rlsedit_cli.accel import Accelerations
 from rlsedit_cli.console import route_library_logs
 from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import DataError, RlseditError
-from rlsedit_cli.models.loader import load_model, resolve_device
+from rlsedit_cli.models.loader import load_configured, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
 from rlsedit_cli.progress import progress, quiet_library_bars
 from rlsedit_cli.runner import checkpoint, plan
@@ -227,8 +227,7 @@ class Runner:
         self.cfg, self.folder, self.overrides = cfg, folder, overrides or []
         transformers.set_seed(cfg.seed)
         self.device = resolve_device(cfg.device)
-        self.handle = load_model(cfg.model, self.device, cfg.paths.cache,
-                                 Accelerations.parse(cfg.speed.accelerations))
+        self.handle = load_configured(cfg, self.device)
         self.dataset = build(cfg.dataset)
         self.batches = fitting_stream(self.handle, self.dataset, cfg.stream,
                                       bool(cfg.dataset.get("skip_invalid")))

@@ -67,13 +67,13 @@ def run_trace(cfg, args: argparse.Namespace) -> dict:
     those whose clean answer is their true target's first token (ROME's known facts)."""
     import torch
 
-    from rlsedit_cli.models.loader import load_model, resolve_device
+    from rlsedit_cli.models.loader import load_configured, resolve_device
     from rlsedit_cli.models.tokens import encode_target
     from rlsedit_cli.progress import progress
     from rlsedit_cli.runner.run import build
     from rlsedit_cli.tune.trace import noise_level, trace
 
-    handle = load_model(cfg.model, resolve_device(args.device), cfg.paths.cache)
+    handle = load_configured(cfg, resolve_device(args.device))
     records = build(cfg.dataset).records[args.offset : args.offset + args.records]
     if not records:
         raise DataError(f"--offset {args.offset} is past the dataset's records: lower it")
