@@ -321,8 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(argv[1:])
     from rlsedit_cli.bench.command import bench_command
     from rlsedit_cli.stats.commands import stats_command
-    from rlsedit_cli.tune.commands import tune_command
+    from rlsedit_cli.tune.commands import tune_command, with_verb
 
+    argv = with_verb(argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)  # a bench's overrides may follow its options
     if rest and (args.command not in ("bench", "stats", "tune")

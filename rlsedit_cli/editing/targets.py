@@ -51,26 +51,27 @@ def kl_divergence(logp: torch.Tensor, logp_init: torch.Tensor) -> torch.Tensor:
 
 def optimise_targets(handle: ModelHandle, requests: list[Record], templates: list[str],
                      z_layer: int, cfg, scale_by: str = "residual",
-                     loss: type | None = None) -> TargetResult:
+                     loss: type | None = None, on_step=None) -> TargetResult:
     """Target hidden states z for ``requests`` (in chunks of ``cfg.chunk_size``).
 
     ``scale_by``: the norm that scales the weight decay and the clamp: of the residual stream
     after ``z_layer`` (MEMIT's compute_z.py) or of the edited map's output there ("map": ROME's
     compute_v.py, whose target is the MLP's output). ``loss``: how the loss is computed
     (:class:`TargetLoss` or :class:`FullForwardLoss`; None: the first where the ``target_loss``
-    acceleration runs on the handle's device, else the second).
+    acceleration runs on the handle's device, else the second). ``on_step(step, nll)``, when
+    given, sees each step's target NLL of the requests still optimised ((m,), detached).
     """
     if loss is None:
         loss = TargetLoss if handle.accel.on("target_loss", handle.device) else FullForwardLoss
     parts = [_optimise_chunk(handle, requests[s : s + cfg.chunk_size], templates, z_layer, cfg,
-                             scale_by, loss)
+                             scale_by, loss, on_step)
              for s in range(0, len(requests), max(1, cfg.chunk_size))]
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts])
                           for f in ("z", "init_loss", "final_loss", "final_kl", "steps")))
 
 
 def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list[str],
-                    z_layer: int, cfg, scale_by: str, loss: type) -> TargetResult:
+                    z_layer: int, cfg, scale_by: str, loss: type, on_step=None) -> TargetResult:
     """Adam on the deltas of one chunk; each request stops on its own (see module doc).
 
     A request that stopped keeps its delta; from the next step on, a loss that can
@@ -105,6 +106,8 @@ def _optimise_chunk(handle: ModelHandle, requests: list[Record], templates: list
             loss = (nll + cfg.kl_factor * kl
                     + cfg.weight_decay * delta[idx].norm(dim=-1) / h_norm[idx] ** 2)
             final_loss[idx], final_kl[idx] = nll.detach(), kl.detach()
+            if on_step is not None:
+                on_step(it, nll.detach())
             stop = loss.detach() < cfg.early_stop_loss  # (m,)
             if cfg.stop_when_top1:  # ENCORE's early stop: the target already wins everywhere
                 stop |= top1.to(stop.device)

@@ -1,10 +1,10 @@
-"""``rlsedit tune trace``: causal tracing over held-out records, the curve per layer and the
-window of layers it proposes for the key-value editors, written to a folder of its own."""
+"""``rlsedit tune``: an editor's settings for a model, found on held-out records and written
+where the configs read them (:mod:`rlsedit_cli.tune.pipeline`); ``rlsedit tune trace``: the
+causal trace alone, in a folder of its own."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -13,10 +13,67 @@ from rlsedit_cli.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
+VERBS = ("all", "trace")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give numbers separated by commas") from None
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in _floats(text)]
+
 
 def add_parser(sub) -> None:
-    tune = sub.add_parser("tune", help="find an editor's settings for a model (causal tracing)")
+    tune = sub.add_parser("tune", help="find an editor's settings for a model: rlsedit tune "
+                                       "model=M editor=E dataset=... (or tune trace)")
     verbs = tune.add_subparsers(dest="tune_verb", required=True, metavar="VERB")
+    every = verbs.add_parser("all", help="every step (the default verb): knowledge, causal "
+                                         "trace, targets, anchor samples, trade-off; writes "
+                                         "conf/tuned/EDITOR_MODEL.yaml")
+    every.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="config overrides as for `rlsedit run` (model=..., editor=..., "
+                            "dataset=..., dataset.path=...)")
+    every.add_argument("--out", help="the tune's folder (default: outputs/tune/MODEL/EDITOR); "
+                                     "the same command again continues a tune stopped there")
+    every.add_argument("--offset", type=int, default=None,
+                       help="first stream position of the tuning records (default 5,000, or "
+                            "the dataset's second half when it is smaller): keep them out of "
+                            "the runs you report")
+    every.add_argument("--edits", type=int, default=200, help="tuning records, edited by "
+                                                              "every job")
+    every.add_argument("--batch", type=int, default=100, help="edits per batch in every job")
+    every.add_argument("--steps", type=lambda t: [x for x in t.split(",") if x],
+                       default=["know", "trace", "targets", "samples", "grid"],
+                       help="which steps to run, in order: know,trace,targets,samples,grid "
+                            "(a later step uses what earlier ones found in the folder)")
+    every.add_argument("--trace-records", type=int, default=None,
+                       help="tuning records traced (default: all of them)")
+    every.add_argument("--trace-samples", type=int, default=10,
+                       help="corrupted copies per traced prompt")
+    every.add_argument("--window", type=int, default=10, help="MLP layers restored together")
+    every.add_argument("--noise", type=float, default=3.0, help="noise in subject-embedding "
+                                                                "standard deviations")
+    every.add_argument("--target-records", type=int, default=10,
+                       help="requests whose target optimisation is measured")
+    every.add_argument("--lrs", type=_floats, default=[0.1, 0.25, 0.5, 1.0],
+                       help="target step sizes tried")
+    every.add_argument("--clamps", type=_floats, default=[0.75, 2.0, 4.0],
+                       help="target clamps tried (the configured one is added)")
+    every.add_argument("--sample-counts", type=_ints, default=None,
+                       help="anchor sample counts tried (default 100, 300, 1000, ... up to the "
+                            "configured count)")
+    every.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="a trade-off axis (repeat for more; default: the editor's own)")
+    every.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                       help="stop starting steps and jobs after this many minutes (the same "
+                            "command continues)")
+    every.add_argument("--settings-dir", default=None,
+                       help="write tuned/EDITOR_MODEL.yaml here (default: the configs' folder, "
+                            "read by the next run; 'none': do not write)")
     trace = verbs.add_parser("trace", help="ROME's causal tracing over held-out records: where "
                                            "the model's facts are, and a window of layers")
     trace.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -39,8 +96,81 @@ def add_parser(sub) -> None:
     trace.add_argument("--out", help="folder to write (default: outputs/tune/MODEL/trace-TIME)")
 
 
+def with_verb(argv: list[str]) -> list[str]:
+    """``tune KEY=VALUE ...`` is ``tune all KEY=VALUE ...``."""
+    if argv[:1] == ["tune"] and (len(argv) == 1 or argv[1] not in (*VERBS, "-h", "--help")):
+        return ["tune", "all", *argv[1:]]
+    return argv
+
+
+def _check(pairs) -> None:
+    for name, value, low in pairs:
+        if value is not None and value < low:
+            raise ConfigError(f"{name}={value} must be at least {low}")
+
+
 def tune_command(args: argparse.Namespace) -> int:
+    return trace_command(args) if args.tune_verb == "trace" else all_command(args)
+
+
+def all_command(args: argparse.Namespace) -> int:
+    from rlsedit_cli.config import conf_dir
+    from rlsedit_cli.tune import jobs
+    from rlsedit_cli.tune.pipeline import STEPS, Budget, BudgetSpentError, Tune, TuneSettings
+
+    _check((("--edits", args.edits, 1), ("--batch", args.batch, 1), ("--offset", args.offset, 0),
+            ("--trace-records", args.trace_records, 1), ("--trace-samples", args.trace_samples,
+                                                         1), ("--window", args.window, 1),
+            ("--target-records", args.target_records, 1)))
+    unknown = [s for s in args.steps if s not in STEPS]
+    if unknown:
+        raise ConfigError(f"--steps {','.join(unknown)}: the steps are {','.join(STEPS)}")
+    if not args.noise > 0 or any(x <= 0 for x in [*args.lrs, *args.clamps]):
+        raise ConfigError("--noise, --lrs and --clamps must be above 0")
+    settings = TuneSettings(overrides=list(args.overrides), offset=0, edits=args.edits,
+                            batch=args.batch, trace_records=args.trace_records or args.edits,
+                            trace_samples=args.trace_samples, window=args.window,
+                            noise=args.noise, target_records=args.target_records,
+                            lrs=args.lrs, clamps=args.clamps,
+                            sample_counts=args.sample_counts or [])
+    write_to = (None if args.settings_dir == "none" else
+                Path(args.settings_dir).expanduser() if args.settings_dir else conf_dir())
+    tune = Tune(Path("."), settings, Budget(args.budget), write_to)
+    settings.offset = _offset(tune, args.offset)
+    configured_clamp = float(tune.cfg.editor.target.clamp_norm_factor) \
+        if "target" in tune.cfg.editor else None
+    if configured_clamp is not None and configured_clamp not in settings.clamps:
+        settings.clamps = sorted([*settings.clamps, configured_clamp])
+    settings.grid = (jobs.parse_grid(args.grid) if args.grid
+                     else jobs.default_grid(tune.editor, tune.cfg))
+    tune.out = Path(args.out or f"{tune.cfg.paths.output_dir}/tune/{tune.model}/"
+                                f"{tune.editor}").expanduser()
+    try:
+        tune.run(args.steps)
+    except BudgetSpentError as e:
+        log.warning("%s", e)
+    return 0
+
+
+def _offset(tune, given: int | None) -> int:
+    """The tuning records' first stream position: ``given``, else 5,000, else the second half
+    of a dataset too small for that."""
+    from rlsedit_cli.runner.run import build
+
+    n = len(build(tune.cfg.dataset).records)
+    edits = tune.settings.edits
+    offset = given if given is not None else (5000 if n >= 5000 + edits else n // 2)
+    if offset + edits > n:
+        raise ConfigError(f"--offset {offset} with --edits {edits} needs {offset + edits} "
+                          f"records; the dataset has {n}: lower --offset or --edits")
+    return offset
+
+
+def trace_command(args: argparse.Namespace) -> int:
     from rlsedit_cli.config import composed
+    from rlsedit_cli.models.loader import load_configured, resolve_device
+    from rlsedit_cli.runner.run import build
+    from rlsedit_cli.tune.layers import trace_records, write_trace
 
     cfg = composed([*args.overrides])
     out = Path(args.out or f"{cfg.paths.output_dir}/tune/{cfg.model.name}/"
@@ -53,102 +183,20 @@ def tune_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"{name}={value} must be at least {low}")
     if not args.noise > 0:
         raise ConfigError(f"--noise={args.noise} must be above 0")
-    result = run_trace(cfg, args)
+    handle = load_configured(cfg, resolve_device(args.device))
+    records = build(cfg.dataset).records[args.offset : args.offset + args.records]
+    if not records:
+        raise DataError(f"--offset {args.offset} is past the dataset's records: lower it")
+    configured = list(cfg.model.edit_layers)
+    result = trace_records(handle, records,
+                           f"{args.offset}..{args.offset + len(records) - 1} in file order",
+                           args.samples, args.window, args.noise,
+                           args.width or len(configured), configured)
     out.mkdir(parents=True, exist_ok=True)
-    write_report(out, result, cfg.model.name)
+    write_trace(out, result, cfg.model.name)
     log.info("causal trace of %s over %d records (%d skipped): MLP peak at layer %d; proposed "
              "layers %s; %s", cfg.model.name, result["traced"], result["skipped"],
              result["peak_layer"], result["proposed_layers"], out)
     return 0
 
 
-def run_trace(cfg, args: argparse.Namespace) -> dict:
-    """Trace the records; average the MLP indirect effect at the subject's last token over
-    those whose clean answer is their true target's first token (ROME's known facts)."""
-    import torch
-
-    from rlsedit_cli.models.loader import load_configured, resolve_device
-    from rlsedit_cli.models.tokens import encode_target
-    from rlsedit_cli.progress import progress
-    from rlsedit_cli.runner.run import build
-    from rlsedit_cli.tune.trace import noise_level, trace
-
-    handle = load_configured(cfg, resolve_device(args.device))
-    records = build(cfg.dataset).records[args.offset : args.offset + args.records]
-    if not records:
-        raise DataError(f"--offset {args.offset} is past the dataset's records: lower it")
-    noise = noise_level(handle, [r.subject for r in records], args.noise)
-    rows, skipped = [], 0
-    for r in progress(records, desc="causal trace", unit="record"):
-        expect = encode_target(handle.tok, r.target_true)[0]
-        t = trace(handle, r.prompt, r.subject, noise, kind="mlp", window=args.window,
-                  samples=args.samples, expect=expect)
-        if not t.correct:
-            skipped += 1
-            continue
-        rows.append((t.scores[0], t.low, t.high))
-    if not rows:
-        raise DataError(f"the model predicts the true target of none of the {len(records)} "
-                        "records (ROME traces known facts only): trace other records "
-                        "(--offset) or check the model")
-    scores = torch.stack([s for s, _, _ in rows])  # (n, num_layers)
-    low = torch.tensor([lo for _, lo, _ in rows])
-    effect = (scores - low[:, None]).mean(0)  # the average indirect effect per layer
-    peak = int(effect.argmax())
-    n = handle.num_layers
-    width = min(args.width or len(cfg.model.edit_layers), n)
-    first = min(max(0, peak - width + 1), n - width)  # near the start: the first ``width``
-    return {"model": cfg.model.name, "traced": len(rows), "skipped": skipped,
-            "records": f"{args.offset}..{args.offset + len(records) - 1}",
-            "noise": noise, "noise_factor": args.noise, "samples": args.samples,
-            "window": args.window, "kind": "mlp", "token": "subject_last",
-            "high": float(torch.tensor([h for _, _, h in rows]).mean()),
-            "low": float(low.mean()), "mean_score": scores.mean(0).tolist(),
-            "indirect_effect": effect.tolist(), "peak_layer": peak,
-            "proposed_layers": list(range(first, first + width)),
-            "rule": f"the {width} layers ending at the peak of the MLP's average indirect "
-                    "effect at the subject's last token (MEMIT's choice of its window)",
-            "configured_layers": list(cfg.model.edit_layers)}
-
-
-def write_report(out: Path, result: dict, model: str) -> None:
-    """trace.json, trace.csv, trace.png and report.md in ``out``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    (out / "trace.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = ["layer,mean_score,indirect_effect"]
-    lines += [f"{i},{s:.6f},{e:.6f}" for i, (s, e) in
-              enumerate(zip(result["mean_score"], result["indirect_effect"]))]
-    (out / "trace.csv").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(range(len(result["indirect_effect"])), result["indirect_effect"], color="seagreen")
-    ax.axvspan(result["proposed_layers"][0] - 0.5, result["proposed_layers"][-1] + 0.5,
-               color="grey", alpha=0.2, label="proposed layers")
-    ax.set_xlabel(f"centre of {result['window']} restored MLP layers")
-    ax.set_ylabel("average indirect effect")
-    ax.set_title(f"{model}: causal trace at the subject's last token ({result['traced']} facts)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "trace.png", dpi=120)
-    plt.close(fig)
-    peak = result["peak_layer"]
-    (out / "report.md").write_text("\n".join([
-        f"# Causal trace of {model}",
-        "",
-        f"Records {result['records']} ({result['traced']} whose clean answer is their true "
-        f"target, {result['skipped']} left out), {result['samples']} corrupted copies each, "
-        f"noise {result['noise']:.4f} ({result['noise_factor']:g} x the subject embeddings' "
-        f"std), MLP outputs restored in windows of {result['window']} layers at the subject's "
-        "last token (ROME's causal_trace.py).",
-        "",
-        f"p(answer): clean {result['high']:.4f}, corrupted {result['low']:.4f}; the largest "
-        f"average indirect effect {result['indirect_effect'][peak]:.4f} at layer {peak}.",
-        "",
-        f"Proposed edited layers: {result['proposed_layers']} ({result['rule']}); the model's "
-        f"configured edit_layers: {result['configured_layers']}.",
-        "",
-        "![trace](trace.png)",
-        ""]))
