@@ -115,50 +115,48 @@ def tune_command(args: argparse.Namespace) -> int:
 
 def all_command(args: argparse.Namespace) -> int:
     from rlsedit_cli.config import conf_dir
-    from rlsedit_cli.tune import jobs
-    from rlsedit_cli.tune.pipeline import STEPS, Budget, BudgetSpentError, Tune, TuneSettings
+    from rlsedit_cli.tune import jobs, pipeline
 
     _check((("--edits", args.edits, 1), ("--batch", args.batch, 1), ("--offset", args.offset, 0),
             ("--trace-records", args.trace_records, 1), ("--trace-samples", args.trace_samples,
                                                          1), ("--window", args.window, 1),
             ("--target-records", args.target_records, 1)))
-    unknown = [s for s in args.steps if s not in STEPS]
+    unknown = [s for s in args.steps if s not in pipeline.STEPS]
     if unknown:
-        raise ConfigError(f"--steps {','.join(unknown)}: the steps are {','.join(STEPS)}")
+        raise ConfigError(f"--steps {','.join(unknown)}: the steps are "
+                          f"{','.join(pipeline.STEPS)}")
     if not args.noise > 0 or any(x <= 0 for x in [*args.lrs, *args.clamps]):
         raise ConfigError("--noise, --lrs and --clamps must be above 0")
-    settings = TuneSettings(overrides=list(args.overrides), offset=0, edits=args.edits,
-                            batch=args.batch, trace_records=args.trace_records or args.edits,
-                            trace_samples=args.trace_samples, window=args.window,
-                            noise=args.noise, target_records=args.target_records,
-                            lrs=args.lrs, clamps=args.clamps,
-                            sample_counts=args.sample_counts or [])
+    cfg = pipeline.compose(args.overrides)
+    clamps = list(args.clamps)
+    if "target" in cfg.editor and float(cfg.editor.target.clamp_norm_factor) not in clamps:
+        clamps = sorted([*clamps, float(cfg.editor.target.clamp_norm_factor)])
+    grid = (jobs.parse_grid(args.grid) if args.grid
+            else jobs.default_grid(str(cfg.editor.name), cfg))
+    settings = pipeline.TuneSettings(
+        overrides=list(args.overrides), offset=_offset(cfg, args.offset, args.edits),
+        edits=args.edits, batch=args.batch, trace_records=args.trace_records or args.edits,
+        trace_samples=args.trace_samples, window=args.window, noise=args.noise,
+        target_records=args.target_records, lrs=args.lrs, clamps=clamps, grid=grid,
+        sample_counts=args.sample_counts or [])
     write_to = (None if args.settings_dir == "none" else
                 Path(args.settings_dir).expanduser() if args.settings_dir else conf_dir())
-    tune = Tune(Path("."), settings, Budget(args.budget), write_to)
-    settings.offset = _offset(tune, args.offset)
-    configured_clamp = float(tune.cfg.editor.target.clamp_norm_factor) \
-        if "target" in tune.cfg.editor else None
-    if configured_clamp is not None and configured_clamp not in settings.clamps:
-        settings.clamps = sorted([*settings.clamps, configured_clamp])
-    settings.grid = (jobs.parse_grid(args.grid) if args.grid
-                     else jobs.default_grid(tune.editor, tune.cfg))
-    tune.out = Path(args.out or f"{tune.cfg.paths.output_dir}/tune/{tune.model}/"
-                                f"{tune.editor}").expanduser()
+    out = Path(args.out or f"{cfg.paths.output_dir}/tune/{cfg.model.name}/"
+                           f"{cfg.editor.name}").expanduser()
+    tune = pipeline.Tune(cfg, out, settings, pipeline.Budget(args.budget), write_to)
     try:
         tune.run(args.steps)
-    except BudgetSpentError as e:
+    except pipeline.BudgetSpentError as e:
         log.warning("%s", e)
     return 0
 
 
-def _offset(tune, given: int | None) -> int:
+def _offset(cfg, given: int | None, edits: int) -> int:
     """The tuning records' first stream position: ``given``, else 5,000, else the second half
     of a dataset too small for that."""
     from rlsedit_cli.runner.run import build
 
-    n = len(build(tune.cfg.dataset).records)
-    edits = tune.settings.edits
+    n = len(build(cfg.dataset).records)
     offset = given if given is not None else (5000 if n >= 5000 + edits else n // 2)
     if offset + edits > n:
         raise ConfigError(f"--offset {offset} with --edits {edits} needs {offset + edits} "

@@ -18,8 +18,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from rlsedit_cli.errors import ConfigError
 from rlsedit_cli.files import replaced_atomically
 from rlsedit_cli.tune import jobs
@@ -66,13 +64,13 @@ class BudgetSpentError(Exception):
 class Tune:
     """One tune folder: its settings, its steps' results, its jobs."""
 
-    def __init__(self, out: Path, settings: TuneSettings, budget: Budget,
+    def __init__(self, cfg, out: Path, settings: TuneSettings, budget: Budget,
                  settings_dir: Path | None) -> None:
-        """``settings_dir``: where the chosen settings are written (its ``tuned/`` folder on
-        Hydra's search path; None: not written)."""
-        self.out, self.settings, self.budget = out, settings, budget
+        """``cfg``: :func:`compose` of the settings' overrides; ``settings_dir``: where the
+        chosen settings are written (its ``tuned/`` folder on Hydra's search path; None: not
+        written)."""
+        self.cfg, self.out, self.settings, self.budget = cfg, out, settings, budget
         self.settings_dir = settings_dir
-        self.cfg = _compose(settings.overrides)
         self.editor, self.model = str(self.cfg.editor.name), str(self.cfg.model.name)
         self._handle = None
 
@@ -197,11 +195,8 @@ class Tune:
                 getattr(step_fns, name)(self)
 
 
-def _compose(overrides: list[str]):
+def compose(overrides: list[str]):
+    """The config a tune measures from: ``overrides`` without an earlier tune's settings."""
     from rlsedit_cli.config import composed
 
-    return composed(jobs.merged(jobs.as_dict(overrides), NO_TUNED))
-
-
-def resolved(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
+    return composed(jobs.merged(NO_TUNED, jobs.as_dict(overrides)))

@@ -27,17 +27,19 @@ def target_curves(handle: ModelHandle, requests: list[Record], templates: list[s
     """For each (lr, clamp): the mean target NLL of ``requests`` after each of ``steps`` steps
     (``nll[0]``: before the first step) and the seconds it took. ``scale_by``: as
     :func:`optimise_targets` (``"map"`` for ROME)."""
+    from rlsedit_cli.progress import progress
+
     rows = []
-    for lr in lrs:
-        for clamp in clamps:
-            cfg = replace(target, lr=float(lr), clamp_norm_factor=float(clamp), steps=steps,
-                          early_stop_loss=0.0, stop_when_top1=False, stop_below_nll=None)
-            curve: list[float] = []
-            t0 = time.perf_counter()
-            optimise_targets(handle, requests, templates, z_layer, cfg, scale_by,
-                             on_step=lambda _, nll, curve=curve: curve.append(float(nll.mean())))
-            rows.append({"lr": float(lr), "clamp": float(clamp), "nll": curve,
-                         "seconds": round(time.perf_counter() - t0, 2)})
+    for lr, clamp in progress([(lr, c) for lr in lrs for c in clamps], desc="target settings",
+                              unit="setting"):
+        cfg = replace(target, lr=float(lr), clamp_norm_factor=float(clamp), steps=steps,
+                      early_stop_loss=0.0, stop_when_top1=False, stop_below_nll=None)
+        curve: list[float] = []
+        t0 = time.perf_counter()
+        optimise_targets(handle, requests, templates, z_layer, cfg, scale_by,
+                         on_step=lambda _, nll, curve=curve: curve.append(float(nll.mean())))
+        rows.append({"lr": float(lr), "clamp": float(clamp), "nll": curve,
+                     "seconds": round(time.perf_counter() - t0, 2)})
     return rows
 
 
