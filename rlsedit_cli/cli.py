@@ -18,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger("rlsedit")
 
 GROUPS = ("model", "editor", "dataset", "eval", "logger", "experiment", "target", "editor_model",
-          "speed", "measure", "hydra/launcher", "hydra/sweeper")
+          "tuned", "speed", "measure", "hydra/launcher", "hydra/sweeper")
 
 
 NOISE = ("reference_type=", "object_type=", "Config search path", "provider=")
