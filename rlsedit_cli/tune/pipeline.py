@@ -12,6 +12,7 @@ Steps, in order (each uses the settings the earlier ones chose):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -120,7 +121,8 @@ class Tune:
             self._handle = load_configured(self.cfg, resolve_device(str(self.cfg.device)))
         return self._handle
 
-    def records(self) -> list:
+    @functools.cached_property
+    def tuning_records(self) -> list:
         """The tuning records: the stream's [offset, offset + edits) (file order when the
         configured stream does not shuffle)."""
         from rlsedit_cli.datasets.stream import make_stream
@@ -175,6 +177,7 @@ class Tune:
     def run_jobs(self, prefix: str, values: list[dict]) -> list[dict]:
         """The jobs of ``values`` (one override dict each; {} with prefix "configured": the
         configured settings), their points in order."""
+        self._handle = None  # each job loads its own copy: one model in memory at a time
         points = []
         for i, v in enumerate(values):
             name = prefix if prefix == "configured" else jobs.job_name(prefix, v)

@@ -28,7 +28,7 @@ def know(tune: Tune) -> None:
     if not _done(tune, "knowledge.json"):
         tune.check_budget("the knowledge check")
         protocol = build(tune.cfg.dataset).protocol
-        figures = knowledge(tune.handle, tune.records(), tune.cfg.measure, protocol)
+        figures = knowledge(tune.handle, tune.tuning_records, tune.cfg.measure, protocol)
         figures["where"] = tune.where()
         tune.save("knowledge.json", figures)
         log.info("tune know: the unedited model on %d tuning records: efficacy %.1f, "
@@ -50,7 +50,7 @@ def trace(tune: Tune) -> None:
         return
     tune.check_budget("the causal trace")
     s = tune.settings
-    records = tune.records()[: s.trace_records]
+    records = tune.tuning_records[: s.trace_records]
     configured = list(tune.cfg.model.edit_layers)
     result = trace_records(tune.handle, records, tune.where(), s.trace_samples, s.window,
                            s.noise, len(configured), configured)
@@ -80,7 +80,7 @@ def targets(tune: Tune) -> None:
         scale_by = "map"
     target = target_config(OmegaConf.to_container(tune.cfg.editor.target, resolve=True))
     s = tune.settings
-    requests = tune.records()[: s.target_records]
+    requests = tune.tuning_records[: s.target_records]
     templates = context_templates(tune.handle, target.context_templates,
                                   seed=int(tune.cfg.editor.seed))
     rows = target_curves(tune.handle, requests, templates, z_layer, target, s.lrs, s.clamps,
