@@ -82,6 +82,15 @@ def test_tune_refuses_bad_options_in_one_line(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+def test_a_spent_budget_stops_before_the_next_step_and_a_broken_result_is_named(tmp_path):
+    out = tmp_path / "t"
+    args = ["tune", *TOY, "--out", str(out), "--settings-dir", "none"]
+    assert main([*args, "--budget", "0"]) == 0  # nothing measured, nothing lost
+    assert [p.name for p in out.iterdir()] == ["tune.json"]
+    (out / "knowledge.json").write_text("{not json")
+    assert main([*args, "--steps", "know"]) == 2
+
+
 def test_records_the_model_already_edits_are_refused():
     check_usable({"efficacy": 31.0, "specificity": 70.0}, "here")
     with pytest.raises(DataError, match="already prefers target_new on 60%"):

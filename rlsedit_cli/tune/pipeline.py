@@ -81,7 +81,7 @@ class Tune:
         path = self.out / "tune.json"
         mine = asdict(self.settings)
         if path.is_file():
-            earlier = json.loads(path.read_text(encoding="utf-8"))
+            earlier = self.load("tune.json")
             if earlier.get("settings") != mine:
                 before = earlier.get("settings", {})
                 changed = ", ".join(sorted(k for k in mine if before.get(k) != mine[k]))
@@ -104,13 +104,19 @@ class Tune:
 
     def load(self, name: str) -> dict | None:
         path = self.out / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ConfigError(f"{path} is not the JSON a tune writes ({e}): remove it to "
+                              "measure that step again") from e
 
     def check_budget(self, what: str) -> None:
         if self.budget.spent():
-            raise BudgetSpentError(f"the budget of {self.budget.minutes:g} minutes is spent before "
-                              f"{what}: what is done is kept in {self.out}; the same command "
-                              "continues from there")
+            raise BudgetSpentError(f"the budget of {self.budget.minutes:g} minutes is spent "
+                                   f"before {what}: what is done is kept in {self.out}; the "
+                                   "same command continues from there")
 
     # inputs ------------------------------------------------------------------------------
     @property
