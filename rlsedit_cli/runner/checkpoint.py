@@ -71,6 +71,13 @@ def edit_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in data.items() if k not in FREE_KEYS}
 
 
+def saved_edit_config(folder: Path) -> dict:
+    """The settings a finished run in ``folder`` was made with (its config.yaml, less the keys
+    that may differ): :func:`edit_config`'s counterpart on disk."""
+    saved = OmegaConf.to_container(OmegaConf.load(Path(folder) / "config.yaml"))
+    return {k: v for k, v in saved.items() if k not in FREE_KEYS}
+
+
 def rng_state() -> dict:
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),

@@ -192,9 +192,8 @@ def _run_in(cfg: DictConfig, folder: RunFolder, overrides: list[str] | None,
 def kept(cfg: DictConfig, folder: Path) -> dict:
     """A finished job of a sweep run again with resume_jobs=true: its summary, unchanged (after
     checking that it was made with this job's settings)."""
-    saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
-    checkpoint.check_matches({k: v for k, v in saved.items() if k not in checkpoint.FREE_KEYS},
-                             checkpoint.edit_config(cfg), folder)
+    checkpoint.check_matches(checkpoint.saved_edit_config(folder), checkpoint.edit_config(cfg),
+                             folder)
     summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     log.info("resume_jobs=true: %s finished earlier (%s edits); kept as it is", folder,
              summary.get("num_edits"))

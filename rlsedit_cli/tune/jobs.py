@@ -60,11 +60,6 @@ def default_grid(editor: str, cfg) -> dict[str, list]:
     return grid
 
 
-def json_list(text: str) -> list[int]:
-    """``[4,5,6]`` (an override's list) as a list of ints."""
-    return [int(x) for x in text.strip("[]").split(",") if x.strip()]
-
-
 def parse_grid(items: list[str]) -> dict[str, list[str]]:
     """``--grid KEY=V1,V2`` options as {key: [values]} (one value: a fixed setting)."""
     from rlsedit_cli.errors import ConfigError
@@ -107,14 +102,13 @@ def job_config(overrides: list[str], folder: Path):
 def same_job(cfg, folders) -> Path | None:
     """A finished job among ``folders`` that ran exactly ``cfg``'s settings (say, the
     configured settings when the tune proposed them too)."""
-    from rlsedit_cli.runner.checkpoint import FREE_KEYS, edit_config
+    from rlsedit_cli.runner.checkpoint import edit_config, saved_edit_config
 
     mine = edit_config(cfg)
     for folder in folders:
         if not (folder / "summary.json").is_file() or folder == Path(cfg.paths.run_dir):
             continue
-        saved = OmegaConf.to_container(OmegaConf.load(folder / "config.yaml"))
-        if {k: v for k, v in saved.items() if k not in FREE_KEYS} == mine:
+        if saved_edit_config(folder) == mine:
             return folder
     return None
 

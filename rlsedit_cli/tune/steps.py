@@ -3,6 +3,7 @@ the tune's folder; a step whose file is there already is kept as it is."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 from omegaconf import OmegaConf
@@ -73,7 +74,7 @@ def targets(tune: Tune) -> None:
     if "layers" in tune.cfg.editor:
         layers = OmegaConf.to_container(tune.cfg.model.edit_layers)
         if "model.edit_layers" in chosen:
-            layers = jobs.json_list(chosen["model.edit_layers"][0])
+            layers = json.loads(chosen["model.edit_layers"][0])  # written by json.dumps
         z_layer, scale_by = max(layers), "residual"
     else:  # ROME: its layer's MLP output
         z_layer = int(chosen.get("model.single_layer", (tune.cfg.model.single_layer,))[0])
