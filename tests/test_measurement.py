@@ -186,7 +186,7 @@ def test_speed_presets_compose_with_every_editor_and_land_where_read(preset):
 
 
 def test_scoring_batches_keep_every_prompt_once_and_cap_padding():
-    from rlsedit_cli.eval.scoring import little_padding
+    from rlsedit_cli.models.tokens import little_padding
 
     lengths = [30, 27, 26, 24, 22, 12, 12, 12, 11, 11, 10, 10, 10, 9, 9, 8]
     batches = little_padding(list(range(len(lengths))), lengths, most=4, waste=0.25)
@@ -196,3 +196,32 @@ def test_scoring_batches_keep_every_prompt_once_and_cap_padding():
         padded, real = len(b) * lengths[b[0]], sum(lengths[i] for i in b)
         assert len(b) == 1 or padded <= 1.25 * real
     assert len(little_padding(list(range(16)), [5] * 16, most=128)) == 1
+
+
+def test_small_batches_stay_open_until_they_hold_the_least_tokens():
+    from rlsedit_cli.models.tokens import little_padding
+
+    lengths = [40, 30, 20, 10, 9, 8]
+    assert len(little_padding(list(range(6)), lengths, most=6, waste=0.05)) == 6
+    # a batch of fewer than 100 padded tokens takes the next item whatever its padding
+    batches = little_padding(list(range(6)), lengths, most=6, waste=0.05, least=100)
+    assert batches == [[0, 1, 2], [3, 4, 5]]
+    assert [i for b in batches for i in b] == list(range(6))
+
+
+def test_continuations_in_passes_of_like_length_read_the_same_states(tiny_models):
+    """read_states with ``waste``: each group of continuations over its rows of the cache gives
+    the states of the single padded pass (float rounding)."""
+    from rlsedit_cli.accel.prefix import read_states
+
+    cfg = compose_cfg(tiny_overrides("llama", tiny_models["llama"]))
+    handle = load_model(cfg.model, torch.device("cpu"))
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17, 18, 19, 20, 21]]
+    targets = [[30], [31, 32, 33, 34, 35, 36, 37], [38, 39], [40, 41, 42, 43], [44, 45, 46]]
+    rows = torch.tensor([0, 0, 1, 2, 2])
+    body = handle.model.base_model
+    with torch.no_grad():
+        one = read_states(body, handle.tok, prompts, targets, rows, handle.device)
+        split = read_states(body, handle.tok, prompts, targets, rows, handle.device, waste=0.0)
+    assert one.shape == (sum(len(t) for t in targets), body.config.hidden_size)
+    torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from rlsedit_cli.editing.inputs import Item, encode_items, forward_until
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.models.tokens import pad, positions
+from rlsedit_cli.models.tokens import little_padding, pad, positions
 
 
 @dataclass
@@ -241,28 +241,48 @@ def mlp_only_at(handle: ModelHandle, layer: int, rows: torch.Tensor, cols: torch
 
 @torch.no_grad()
 def read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
-                 rows: torch.Tensor, device) -> torch.Tensor:
+                 rows: torch.Tensor, device, waste: float | None = None, least: int = 0
+                 ) -> torch.Tensor:
     """The hidden states that predict each target's tokens after its prompt (``rows[j]``: the
-    prompt of target j), target after target: (sum of target lengths, d_model)."""
+    prompt of target j), target after target: (sum of target lengths, d_model).
+
+    The targets run after their prompts' cached keys and values in one right-padded pass, or,
+    with ``waste`` (and ``least``), in passes of targets of like length
+    (:func:`little_padding`), each over its rows of the cache: answers of 2 to 40 tokens in one
+    pass are mostly padding."""
     ids, mask = pad(prompts, tok.pad_token_id, left=True, device=device)  # (B, P)
     pos = positions(mask)  # (B, P): padding changes nothing
     cache = DynamicCache(config=body.config)
     hidden = body(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                   use_cache=True).last_hidden_state  # (B, P, d_model)
     last = hidden[rows.to(device), -1]  # (n, d_model): predicts each target's first token
-    longer = [j for j, t in enumerate(targets) if len(t) > 1]
+    longer = sorted((j for j, t in enumerate(targets) if len(t) > 1),
+                    key=lambda j: -len(targets[j]))
     if not longer:
         return last
-    pick = rows[longer].to(device)  # (m,)
-    cache.batch_select_indices(pick)
-    s_ids, s_mask = pad([targets[j][:-1] for j in longer], tok.pad_token_id, device=device)
-    s_pos = (pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)) * s_mask  # (m, S)
-    # (padding at position 0: a long prompt's padded slots stay inside the position table)
-    after = body(input_ids=s_ids, attention_mask=torch.cat([mask[pick], s_mask], 1),
-                 position_ids=s_pos, past_key_values=cache,
-                 use_cache=True).last_hidden_state  # (m, S, d_model)
-    slot = {j: i for i, j in enumerate(longer)}
-    parts = [last[j : j + 1] if j not in slot else
-             torch.cat([last[j : j + 1], after[slot[j], : len(t) - 1]]) for j, t in
-             enumerate(targets)]
-    return torch.cat(parts)
+    groups = ([longer] if waste is None else
+              little_padding(longer, [len(targets[j]) - 1 for j in longer], len(longer), waste,
+                             least))
+    after: dict[int, torch.Tensor] = {}  # target j -> (len - 1, d_model)
+    for group in groups:
+        pick = rows[group].to(device)  # (m,)
+        rest = _rows_of(cache, pick, body.config) if len(groups) > 1 else cache
+        if len(groups) == 1:
+            cache.batch_select_indices(pick)
+        s_ids, s_mask = pad([targets[j][:-1] for j in group], tok.pad_token_id, device=device)
+        s_pos = (pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)) * s_mask
+        # (padding at position 0: a long prompt's padded slots stay inside the position table)
+        states = body(input_ids=s_ids, attention_mask=torch.cat([mask[pick], s_mask], 1),
+                      position_ids=s_pos, past_key_values=rest,
+                      use_cache=True).last_hidden_state  # (m, S, d_model)
+        after |= {j: states[i, : len(targets[j]) - 1] for i, j in enumerate(group)}
+    return torch.cat([last[j : j + 1] if j not in after else torch.cat([last[j : j + 1], after[j]])
+                      for j in range(len(targets))])
+
+
+def _rows_of(cache: DynamicCache, pick: torch.Tensor, config) -> DynamicCache:
+    """A new cache holding rows ``pick`` of ``cache``'s keys and values (``cache`` unchanged)."""
+    out = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys[pick], layer.values[pick], i)
+    return out

@@ -2,9 +2,10 @@
 
 - ``eval.logits=continuation`` (the default): the requests that share a context (the choices of
   a multiple-choice question) run it once: contexts (truncated from the left to the model's
-  window, as lm-eval truncates) left-padded into a key/value cache, batched by length, then each
-  continuation after its context (accel/prefix.py's ``read_states``); the LM head and the
-  log-softmax run only at the positions whose next token lm-eval reads, not at every position.
+  window, as lm-eval truncates) left-padded into a key/value cache, batched by length, then the
+  continuations in passes of like length after their contexts (accel/prefix.py's
+  ``read_states``); the LM head and the log-softmax run only at the positions whose next token
+  lm-eval reads, not at every position, a few rows of logits at a time.
   The figures are lm-eval's own within float rounding (tests/test_eval_lm.py).
   ``eval.logits=all`` is lm-eval's own path.
 - ``eval.compute_dtype=bfloat16``: every pass (scoring and generation) with bfloat16 matrix
@@ -19,15 +20,17 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
 
 from rlsedit_cli.accel.precision import LoweredLinears, attention_mode
 from rlsedit_cli.accel.prefix import read_states
-from rlsedit_cli.eval.scoring import little_padding
 from rlsedit_cli.models.handle import ModelHandle
+from rlsedit_cli.models.tokens import little_padding
 
 LOGITS = ("continuation", "all")
+WASTE, LEAST = 0.05, 512  # padding a pass may add to its real tokens, unless the pass holds
+# fewer than LEAST tokens (smaller passes run the products below the machine's rate)
+HEAD_ROWS = 64  # positions whose logits (64 x vocab: 12.6 MB for 49k tokens) are read at once
 
 
 class EditedLM(HFLM):
@@ -81,8 +84,7 @@ class EditedLM(HFLM):
         alone = sorted((i for c in contexts if c not in once for i in contexts[c]),
                        key=lambda i: -len(requests[i][1] + requests[i][2]))
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        for batch in _by_tokens(shared, [len(c) + max(len(requests[i][2]) for i in contexts[c])
-                                         for c in shared], budget):
+        for batch in _by_tokens(shared, [len(c) for c in shared], budget):
             ks = [i for c in batch for i in contexts[c]]
             rows = torch.tensor([b for b, c in enumerate(batch) for _ in contexts[c]])
             scored = self._shared([list(c) for c in batch], [requests[i][2] for i in ks], rows)
@@ -103,7 +105,7 @@ class EditedLM(HFLM):
         (``rows[j]``: continuation j's), then the continuations (eval/scoring.py)."""
         with self._passes():
             read = read_states(self.handle.model.base_model, self.tokenizer, contexts, conts,
-                               rows, self.device)  # (sum of continuation lengths, d_model)
+                               rows, self.device, WASTE, LEAST)  # (sum of their lengths, d)
         return self._read(read, conts)
 
     def _whole(self, rows: list[list[int]], conts: list[list[int]]) -> list[tuple[float, bool]]:
@@ -129,12 +131,16 @@ class EditedLM(HFLM):
     def _read(self, read: torch.Tensor, conts: list[list[int]]) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether each of its tokens is the
         greedy one) per continuation, from the states that predict its tokens, in order."""
-        with self._passes():
-            logits = self.handle.model.get_output_embeddings()(read)  # (N, vocab)
-        logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, vocab)
-        target = torch.tensor([t for c in conts for t in c], device=logprobs.device)  # (N,)
-        token_lp = logprobs.gather(1, target[:, None])[:, 0]  # (N,)
-        greedy = logprobs.argmax(-1) == target  # (N,)
+        target = torch.tensor([t for c in conts for t in c], device=read.device)  # (N,)
+        token_lp, greedy = torch.empty(len(target)), torch.empty(len(target), dtype=torch.bool)
+        head = self.handle.model.get_output_embeddings()
+        for at in range(0, len(target), HEAD_ROWS):  # rows of logits that stay in the cache
+            end = min(at + HEAD_ROWS, len(target))
+            with self._passes():
+                logits = head(read[at:end]).float()  # (n, vocab)
+            picked = logits.gather(1, target[at:end, None])[:, 0]  # (n,)
+            token_lp[at:end] = (picked - torch.logsumexp(logits, -1)).cpu()
+            greedy[at:end] = (logits.argmax(-1) == target[at:end]).cpu()
         out, at = [], 0
         for cont in conts:
             n = len(cont)
@@ -147,7 +153,7 @@ def _by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
     """``items`` (longest first) in batches whose padded size (count x first length) stays
     within ``budget`` tokens and whose padding stays small (eval/scoring.py's rule)."""
     out: list[list] = []
-    for group in little_padding(list(range(len(items))), lengths, max(1, len(items))):
+    for group in little_padding(list(range(len(items))), lengths, max(1, len(items)), WASTE, LEAST):
         batch: list = []
         for k in group:
             if batch and (len(batch) + 1) * lengths[group[0]] > budget:

@@ -7,10 +7,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlsedit_cli.accel.prefix import read_states
-from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad, positions
+from rlsedit_cli.models.tokens import (
+    encode_prompt,
+    encode_target,
+    little_padding,
+    pad,
+    positions,
+)
 from rlsedit_cli.progress import progress
-
-PADDING_WASTE = 0.25  # padding a scoring batch may add to its real tokens
 
 
 @torch.no_grad()
@@ -87,24 +91,6 @@ def _score(model, tok, pairs: list[tuple[str, str]], batch_size: int, shared: bo
                            torch.tensor(t_ids, device=logits.device)).cpu()
             at += len(t_ids)
     return out
-
-
-def little_padding(items: list[int], lengths: list[int], most: int,
-                   waste: float = PADDING_WASTE) -> list[list[int]]:
-    """``items`` (sorted by ``lengths``, longest first) in batches of at most ``most``, each
-    closed before its padding would pass ``waste`` times its real tokens (128 CounterFact
-    prompts from 30 tokens down to 8 are about half padding)."""
-    batches: list[list[int]] = []
-    width = real = 0  # the open batch's padded width (its first item's length), real tokens
-    for item, length in zip(items, lengths):
-        n = len(batches[-1]) if batches else most
-        if n < most and (n + 1) * width <= (1 + waste) * (real + length):
-            batches[-1].append(item)
-            real += length
-        else:
-            batches.append([item])
-            width = real = length
-    return batches
 
 
 def whole_states(body, tok, prompts: list[list[int]], targets: list[list[int]],

@@ -6,6 +6,8 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedTokenizerBase
 
+PADDING_WASTE = 0.25  # padding a scoring batch may add to its real tokens
+
 
 def encode_prompt(tok: PreTrainedTokenizerBase, text: str) -> list[int]:
     """Token ids of a prompt, with the model's special prefix (e.g. Llama's BOS) if it has one."""
@@ -47,3 +49,23 @@ def pad(seqs: list[list[int]], pad_id: int, left: bool = False, device=None,
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """(N, T) position ids of left-padded rows: 0 at each row's first token (and its padding)."""
     return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def little_padding(items: list[int], lengths: list[int], most: int,
+                   waste: float = PADDING_WASTE, least: int = 0) -> list[list[int]]:
+    """``items`` (sorted by ``lengths``, longest first) in batches of at most ``most``, each
+    closed before its padding would pass ``waste`` times its real tokens (128 CounterFact
+    prompts from 30 tokens down to 8 are about half padding), unless it holds fewer than
+    ``least`` tokens yet (a pass that small costs more in overhead than its padding would)."""
+    batches: list[list[int]] = []
+    width = real = 0  # the open batch's padded width (its first item's length), real tokens
+    for item, length in zip(items, lengths):
+        n = len(batches[-1]) if batches else most
+        if n < most and ((n + 1) * width <= (1 + waste) * (real + length)
+                         or n * width < least):
+            batches[-1].append(item)
+            real += length
+        else:
+            batches.append([item])
+            width = real = length
+    return batches

@@ -31,6 +31,9 @@ NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited"
 # measures: runs that differ only there (a sweep at 1,000 edits, a stream measured every 500)
 # share the unedited model's general-ability point
 EVAL_NOT_IN_KEY = ("name", "every_edits", "strict", "logits")  # logits: same figures (eval/lm.py)
+# how eval/lm.py batches its passes: bfloat16 figures move with the batches' composition, so a
+# point cached under another batching is not the figure this code would measure
+GENERAL_PASSES = "like-length"
 
 
 class UneditedFigures:
@@ -56,8 +59,8 @@ class UneditedFigures:
                "records": [dataclasses.asdict(r) for r in records],
                "references": None if refs is None else [refs.texts(r) for r in records],
                "idf": None if refs is None else [len(refs.vocab), float(refs.idf.sum())]}
-        if kind != "general":  # how our scoring measured it (lm-eval scores general ability)
-            key["scoring"] = "prompt-once"
+        # how our scoring measured it (lm-eval scores general ability, through eval/lm.py)
+        key["scoring"] = "prompt-once" if kind != "general" else GENERAL_PASSES
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
         return self.root / f"{kind}-{digest.hexdigest()[:24]}.json"
 
