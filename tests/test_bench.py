@@ -131,6 +131,38 @@ def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
     assert smoke["ci95"] == pytest.approx(1.96 * smoke["metrics"]["acc_stderr,none"], abs=1e-4)
     assert smoke["score"] >= 0.8  # the tiny model knows its held-out facts
     assert "lm-eval has no task 'hellaswagg'" in bad["error"]
+    assert point["real_tokens"] > 0 and point["tokens"] >= point["real_tokens"]
+    assert point["head_rows"] >= 30 and point["gemm_gflops"] > 0
+    assert point["floor_seconds"] == pytest.approx(
+        sum(point["tflop"].values()) * 1e3 / point["gemm_gflops"], rel=0.05, abs=0.1)
+
+
+def test_pass_counter_counts_tokens_causal_pairs_and_head_rows(tiny_models):
+    """Two rows of 5 tokens (one padded), then 3 more tokens each after their cache of 5."""
+    from transformers import DynamicCache
+
+    from rlsedit_cli.bench.floor import PassCounter, point_flops
+    from rlsedit_cli.models.loader import load_model
+
+    from .conftest import compose_cfg, tiny_overrides
+
+    handle = load_model(compose_cfg(tiny_overrides("llama", tiny_models["llama"])).model,
+                        torch.device("cpu"))
+    model, body = handle.model, handle.model.base_model
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad(), PassCounter(model) as counts:
+        cache = DynamicCache(config=body.config)
+        hidden = body(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=mask,
+                      past_key_values=cache, use_cache=True).last_hidden_state
+        body(input_ids=torch.ones(2, 3, dtype=torch.long), past_key_values=cache,
+             attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True)
+        model.get_output_embeddings()(hidden[:, -1])
+    assert (counts.tokens, counts.real, counts.head_rows) == (16, 15, 2)
+    assert counts.pairs == 2 * 15 + 2 * (3 * 5 + 6)  # query i of a pass sees past + i + 1 keys
+    flops = point_flops(model, counts)
+    maps = sum(m.weight.numel() for m in body.modules() if isinstance(m, torch.nn.Linear))
+    assert flops["blocks"] == 2 * maps * 15 and flops["padding"] == 2 * maps
+    assert flops["head"] == 2 * model.get_output_embeddings().weight.numel() * 2
 
 
 def test_bench_general_compares_settings_on_the_same_documents(capsys):

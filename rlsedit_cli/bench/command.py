@@ -75,6 +75,11 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
     on the same model and documents, then their comparison."""
     import time
 
+    import torch
+
+    from rlsedit_cli.accel.precision import DTYPES
+    from rlsedit_cli.bench.floor import PassCounter, point_flops
+    from rlsedit_cli.bench.gemm import gemm_timer
     from rlsedit_cli.bench.general import bench_general, compare_general
     from rlsedit_cli.eval.general import GeneralSettings, TaskManagers
     from rlsedit_cli.models.loader import load_configured, resolve_device
@@ -84,14 +89,24 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
     points, managers = [], TaskManagers()  # the index built once, as a run does
     for variant in ["", *args.against]:
         cfg = composed([f"model={args.model}", *args.overrides, *variant.split()])
-        start, rows = time.perf_counter(), []
-        for row in bench_general(handle, list(cfg.eval.tasks),
-                                 GeneralSettings.from_cfg(cfg.eval, cfg.seed), managers):
-            rows.append(row | {"config": variant or "(as given)"})
-            _emit(rows[-1], args.out)
+        gemm = gemm_timer(handle.device, DTYPES[cfg.eval.compute_dtype] or torch.float32)
+        rate, start, rows = gemm(), time.perf_counter(), []
+        with PassCounter(handle.model) as counts:
+            for row in bench_general(handle, list(cfg.eval.tasks),
+                                     GeneralSettings.from_cfg(cfg.eval, cfg.seed), managers):
+                rows.append(row | {"config": variant or "(as given)"})
+                _emit(rows[-1], args.out)
+        seconds = time.perf_counter() - start
+        rate = (rate + gemm()) / 2
+        flops = point_flops(handle.model, counts)
         points.append({"bench": "general_point", "config": variant or "(as given)",
                        "model": str(handle.spec.name), "device": str(handle.device),
-                       "seconds": round(time.perf_counter() - start, 1),
+                       "seconds": round(seconds, 1), "tokens": counts.tokens,
+                       "real_tokens": counts.real, "head_rows": counts.head_rows,
+                       "tflop": {k: round(v / 1e12, 2) for k, v in flops.items()},
+                       "gemm_gflops": round(rate, 1),
+                       "floor_seconds": round((sum(flops.values()) - flops["padding"])
+                                              / rate / 1e9, 1),  # padding is not the floor's
                        "task_seconds": {r["task"]: r.get("seconds") for r in rows},
                        "tasks": rows})
         _emit({k: v for k, v in points[-1].items() if k != "tasks"}, args.out)
