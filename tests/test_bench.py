@@ -133,8 +133,10 @@ def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
     assert "lm-eval has no task 'hellaswagg'" in bad["error"]
     assert point["real_tokens"] > 0 and point["tokens"] >= point["real_tokens"]
     assert point["head_rows"] >= 30 and point["gemm_gflops"] > 0
+    gflop = point["gflop"]
+    assert gflop["blocks"] > 0 and gflop["head"] > 0 and gflop["attention"] > 0
     assert point["floor_seconds"] == pytest.approx(
-        sum(point["tflop"].values()) * 1e3 / point["gemm_gflops"], rel=0.05, abs=0.1)
+        (sum(gflop.values()) - gflop["padding"]) / point["gemm_gflops"], rel=0.05, abs=2e-3)
 
 
 def test_pass_counter_counts_tokens_causal_pairs_and_head_rows(tiny_models):

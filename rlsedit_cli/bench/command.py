@@ -103,10 +103,10 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
                        "model": str(handle.spec.name), "device": str(handle.device),
                        "seconds": round(seconds, 1), "tokens": counts.tokens,
                        "real_tokens": counts.real, "head_rows": counts.head_rows,
-                       "tflop": {k: round(v / 1e12, 2) for k, v in flops.items()},
+                       "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
                        "gemm_gflops": round(rate, 1),
                        "floor_seconds": round((sum(flops.values()) - flops["padding"])
-                                              / rate / 1e9, 1),  # padding is not the floor's
+                                              / rate / 1e9, 3),  # padding is not the floor's
                        "task_seconds": {r["task"]: r.get("seconds") for r in rows},
                        "tasks": rows})
         _emit({k: v for k, v in points[-1].items() if k != "tasks"}, args.out)
