@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import encode_prompt, encode_target, pad
+from rlsedit_cli.progress import progress
 
 EXTRA_TOKENS = 4  # decoded beyond the target's own length: room for another tokenisation of it
 SENTENCE_END = re.compile(r"\n|\.(?=\s|$)")
@@ -48,7 +49,9 @@ def greedy_continuations(handle: ModelHandle, prompts: list[str], new_tokens: li
     tok, model = handle.tok, handle.model
     out_texts = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress(starts, desc="greedy answers", unit="batch", leave=False,
+                          disable=len(starts) < 2):
         idx = order[start : start + batch_size]
         ids, mask = pad([encode_prompt(tok, prompts[i]) for i in idx], tok.pad_token_id,
                         left=True)  # (B, T)
