@@ -225,3 +225,20 @@ def test_continuations_in_passes_of_like_length_read_the_same_states(tiny_models
         split = read_states(body, handle.tok, prompts, targets, rows, handle.device, waste=0.0)
     assert one.shape == (sum(len(t) for t in targets), body.config.hidden_size)
     torch.testing.assert_close(split, one, rtol=1e-5, atol=1e-5)
+
+
+def test_the_final_measurement_keeps_each_edited_records_values(tmp_path):
+    """documents/final_records.jsonl: one line per edited record, in stream order, whose means
+    are the summary's figures (so that any subset's figures can be read from it)."""
+    import json
+
+    summary = run(_cfg(tmp_path, "run", tmp_path / "cache", "editor=rlsedit"))
+    folder = tmp_path / "run"
+    rows = [json.loads(x) for x in
+            (folder / "documents" / "final_records.jsonl").read_text().splitlines()]
+    assert len(rows) == summary["num_edits"] == 4
+    assert len({r["case_id"] for r in rows}) == 4
+    for metric in ("efficacy", "generalization", "specificity", "efficacy_magnitude"):
+        values = [r[metric] for r in rows if r[metric] is not None]
+        assert 100 * sum(values) / len(values) == pytest.approx(summary[metric], abs=1e-3)
+    assert all(0.0 <= r["efficacy"] <= 1.0 for r in rows)

@@ -234,15 +234,25 @@ def evaluate(handle: ModelHandle, records: list[Record], refs: References | None
     greedy answers (``*_generated``) when ``cfg.generated_accuracy`` is on and ``answers``.
     ``cfg.compute_dtype``: of the forward passes' products (bfloat16: a named setting).
     """
+    return evaluate_records(handle, records, refs, cfg, families, seed, protocol, texts,
+                            answers)[0]
+
+
+def evaluate_records(handle: ModelHandle, records: list[Record], refs: References | None, cfg,
+                     families: tuple[str, ...] = tuple(FAMILIES), seed: int = 0,
+                     protocol: str = "probability", texts: bool = True, answers: bool = True,
+                     ) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
+    """:func:`evaluate`'s figures and each record's own values behind them: per metric an
+    (n,) array in the records' order (rates 0-1, magnitudes, fluency; NaN: not measured)."""
     if not records:
-        return {}
+        return {}, {}
     dtype = getattr(cfg, "compute_dtype", "float32")
     with compute_dtype(handle, dtype), LoweredLinears(handle, [handle.model], dtype).swapped():
         return _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers)
 
 
 def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answers):
-    """:func:`evaluate` inside its compute dtype."""
+    """:func:`evaluate_records` inside its compute dtype."""
     score = accuracy_metrics if protocol == "accuracy" else probability_metrics
     per_record = score(handle, records, cfg.batch_size, families)
     if answers and getattr(cfg, "generated_accuracy", False):
@@ -251,4 +261,4 @@ def _evaluate(handle, records, refs, cfg, families, seed, protocol, texts, answe
     if set(families) == set(FAMILIES) and cfg.fluency and texts:
         generated, kind = generation_metrics(handle, records, refs, cfg, seed)
         per_record |= generated
-    return summarize(per_record) | ({"fluency_prompts": kind} if kind else {})
+    return summarize(per_record) | ({"fluency_prompts": kind} if kind else {}), per_record

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
-from rlsedit_cli.eval.counterfact import FAMILIES, evaluate
+from rlsedit_cli.eval.counterfact import FAMILIES, evaluate, evaluate_records
 from rlsedit_cli.eval.general import (
     GeneralSettings,
     TaskManagers,
@@ -170,7 +170,9 @@ class Measurer:
     def final(self, records: list[Record]) -> dict:
         """The paper's protocol: every metric over every edited record, plus general ability
         (and the figures before editing, under "pre", when they were measured)."""
-        out = self._metrics("final", records)
+        out, values = self._timed("final", evaluate_records, self.handle, records, self.refs,
+                                  self.cfg, tuple(FAMILIES), self.seed, self.protocol)
+        self.record.final_records([r.case_id for r in records], values)
         if self.pre is not None:
             out["pre"] = self.pre
             if out.get("efficacy") is not None and out["efficacy"] < self.pre["efficacy"]:

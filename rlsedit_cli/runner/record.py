@@ -10,7 +10,8 @@
 | checkpoint.pt   | every ``checkpoint.every`` batches (runner/checkpoint.py)  |
 | summary.json    | at the end (:meth:`RunRecord.summary`)                     |
 | plots/          | at the end (:meth:`RunRecord.plots`)                       |
-| documents/      | per general-ability point: each document's results         |
+| documents/      | per general-ability point: each document's results; at the |
+|                 | end each edited record's final values (final_records.jsonl)|
 
 The tracker receives the same rows, the summary and the plots.
 """
@@ -18,6 +19,7 @@ The tracker receives the same rows, the summary and the plots.
 from __future__ import annotations
 
 import json
+import math
 
 from rlsedit_cli.runner import checkpoint
 from rlsedit_cli.runner.folder import RunFolder, disk_errors, write_atomic
@@ -48,6 +50,20 @@ class RunRecord:
         self.folder.claim(name)
         lines = [json.dumps({"task": task, **row}) for task, rows in per_task.items()
                  for row in rows]
+        with disk_errors(self.folder.path, name):
+            (self.folder.path / "documents").mkdir(exist_ok=True)
+            write_atomic(self.folder.path / name, "\n".join(lines) + "\n")
+
+    def final_records(self, case_ids: list, values: dict) -> None:
+        """Each edited record's final values (``documents/final_records.jsonl``: case_id and
+        one value per metric, null where not measured), for figures over any subset."""
+        if not case_ids:
+            return
+        name = "documents/final_records.jsonl"
+        self.folder.claim(name)
+        lines = [json.dumps({"case_id": case_id, **{
+            metric: None if math.isnan(float(column[i])) else round(float(column[i]), 6)
+            for metric, column in values.items()}}) for i, case_id in enumerate(case_ids)]
         with disk_errors(self.folder.path, name):
             (self.folder.path / "documents").mkdir(exist_ok=True)
             write_atomic(self.folder.path / name, "\n".join(lines) + "\n")
