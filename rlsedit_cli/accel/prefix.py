@@ -263,12 +263,16 @@ def read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
     groups = ([longer] if waste is None else
               little_padding(longer, [len(targets[j]) - 1 for j in longer], len(longer), waste,
                              least))
+    prompts_kv = PrefixCache([(layer.keys, layer.values) for layer in cache.layers],
+                             body.config) if len(groups) > 1 else None
     after: dict[int, torch.Tensor] = {}  # target j -> (len - 1, d_model)
     for group in groups:
         pick = rows[group].to(device)  # (m,)
-        rest = _rows_of(cache, pick, body.config) if len(groups) > 1 else cache
-        if len(groups) == 1:
+        if prompts_kv is None:  # one pass: the cache itself, cut to its rows
             cache.batch_select_indices(pick)
+            rest = cache
+        else:  # a pass per group, each over a fresh cache of its rows
+            rest = prompts_kv.select(pick).fresh()
         s_ids, s_mask = pad([targets[j][:-1] for j in group], tok.pad_token_id, device=device)
         s_pos = (pos[pick, -1:] + 1 + torch.arange(s_ids.shape[1], device=device)) * s_mask
         # (padding at position 0: a long prompt's padded slots stay inside the position table)
@@ -278,11 +282,3 @@ def read_states(body, tok, prompts: list[list[int]], targets: list[list[int]],
         after |= {j: states[i, : len(targets[j]) - 1] for i, j in enumerate(group)}
     return torch.cat([last[j : j + 1] if j not in after else torch.cat([last[j : j + 1], after[j]])
                       for j in range(len(targets))])
-
-
-def _rows_of(cache: DynamicCache, pick: torch.Tensor, config) -> DynamicCache:
-    """A new cache holding rows ``pick`` of ``cache``'s keys and values (``cache`` unchanged)."""
-    out = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys[pick], layer.values[pick], i)
-    return out

@@ -46,24 +46,22 @@ class RunRecord:
         task, doc_id and the document's metric values), for paired comparisons."""
         if not per_task:
             return
-        name = f"documents/general_{edits:07d}.jsonl"
-        self.folder.claim(name)
-        lines = [json.dumps({"task": task, **row}) for task, rows in per_task.items()
-                 for row in rows]
-        with disk_errors(self.folder.path, name):
-            (self.folder.path / "documents").mkdir(exist_ok=True)
-            write_atomic(self.folder.path / name, "\n".join(lines) + "\n")
+        self._document(f"documents/general_{edits:07d}.jsonl",
+                       [json.dumps({"task": task, **row}) for task, rows in per_task.items()
+                        for row in rows])
 
     def final_records(self, case_ids: list, values: dict) -> None:
         """Each edited record's final values (``documents/final_records.jsonl``: case_id and
         one value per metric, null where not measured), for figures over any subset."""
         if not case_ids:
             return
-        name = "documents/final_records.jsonl"
-        self.folder.claim(name)
-        lines = [json.dumps({"case_id": case_id, **{
+        self._document("documents/final_records.jsonl", [json.dumps({"case_id": case_id, **{
             metric: None if math.isnan(float(column[i])) else round(float(column[i]), 6)
-            for metric, column in values.items()}}) for i, case_id in enumerate(case_ids)]
+            for metric, column in values.items()}}) for i, case_id in enumerate(case_ids)])
+
+    def _document(self, name: str, lines: list[str]) -> None:
+        """``lines`` as the run's file ``name`` under documents/, written whole."""
+        self.folder.claim(name)
         with disk_errors(self.folder.path, name):
             (self.folder.path / "documents").mkdir(exist_ok=True)
             write_atomic(self.folder.path / name, "\n".join(lines) + "\n")
