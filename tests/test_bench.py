@@ -126,6 +126,7 @@ def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     smoke, bad, point = rows
     assert point["bench"] == "general_point" and point["seconds"] >= smoke["seconds"]
+    assert point["first_point_seconds"] > 0  # the point reported is a run's later one
     assert smoke["task"] == "rlsedit_smoke" and smoke["documents"] == 30
     assert smoke["metric"] == "acc,none" and smoke["seconds"] > 0
     assert smoke["ci95"] == pytest.approx(1.96 * smoke["metrics"]["acc_stderr,none"], abs=1e-4)

@@ -62,3 +62,24 @@ def test_bfloat16_scoring_stays_near_float32(handle):
     diffs = [abs(a - b) / max(1.0, abs(b)) for (a, _), (b, _) in zip(low, full)]
     assert max(diffs) < 0.05 and max(diffs) > 0  # bfloat16 rounding: close, not equal
     assert all(p.dtype == torch.float32 for p in handle.model.parameters())  # restored
+
+
+def test_scored_rows_equal_log_softmax_and_argmax_ties_included():
+    """eval/lm.py's _scored: lm-eval's log-softmax at the target and its argmax test, in float32
+    and bfloat16 logits, a tie before the target not greedy (argmax takes the first index)."""
+    import torch
+
+    from rlsedit_cli.eval.lm import _scored
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=gen) * 4
+    target = torch.tensor([3, 7, 7, 10, 0, 49])
+    logits[1, 7] = logits[1].max() + 1  # the target is the maximum
+    logits[2, 7] = logits[2, 5] = logits[2].max() + 1  # tied with an earlier index
+    logits[3, 10] = logits[3, 30] = logits[3].max() + 1  # tied with a later index
+    for low in (logits, logits.bfloat16()):
+        lp, greedy = _scored(low, target)
+        want = low.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+        assert torch.allclose(lp, want, atol=1e-5)
+        assert greedy.tolist() == (low.argmax(-1) == target).tolist()
+        assert greedy.tolist() == [False, True, False, True, False, False]

@@ -263,3 +263,39 @@ def test_lm_eval_bars_stay_off_the_console(shipped_handle, capfd, caplog):
     # log line, only when the tasks outlast 30 s: progress.PlainLines)
     assert "Running loglikelihood requests" not in err
     assert "Running loglikelihood requests" in caplog.text
+
+
+def test_a_runs_points_build_each_tasks_requests_once(shipped_handle, monkeypatch):
+    """The points of a run share lm-eval's task objects and requests (eval/prepared.py): a later
+    point builds none and goes straight to lm-eval's evaluate, and scores the model as it is
+    then, as a fresh evaluation does."""
+    import lm_eval
+    import torch
+    from lm_eval.api.task import ConfigurableTask
+
+    built, simple = [], []
+    construct, evaluate = ConfigurableTask.construct_requests, lm_eval.simple_evaluate
+    monkeypatch.setattr(ConfigurableTask, "construct_requests",
+                        lambda self, *a, **k: built.append(1) or construct(self, *a, **k))
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda **k: simple.append(1) or evaluate(**k))
+    tasks = ["rlsedit_smoke", "rlsedit_wikitext", "gsm8k"]
+    opts = general.GeneralSettings(batch_size=4, limits={"rlsedit_smoke": 16,
+                                   "rlsedit_wikitext": 2, "gsm8k": 2},
+                                   gen_kwargs={"max_gen_toks": 6})
+    managers = general.TaskManagers()
+    first = general.evaluate_general(shipped_handle, tasks, opts, managers)
+    assert not first.errors and len(built) == 20 and len(simple) == 3
+    head = shipped_handle.model.get_output_embeddings().weight
+    kept = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head.add_(0.05 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+        later = general.evaluate_general(shipped_handle, tasks, opts, managers)
+        assert len(built) == 20 and len(simple) == 3  # nothing built, nor set up, again
+        fresh = general.evaluate_general(shipped_handle, tasks, opts)
+    finally:
+        with torch.no_grad():
+            head.copy_(kept)
+    assert later.scores == fresh.scores and later.documents == fresh.documents
+    assert later.documents["rlsedit_wikitext"] != first.documents["rlsedit_wikitext"]

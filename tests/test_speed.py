@@ -196,6 +196,33 @@ def test_linear_weights_lowered_once_give_the_same_bfloat16_passes(tiny):
 
 
 @pytest.mark.accelerated
+def test_every_parameter_lowered_runs_the_whole_pass_in_bfloat16(tiny):
+    """LoweredLinears(every=True), the measuring passes of eval.compute_dtype=bfloat16: every
+    float32 parameter (norms, embeddings) held in bfloat16 inside the block, a tied head and
+    embedding sharing one copy; the hidden states are bfloat16, the logits close to float32's;
+    afterwards the model holds its own float32 parameters again."""
+    from rlsedit_cli.accel.precision import LoweredLinears, compute_dtype
+
+    model = tiny.model
+    before = {name: p for name, p in model.named_parameters()}
+    ids = torch.randint(0, model.config.vocab_size, (3, 9),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+        with compute_dtype(tiny, "bfloat16"), LoweredLinears(tiny, [model], "bfloat16",
+                                                             every=True).swapped():
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            if model.config.tie_word_embeddings:
+                assert (model.get_output_embeddings().weight
+                        is model.get_input_embeddings().weight)
+            out = model(input_ids=ids, output_hidden_states=True)
+    assert out.hidden_states[-1].dtype == torch.bfloat16
+    assert 0 < (out.logits.float() - exact).abs().max() < 0.1
+    assert all(p is before[name] and p.dtype == torch.float32
+               for name, p in model.named_parameters())
+
+
+@pytest.mark.accelerated
 def test_bfloat16_target_step_with_weights_lowered_once_gives_autocasts_targets(tiny,
                                                                                toy_records):
     """The bfloat16 target step holds the blocks' and the LM head's weights cast once: the same

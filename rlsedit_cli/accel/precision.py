@@ -66,52 +66,64 @@ class Float32Attention(TorchFunctionMode):
             return func(q.float(), k.float(), v.float(), *rest, **kwargs)
 
 
-def _linear_maps(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """The modules under ``modules`` whose float32 ``weight`` enters a matrix product (Linear,
-    GPT-2's Conv1D), each once."""
+def _lowered_slots(modules: list[torch.nn.Module],
+                   every: bool) -> list[tuple[torch.nn.Module, str]]:
+    """(module, parameter name) of the float32 ``weight`` of each linear map under ``modules``
+    (Linear, GPT-2's Conv1D: what enters a matrix product), each once; with ``every``, of every
+    float32 parameter under them (norms, embeddings, biases too)."""
     from transformers.pytorch_utils import Conv1D
 
-    found = {id(m): m for module in modules for m in module.modules()
-             if isinstance(m, torch.nn.Linear | Conv1D) and m.weight.dtype == torch.float32}
+    found: dict[tuple[int, str], tuple[torch.nn.Module, str]] = {}
+    for module in modules:
+        for m in module.modules():
+            names = (list(m._parameters) if every
+                     else ["weight"] if isinstance(m, torch.nn.Linear | Conv1D) else [])
+            for name in names:
+                p = m._parameters.get(name)
+                if p is not None and p.dtype == torch.float32:
+                    found[(id(m), name)] = (m, name)
     return list(found.values())
 
 
 class LoweredLinears:
-    """Copies in ``name``'s dtype of the float32 weights of the linear maps under ``modules``,
+    """Copies in ``name``'s dtype of the float32 weights of the linear maps under ``modules``
+    (with ``every``: of all their float32 parameters, so that the whole pass runs in ``name``),
     cast once, for passes that only read the weights (no gradient reaches them).
 
     Under autocast the products are the same, but autocast caches only the casts of weights that
     require a gradient, which a loaded model's do not: every pass (a target step, a generated
-    token) would cast all the weights again. Inside :meth:`swapped` each map holds its copy as
-    its ``weight``; a weight shared with another module (an LM head tied to the embedding) is
-    replaced in the linear map only, one copy per shared weight. Nothing for "float32", nor
+    token) would cast all the weights again. Inside :meth:`swapped` each module holds its copy
+    in place of its parameter; a parameter shared by several modules (an LM head tied to the
+    embedding) gets one copy, held by each of the modules swapped. Nothing for "float32", nor
     where ``lowered_weights`` does not run on ``handle``'s device (autocast casts every pass).
     """
 
-    def __init__(self, handle, modules: list[torch.nn.Module], name: str) -> None:
+    def __init__(self, handle, modules: list[torch.nn.Module], name: str,
+                 every: bool = False) -> None:
         dtype = DTYPES[name]
         on = handle.accel.on("lowered_weights", handle.device)
-        self.maps = _linear_maps(modules) if dtype is not None and on else []
+        self.slots = _lowered_slots(modules, every) if dtype is not None and on else []
         low: dict[int, torch.nn.Parameter] = {}
-        for m in self.maps:
-            if id(m.weight) not in low:
-                low[id(m.weight)] = torch.nn.Parameter(m.weight.detach().to(dtype),
-                                                       requires_grad=False)
-        self.low = [low[id(m.weight)] for m in self.maps]
+        for m, pname in self.slots:
+            weight = m._parameters[pname]
+            if id(weight) not in low:
+                low[id(weight)] = torch.nn.Parameter(weight.detach().to(dtype),
+                                                     requires_grad=False)
+        self.low = [low[id(m._parameters[pname])] for m, pname in self.slots]
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
-        """Every map holds its copy inside the block, its own weight again afterwards."""
+        """Every module holds its copies inside the block, its own parameters afterwards."""
         # straight into the parameter dicts: Module.__setattr__'s checks cost about 10 us a
         # map, 8 ms per target step on SmolLM2's 211 maps (docs/benchmarks.md section 2)
-        saved = [m._parameters["weight"] for m in self.maps]
+        saved = [m._parameters[pname] for m, pname in self.slots]
         try:
-            for m, weight in zip(self.maps, self.low):
-                m._parameters["weight"] = weight
+            for (m, pname), weight in zip(self.slots, self.low):
+                m._parameters[pname] = weight
             yield
         finally:
-            for m, weight in zip(self.maps, saved):
-                m._parameters["weight"] = weight
+            for (m, pname), weight in zip(self.slots, saved):
+                m._parameters[pname] = weight
 
 
 def attention_mode(handle, short_queries: bool = False, device: torch.device | None = None):

@@ -23,6 +23,7 @@ from rlsedit_cli.errors import DataError, RlseditError, first_line
 from rlsedit_cli.eval import local_data
 from rlsedit_cli.eval.code_exec import offline_code_eval
 from rlsedit_cli.eval.paper_glue import TASKS as PAPER_TASKS
+from rlsedit_cli.eval.prepared import TaskManagers, build_once
 from rlsedit_cli.eval.specs import SHIPPED_TASKS, choose_docs, executes_code, task_spec
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
@@ -146,23 +147,6 @@ class GeneralSettings:
                    logits=cfg.logits, compute_dtype=cfg.compute_dtype)
 
 
-class TaskManagers:
-    """lm-eval's task index, built once for the many points of a run (indexing every task's
-    YAML took about 10 s a point on 2 cores, docs/benchmarks.md); tasks are still built from it
-    afresh at every point."""
-
-    def __init__(self) -> None:
-        self._made: dict[bool, object] = {}
-
-    def get(self, defaults: bool):
-        """The index of the project's tasks, with lm-eval's built-in ones if ``defaults``."""
-        from lm_eval.tasks import TaskManager
-
-        if defaults not in self._made:
-            self._made[defaults] = TaskManager(include_defaults=defaults, verbosity="ERROR")
-        return self._made[defaults]
-
-
 def evaluate_general(handle: ModelHandle, tasks: list[str],
                      settings: GeneralSettings | None = None,
                      managers: TaskManagers | None = None) -> GeneralResult:
@@ -188,23 +172,67 @@ def evaluate_lm(lm, tasks: list[str], opts: GeneralSettings,
         return _evaluate(lm, tasks, opts, Path(scratch), managers or TaskManagers())
 
 
-def _run_task(lm, task: str, spec, manager, opts: GeneralSettings, shots: int | None) -> dict:
-    """One task through lm-eval; under a limit its tasks are built first, to choose documents."""
-    import lm_eval
+@dataclass
+class Prepared:
+    """What lm-eval is handed for a task at every point of a run (eval/prepared.py)."""
 
-    limit, top, samples = opts.limit_for(task), [spec], None
-    if limit is not None:
-        loaded = manager.load([spec])
-        top = ([loaded["groups"][task]] if task in loaded["groups"]
-               else list(loaded["tasks"].values()))
-        counts = {name: len(t.eval_docs) for name, t in loaded["tasks"].items()}
-        samples = choose_docs(counts, limit, opts.sample, opts.seed)
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=top, task_manager=manager, samples=samples, num_fewshot=shots,
-        gen_kwargs=dict(opts.gen_kwargs) or None,
+    spec: object  # eval/specs.py's task_spec
+    top: list  # its loaded task objects (or group), or its name for lm-eval to load
+    samples: dict | None  # the documents a limit keeps, per task
+    configured: bool = False  # set up by lm-eval's simple_evaluate at an earlier point
+
+
+def _prepare(task: str, manager, opts: GeneralSettings, scratch: Path) -> Prepared:
+    """``task``'s spec, its loaded task objects (each building its requests once,
+    eval/prepared.py) and the documents a limit keeps; a hub task without a limit goes by
+    name, for lm-eval to load at each point."""
+    spec, limit = task_spec(task, manager, opts, scratch), opts.limit_for(task)
+    if isinstance(spec, str) and limit is None:
+        return Prepared(spec, [spec], None)
+    loaded = manager.load([spec])
+    for obj in loaded["tasks"].values():
+        build_once(obj)
+    top = ([loaded["groups"][task]] if task in loaded["groups"]
+           else list(loaded["tasks"].values()))
+    counts = {name: len(t.eval_docs) for name, t in loaded["tasks"].items()}
+    return Prepared(spec, top, choose_docs(counts, limit, opts.sample, opts.seed)
+                    if limit is not None else None)
+
+
+def _preparing(task: str, opts: GeneralSettings, shots: int | None) -> dict:
+    """What decides a prepared task's documents and requests (eval/prepared.py's key)."""
+    return {"task": task, "shots": shots, "limit": opts.limit_for(task), "sample": opts.sample,
+            "seed": opts.seed, "source": opts.source, "data_dir": opts.data_dir,
+            "paper_glue_dir": opts.paper_glue_dir, "gen_kwargs": dict(opts.gen_kwargs)}
+
+
+def _run_task(lm, prep: Prepared, manager, opts: GeneralSettings, shots: int | None) -> dict:
+    """One task through lm-eval: its ``simple_evaluate`` at the first point (which sets up the
+    task objects: few-shot, generation settings, few-shot seed); at later points, with the
+    same seeds, its ``evaluate`` on the objects so set up, without the environment report
+    (pip and git in subprocesses, about 0.3 s a task) that simple_evaluate adds each time."""
+    import random
+
+    import lm_eval
+    import numpy as np
+    from lm_eval.evaluator import evaluate
+    from lm_eval.utils import set_torch_seed
+
+    if prep.configured:
+        random.seed(opts.seed)
+        np.random.seed(opts.seed)
+        set_torch_seed(opts.seed)
+        return evaluate(lm=lm, task_dict=manager.load(prep.top), samples=prep.samples,
+                        bootstrap_iters=1000, log_samples=True,
+                        confirm_run_unsafe_code=opts.allow_code_execution) or {}
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=prep.top, task_manager=manager, samples=prep.samples,
+        num_fewshot=shots, gen_kwargs=dict(opts.gen_kwargs) or None,
         log_samples=True, bootstrap_iters=1000, confirm_run_unsafe_code=opts.allow_code_execution,
         random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
         fewshot_random_seed=opts.seed) or {}
+    prep.configured = not any(isinstance(t, str) for t in prep.top)
+    return out
 
 
 def _settings(task: str, out: dict, opts: GeneralSettings, spec) -> dict:
@@ -246,8 +274,11 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path,
             start = time.perf_counter()
             with _code_eval(code), _datasets_cache(opts.data_dir), _quiet(task), \
                     offline_code_eval():
-                spec = task_spec(task, manager, opts, scratch)
-                out = _run_task(lm, task, spec, manager, opts, shots)
+                prep = managers.prepared(
+                    _preparing(task, opts, shots),
+                    lambda: _prepare(task, manager, opts, scratch))  # noqa: B023 (called here)
+                spec = prep.spec
+                out = _run_task(lm, prep, manager, opts, shots)
             seconds = time.perf_counter() - start
         except DataError as e:  # local data missing, absent or unreadable
             result.errors[task] = (first_line(e) if str(e).startswith("lm-eval task")

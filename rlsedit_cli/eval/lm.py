@@ -8,10 +8,12 @@
   lm-eval reads, not at every position, a few rows of logits at a time.
   The figures are lm-eval's own within float rounding (tests/test_eval_lm.py).
   ``eval.logits=all`` is lm-eval's own path.
-- ``eval.compute_dtype=bfloat16``: every pass (scoring and generation) with bfloat16 matrix
-  products (lm-eval's ``mixed_precision_dtype``), the weights cast once per point
-  (accel/precision.py's LoweredLinears) and attention in float32. It changes figures by
-  bfloat16 rounding: a named setting, measured against float32 in docs/benchmarks.md.
+- ``eval.compute_dtype=bfloat16``: every pass (scoring and generation) in bfloat16, the whole
+  model's parameters cast once per point (accel/precision.py's LoweredLinears), so that the
+  hidden states, norms' outputs and activations are bfloat16 too (lm-eval's ``dtype=bfloat16``
+  on a model loaded in float32), under autocast (its ``mixed_precision_dtype``), attention in
+  float32. It changes figures by bfloat16 rounding: a named setting, measured against float32
+  in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -43,11 +45,12 @@ class EditedLM(HFLM):
                          device=str(handle.device),
                          mixed_precision_dtype=torch.bfloat16 if low else None)
         self.handle, self.only_continuation = handle, logits == "continuation"
-        self.lowered = LoweredLinears(handle, [handle.model], compute_dtype) if low else None
+        self.lowered = (LoweredLinears(handle, [handle.model], compute_dtype, every=True)
+                        if low else None)
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
-        """bfloat16 copies of the weights in place, attention in float32 (nothing in float32),
+        """bfloat16 copies of the parameters in place, attention in float32 (nothing in float32),
         as far as ``lowered_weights`` and ``float32_attention`` run on this device."""
         if self.lowered is None:
             yield
@@ -137,16 +140,29 @@ class EditedLM(HFLM):
         for at in range(0, len(target), HEAD_ROWS):  # rows of logits that stay in the cache
             end = min(at + HEAD_ROWS, len(target))
             with self._passes():
-                logits = head(read[at:end]).float()  # (n, vocab)
-            picked = logits.gather(1, target[at:end, None])[:, 0]  # (n,)
-            token_lp[at:end] = (picked - torch.logsumexp(logits, -1)).cpu()
-            greedy[at:end] = (logits.argmax(-1) == target[at:end]).cpu()
+                logits = head(read[at:end])  # (n, vocab), bfloat16 in a bfloat16 pass
+            token_lp[at:end], greedy[at:end] = _scored(logits, target[at:end])
         out, at = [], 0
         for cont in conts:
             n = len(cont)
             out.append((float(token_lp[at:at + n].sum()), bool(greedy[at:at + n].all())))
             at += n
         return out
+
+
+def _scored(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-probability of its ``target`` token (float32, as lm-eval's log-softmax)
+    and whether the target is the row's argmax, in fewer passes over the (n, vocab) logits than
+    a log-softmax and an argmax: the row's maximum serves both, and only a row whose target
+    holds the maximum is searched for an earlier index holding it too (argmax's tie rule)."""
+    top = logits.amax(-1, keepdim=True)  # (n, 1)
+    picked = logits.gather(1, target[:, None])  # (n, 1)
+    norm = (logits - top.float()).exp_().sum(-1, keepdim=True).log_() + top.float()  # float32
+    greedy = (picked == top)[:, 0]  # (n,)
+    tied = greedy.nonzero()[:, 0]
+    if len(tied):
+        greedy[tied] = logits[tied].argmax(-1) == target[tied]
+    return (picked.float() - norm)[:, 0].cpu(), greedy.cpu()
 
 
 def _by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
