@@ -224,6 +224,21 @@ def test_coinciding_tradeoff_points_share_one_label():
     assert _merged_labels(points[:1]) == points[:1]
 
 
+def test_a_setting_an_older_runs_config_lacks_is_not_a_difference(tmp_path):
+    """A run of an older commit keeps a config without a key newer code added: the key does
+    not label the newer run; a key both configs hold and set apart does."""
+    from rlsedit_cli.report.runs import Run, mark_settings
+
+    def one(editor, speed, limit):
+        config = {"editor": {"name": editor}, "speed": speed, "eval": {"limit": limit}}
+        return Run(path=tmp_path, summary={"editor": editor, "model": "m"}, config=config)
+
+    runs = [one("rlsedit", {"name": "long"}, 10),
+            one("ultraedit", {"name": "long", "accelerations": ["all"]}, 20)]
+    mark_settings(runs)
+    assert [r.setting for r in runs] == ["eval.limit=10", "eval.limit=20"]
+
+
 def test_runs_of_two_checkouts_do_not_differ_by_the_shipped_assets_path(tmp_path):
     """A worktree or a clone ships the same assets under another absolute path: that is not a
     setting that tells two runs apart."""

@@ -127,22 +127,25 @@ def mark_settings(runs: list[Run]) -> None:
                                     if k.startswith("editor."))
         return
     for run, it in zip(runs, items):
-        peers = [o for r, o in zip(runs, items) if _kind(r) == _kind(run)]
-        shown = [k for k in sorted(it) if len({o.get(k) for o in _compared(k, run, runs, items,
-                                                                          peers)}) > 1]
+        shown = [k for k in sorted(it)
+                 if len({items[j].get(k) for j in _compared(k, run, runs, items)}) > 1]
         run.setting = ", ".join(f"{k.removeprefix('editor.')}={it[k]}" for k in shown)
 
 
-def _compared(key: str, run: Run, runs: list[Run], items: list[dict], peers: list[dict]):
-    """The runs' settings ``key`` is compared among: an editor's own among its runs on the same
-    model; a data or weights path among the runs of the same dataset or model choice."""
+def _compared(key: str, run: Run, runs: list[Run], items: list[dict]) -> list[int]:
+    """The runs (their indices) ``key`` is compared among: an editor's own among its runs on
+    the same model; a data or weights path among the runs of the same dataset or model choice;
+    and never a run whose kept config lacks the key (a setting its code did not have yet, a run
+    of an older commit: not a difference)."""
     if key.startswith("editor."):
-        return peers
-    if key in DISTINGUISHING:
+        among = [j for j, r in enumerate(runs) if _kind(r) == _kind(run)]
+    elif key in DISTINGUISHING:
         group = key.split(".")[0]
         name = (run.config.get(group) or {}).get("name")
-        return [o for r, o in zip(runs, items) if (r.config.get(group) or {}).get("name") == name]
-    return items
+        among = [j for j, r in enumerate(runs) if (r.config.get(group) or {}).get("name") == name]
+    else:
+        among = list(range(len(runs)))
+    return [j for j in among if not runs[j].config or key in items[j]]
 
 
 def _kind(run: Run) -> tuple:
