@@ -51,7 +51,7 @@ class PlainLines(tqdm):
         self._shown = shown
         d = self.format_dict
         elapsed = d["elapsed"]
-        rate = d["rate"] or (self.n / elapsed if elapsed > 0 else None)
+        rate = d["rate"] or ((self.n - self.initial) / elapsed if elapsed > 0 else None)
         done = f"{self.n}/{self.total}" if self.total else str(self.n)
         parts = [f"{self.desc.removesuffix(': ') or 'progress'}: {done} {self.unit}",
                  f"{self.format_interval(elapsed)} elapsed"]
@@ -62,6 +62,12 @@ class PlainLines(tqdm):
                 parts.append(f"about {self.format_interval((self.total - self.n) / rate)} left")
         log.info("%s", ", ".join(parts))
         return True
+
+
+def resumed(bar: tqdm, n: int) -> None:
+    """``bar`` starts at ``n`` steps done before (a resumed run's): shown as done, left out of
+    its rate and time left."""
+    bar.n = bar.last_print_n = bar.initial = n
 
 
 def quiet_library_bars() -> None:

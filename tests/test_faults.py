@@ -244,6 +244,25 @@ def test_off_a_terminal_progress_is_plain_lines_with_rate_and_time_left(caplog):
     assert not any(line.startswith("inner") for line in lines)
 
 
+def test_a_resumed_runs_bar_leaves_the_steps_done_before_out_of_its_rate(caplog):
+    """A run resumed after 19 of 101 steps: its bar starts at 19, and its rate and time left
+    come from the steps this sitting makes (not 19 steps in no time: "about 00:00 left")."""
+    import time
+
+    from rlsedit_cli.progress import PlainLines, resumed
+
+    with caplog.at_level("INFO", logger="rlsedit_cli.progress"):
+        bar = PlainLines(total=101, desc="run (x): editing", unit="step", mininterval=0)
+        resumed(bar, 19)
+        time.sleep(0.2)
+        bar.update(1)
+        bar.close()
+    line = caplog.records[0].getMessage()
+    assert line.startswith("run (x): editing: 20/101 step")
+    rate = float(line.split(", ")[2].split(" ")[0])  # s/step or step/s
+    assert ("s/step" in line and rate >= 0.1) or ("step/s" in line and rate <= 10)
+
+
 @pytest.fixture
 def read_only_disk(tmp_path):
     from .test_resume import _tmpfs

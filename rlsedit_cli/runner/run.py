@@ -28,7 +28,7 @@ from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import DataError, RlseditError
 from rlsedit_cli.models.loader import load_configured, resolve_device
 from rlsedit_cli.models.tokens import encode_prompt, encode_target
-from rlsedit_cli.progress import progress, quiet_library_bars
+from rlsedit_cli.progress import progress, quiet_library_bars, resumed
 from rlsedit_cli.runner import checkpoint, plan
 from rlsedit_cli.runner.folder import RunFolder
 from rlsedit_cli.runner.measure import Measurer, brief
@@ -272,7 +272,7 @@ class Runner:
             start, done = 0, 0
             if state is not None:
                 start, done = self._restore(state, measure, record)
-                bar.update(start)
+                resumed(bar, start)
             elif pre:
                 measure.before(self.edited)
                 bar.update(1)
