@@ -157,7 +157,8 @@ def _scored(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, t
     holds the maximum is searched for an earlier index holding it too (argmax's tie rule)."""
     top = logits.amax(-1, keepdim=True)  # (n, 1)
     picked = logits.gather(1, target[:, None])  # (n, 1)
-    norm = (logits - top.float()).exp_().sum(-1, keepdim=True).log_() + top.float()  # float32
+    top32 = top.float()
+    norm = (logits - top32).exp_().sum(-1, keepdim=True).log_() + top32  # (n, 1) float32
     greedy = (picked == top)[:, 0]  # (n,)
     tied = greedy.nonzero()[:, 0]
     if len(tied):
