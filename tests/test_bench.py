@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -138,6 +139,10 @@ def test_bench_general_reports_each_figure_with_its_interval_and_cost(capsys):
     assert gflop["blocks"] > 0 and gflop["head"] > 0 and gflop["attention"] > 0
     assert point["floor_seconds"] == pytest.approx(
         (sum(gflop.values()) - gflop["padding"]) / point["gemm_gflops"], rel=0.05, abs=2e-3)
+    # the one task that ran did all of the point's passes: its floor is the point's (at the
+    # rate measured before the point, not the average around it)
+    assert smoke["floor_seconds"] > 0 and "floor_seconds" not in bad
+    assert smoke["floor_seconds"] == pytest.approx(point["floor_seconds"], rel=0.5, abs=2e-3)
 
 
 def test_pass_counter_counts_tokens_causal_pairs_and_head_rows(tiny_models):
@@ -157,11 +162,14 @@ def test_pass_counter_counts_tokens_causal_pairs_and_head_rows(tiny_models):
         cache = DynamicCache(config=body.config)
         hidden = body(input_ids=torch.ones(2, 5, dtype=torch.long), attention_mask=mask,
                       past_key_values=cache, use_cache=True).last_hidden_state
+        first = replace(counts)
         body(input_ids=torch.ones(2, 3, dtype=torch.long), past_key_values=cache,
              attention_mask=torch.ones(2, 8, dtype=torch.long), use_cache=True)
         model.get_output_embeddings()(hidden[:, -1])
     assert (counts.tokens, counts.real, counts.head_rows) == (16, 15, 2)
     assert counts.pairs == 2 * 15 + 2 * (3 * 5 + 6)  # query i of a pass sees past + i + 1 keys
+    later = counts.since(first)  # the second pass and the head
+    assert (later.tokens, later.real, later.pairs, later.head_rows) == (6, 6, 2 * (3 * 5 + 6), 2)
     flops = point_flops(model, counts)
     maps = sum(m.weight.numel() for m in body.modules() if isinstance(m, torch.nn.Linear))
     assert flops["blocks"] == 2 * maps * 15 and flops["padding"] == 2 * maps

@@ -83,3 +83,4 @@ def test_scored_rows_equal_log_softmax_and_argmax_ties_included():
         assert torch.allclose(lp, want, atol=1e-5)
         assert greedy.tolist() == (low.argmax(-1) == target).tolist()
         assert greedy.tolist() == [False, True, False, True, False, False]
+        assert lp.dtype == torch.float32 and greedy.dtype == torch.bool

@@ -20,6 +20,11 @@ class PassCounts:
     pairs: int = 0
     head_rows: int = 0
 
+    def since(self, before: PassCounts) -> PassCounts:
+        """What was counted after ``before`` (a copy taken earlier)."""
+        return PassCounts(self.tokens - before.tokens, self.real - before.real,
+                          self.pairs - before.pairs, self.head_rows - before.head_rows)
+
 
 class PassCounter:
     """Counts :class:`PassCounts` of ``model``'s passes inside ``with PassCounter(m) as c``."""

@@ -32,7 +32,7 @@ from rlsedit_cli.models.tokens import little_padding
 LOGITS = ("continuation", "all")
 WASTE, LEAST = 0.05, 512  # padding a pass may add to its real tokens, unless the pass holds
 # fewer than LEAST tokens (smaller passes run the products below the machine's rate)
-HEAD_ROWS = 64  # positions whose logits (64 x vocab: 12.6 MB for 49k tokens) are read at once
+HEAD_ROWS = 64  # positions whose logits are read at once (64 x vocab: 12.6 MB in float32 at 49k)
 
 
 class EditedLM(HFLM):
@@ -151,19 +151,19 @@ class EditedLM(HFLM):
 
 
 def _scored(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's log-probability of its ``target`` token (float32, as lm-eval's log-softmax)
-    and whether the target is the row's argmax, in fewer passes over the (n, vocab) logits than
-    a log-softmax and an argmax: the row's maximum serves both, and only a row whose target
-    holds the maximum is searched for an earlier index holding it too (argmax's tie rule)."""
-    top = logits.amax(-1, keepdim=True)  # (n, 1)
-    picked = logits.gather(1, target[:, None])  # (n, 1)
-    top32 = top.float()
-    norm = (logits - top32).exp_().sum(-1, keepdim=True).log_() + top32  # (n, 1) float32
-    greedy = (picked == top)[:, 0]  # (n,)
+    """Each row's log-probability of its ``target`` token and whether the target is the row's
+    argmax, as lm-eval reads them off its log-softmax (here in float32 from logits of either
+    dtype): one fused log-softmax pass, its row maximum, and an argmax only on the rows whose
+    target holds the maximum (argmax takes the first index of a tie). An argmax over bfloat16
+    logits costs four times one over float32 on the CPU, and a subtraction of mixed dtypes
+    several passes (docs/benchmarks.md section 5)."""
+    lp = torch.log_softmax(logits, -1, dtype=torch.float32)  # (n, vocab)
+    picked = lp.gather(1, target[:, None])[:, 0]  # (n,)
+    greedy = picked == lp.amax(-1)  # (n,)
     tied = greedy.nonzero()[:, 0]
     if len(tied):
-        greedy[tied] = logits[tied].argmax(-1) == target[tied]
-    return (picked.float() - norm)[:, 0].cpu(), greedy.cpu()
+        greedy[tied] = lp[tied].argmax(-1) == target[tied]
+    return picked.cpu(), greedy.cpu()
 
 
 def _by_tokens(items: list, lengths: list[int], budget: int) -> list[list]:
