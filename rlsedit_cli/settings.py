@@ -234,8 +234,7 @@ class SpeedConfig:
     generated_at: str = MISSING  # measure.generated_at
     # work skipped or done cheaper, figures unchanged (within float rounding): all, or a list of
     # target_loss, replayed_blocks, shared_prompts, lowered_weights, float32_attention,
-    # grouped_attention, gqa_passthrough, kept_pages ([]: the plain path everywhere;
-    # accel/__init__.py)
+    # grouped_attention, gqa_passthrough ([]: the plain path everywhere; accel/__init__.py)
     accelerations: list[str] = field(default_factory=lambda: ["all"])
 
 

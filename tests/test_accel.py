@@ -6,7 +6,6 @@ own equality test sits beside its subject (test_speed.py, test_editors.py, test_
 
 from __future__ import annotations
 
-import ctypes
 import json
 
 import pytest
@@ -102,25 +101,3 @@ def test_prompts_run_once_score_as_each_pair_run_whole(shipped_handle):
         whole = score(model, tok, pairs, 8, shared=False)
         assert torch.allclose(shared, whole, rtol=1e-4, atol=1e-5), score.__name__
 
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def test_kept_pages_serve_a_large_tensor_from_the_heap_not_a_fresh_mapping():
-    """accel/memory.py on glibc: after keep_freed_pages, a 64 MB tensor is no fresh mapping
-    (glibc's count of mapped blocks stays), and freeing it keeps its memory in the heap."""
-    from rlsedit_cli.accel.memory import _glibc, keep_freed_pages
-
-    libc = _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("needs glibc 2.33 or newer (mallinfo2)")
-    libc.mallinfo2.restype = _MallInfo2
-    assert keep_freed_pages()
-    mapped = libc.mallinfo2().hblks
-    big = torch.ones(16 * 1024 * 1024)  # 64 MB, far above glibc's largest mmap threshold
-    assert libc.mallinfo2().hblks == mapped
-    del big
-    assert libc.mallinfo2().fordblks >= 64 * 1024 * 1024  # freed, kept for the next one

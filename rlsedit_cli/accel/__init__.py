@@ -29,10 +29,6 @@ grouped_attention   cpu       the target step's short queries: two batched torch
                               (attention.py)
 gqa_passthrough     cpu       grouped key/value heads handed to torch's    transformers repeats
                               SDPA as they are (attention.py)              them per query head
-kept_pages          cpu       freed memory kept by glibc for the next      each large block
-                              allocation, not returned to the kernel:     mapped afresh, its
-                              no page faults on every pass's activations  pages faulted in
-                              (memory.py; process-wide once set)          (glibc's default)
 =================== ========= ============================================ =====================
 
 transformers internals relied on: ``DynamicCache(kv pairs, config=)``, its ``layers[i].keys``/
@@ -59,7 +55,6 @@ ACCELERATIONS: dict[str, tuple[str, ...]] = {  # name -> device types it serves
     "float32_attention": ("cpu",),
     "grouped_attention": ("cpu",),
     "gqa_passthrough": ("cpu",),
-    "kept_pages": ("cpu",),
 }
 
 

@@ -12,7 +12,6 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlsedit_cli.accel import Accelerations
-from rlsedit_cli.accel.memory import keep_freed_pages
 from rlsedit_cli.config import conf_dir
 from rlsedit_cli.errors import ConfigError, ModelLoadError, first_line
 from rlsedit_cli.models.facts import check_facts
@@ -160,8 +159,6 @@ def load_model(spec, device: torch.device, cache: str | Path | None = None,
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     handle = ModelHandle(model=model, tok=tok, spec=spec, accel=accel or Accelerations())
-    if handle.accel.on("kept_pages", handle.device):
-        keep_freed_pages()  # accel/memory.py: no page faults on every pass's activations
     handle.check_layers(list(spec.edit_layers), "model.edit_layers")
     handle.check_layers([spec.single_layer], "model.single_layer")
     handle.check_layers([spec.loss_layer], "model.loss_layer")
