@@ -100,4 +100,3 @@ def test_prompts_run_once_score_as_each_pair_run_whole(shipped_handle):
         shared = score(model, tok, pairs, 8, shared=True)
         whole = score(model, tok, pairs, 8, shared=False)
         assert torch.allclose(shared, whole, rtol=1e-4, atol=1e-5), score.__name__
-

@@ -71,17 +71,17 @@ def _bench_stats(args: argparse.Namespace) -> dict:
 
 def _bench_general(args: argparse.Namespace) -> list[dict]:
     """The eval group's tasks (eval=..., eval.limit=...) on the unedited model: a line per task
-    (with its floor: the FLOPs of its passes over the GEMM rate)
-    and one per point (its seconds: a run's later point; and its first point's, which prepares
-    the tasks); with --against, each further configuration (eval.* keys)
-    on the same model and documents, then their comparison."""
+    (with its floor: the FLOPs of its passes over the GEMM rate) and one per point (its seconds:
+    a run's later point; and its first point's, which prepares the tasks); with --against, each
+    further configuration (eval.* keys) on the same model and documents, then their
+    comparison."""
     import time
     from dataclasses import replace
 
     import torch
 
     from rlsedit_cli.accel.precision import DTYPES
-    from rlsedit_cli.bench.floor import PassCounter, point_flops
+    from rlsedit_cli.bench.floor import PassCounter, floor_seconds, point_flops
     from rlsedit_cli.bench.gemm import gemm_timer
     from rlsedit_cli.bench.general import bench_general, compare_general
     from rlsedit_cli.eval.general import GeneralSettings, TaskManagers
@@ -105,7 +105,7 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
             before = replace(counts)
             for row in bench_general(handle, list(cfg.eval.tasks), opts, managers):
                 # each task's own floor: what its passes computed, over the rate measured before
-                floor = _floor(point_flops(handle.model, counts.since(before)), rate)
+                floor = floor_seconds(point_flops(handle.model, counts.since(before)), rate)
                 rows.append(row | {"config": variant or "(as given)"}
                             | ({} if "error" in row else {"floor_seconds": floor}))
                 before = replace(counts)
@@ -120,16 +120,11 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
                        "real_tokens": counts.real, "head_rows": counts.head_rows,
                        "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},
                        "gemm_gflops": round(rate, 1),
-                       "floor_seconds": _floor(flops, rate),
+                       "floor_seconds": floor_seconds(flops, rate),
                        "task_seconds": {r["task"]: r.get("seconds") for r in rows},
                        "tasks": rows})
         _emit({k: v for k, v in points[-1].items() if k != "tasks"}, args.out)
     return [compare_general(points)] if args.against else []
-
-
-def _floor(flops: dict[str, float], rate: float) -> float:
-    """Seconds the counted FLOPs take at ``rate`` GFLOP/s, padding left out (not the floor's)."""
-    return round((sum(flops.values()) - flops["padding"]) / rate / 1e9, 3)
 
 
 def bench_command(args: argparse.Namespace) -> int:

@@ -75,3 +75,9 @@ def point_flops(model: torch.nn.Module, counts: PassCounts) -> dict[str, float]:
             "padding": 2.0 * maps * (counts.tokens - counts.real),
             "attention": 4.0 * heads * width * layers * counts.pairs,
             "head": 2.0 * head * counts.head_rows}
+
+
+def floor_seconds(flops: dict[str, float], rate: float) -> float:
+    """Seconds the counted FLOPs (:func:`point_flops`) take at ``rate`` GFLOP/s, padding left
+    out (not the floor's)."""
+    return round((sum(flops.values()) - flops["padding"]) / rate / 1e9, 3)
