@@ -8,18 +8,19 @@ import json
 import pytest
 import torch
 
-from rlsedit_cli.ops.terms import objective_terms
+from rlsedit_cli.ops.terms import add_pairs, no_pairs, objective_terms
 from rlsedit_cli.runner.run import run
 
 from .conftest import tiny_overrides
 
 
-def least_squares_residual(K: torch.Tensor, V: torch.Tensor) -> float:
+def least_squares_residual(saved: dict) -> float:
     """``min_W ||W K - V||_F`` (no regulariser), in float64: the fitting error of the plain
-    least-squares map of (K (d_in, N), V (d_out, N))."""
-    K64, V64 = K.double(), V.double()
-    W = torch.linalg.lstsq(K64.mT, V64.mT).solution.mT  # (d_out, d_in)
-    return float((W @ K64 - V64).norm())
+    least-squares map of every pair a checkpoint kept, from their moments (all folded:
+    vv - tr(vk kk^-1 vk^T))."""
+    assert saved["K"].shape[1] == 0
+    kk, vk, vv = saved["kk"], saved["vk"], saved["vv"]
+    return float(vv - (torch.linalg.solve(kk, vk.mT) * vk.mT).sum()) ** 0.5
 
 QUICK = ["stream.num_edits=6", "stream.batch_size=3", "measure.fluency=false",
          "measure.pre_edit=false", "eval=none", "logger=none",
@@ -39,11 +40,26 @@ def test_terms_of_known_maps():
     K = torch.tensor([[1.0], [1.0]])  # W K = (1, 3); V = (1, 1): fit 2
     V = torch.tensor([[1.0], [1.0]])
     C = torch.diag(torch.tensor([5.0, 0.25]))  # tr(D C D^T) = 4 * 0.25 = 1
-    terms = objective_terms(W, W0, K, V, C)
+    terms = objective_terms(W, W0, add_pairs(no_pairs(2, 2, W.device), K, V), C)
     assert terms == pytest.approx({"fit": 2.0, "drift": 2.0, "preservation": 1.0,
                                    "norm": 10 ** 0.5})
-    assert objective_terms(W0, W0, None, None, C) == pytest.approx(
+    assert objective_terms(W0, W0, None, C) == pytest.approx(
         {"fit": 0.0, "drift": 0.0, "preservation": 0.0, "norm": 2 ** 0.5})
+
+
+def test_the_fit_over_folded_pairs_is_the_fit_over_every_pair():
+    """Pairs beyond the map's input width are folded into their moments: the memory kept stays
+    under d_in columns plus the moments, and the fit equals ||W K - V|| over all of them."""
+    torch.manual_seed(0)
+    W, K, V = torch.randn(5, 8), torch.randn(8, 30), torch.randn(5, 30)
+    pairs = no_pairs(8, 5, W.device)
+    for at in range(0, 30, 3):
+        pairs = add_pairs(pairs, K[:, at:at + 3], V[:, at:at + 3])
+        assert pairs.K.shape[1] < 8 and pairs.count == at + 3
+        expected = float((W.double() @ K[:, :at + 3].double() - V[:, :at + 3].double()).norm())
+        fit = objective_terms(W, W, pairs, None)["fit"]
+        assert fit == pytest.approx(expected, rel=1e-12)
+    assert pairs.folded == 27 and pairs.kk.shape == (8, 8) and pairs.vk.shape == (5, 8)
 
 
 @pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m"])
@@ -63,9 +79,9 @@ def test_every_weight_writing_editor_logs_the_four_terms_per_layer(editor, make_
                       ("fit", "drift", "preservation", "norm")]
             assert all(v >= 0 and v == v for v in values), (editor, layer, row)
             assert row[f"layer{layer}/drift"] > 0 and row[f"layer{layer}/norm"] > 0
-    state = torch.load(folder / "checkpoint.pt", weights_only=False)
-    K, V = state["terms"][layers[0]]
-    assert K.shape[1] == V.shape[1] == 6  # one key and one wanted output per edit
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    saved = state["terms"][layers[0]]  # one key and one wanted output per edit
+    assert saved["folded"] + saved["K"].shape[1] == saved["folded"] + saved["V"].shape[1] == 6
     assert (folder / "plots" / "objective_terms.png").is_file()
 
 
@@ -83,11 +99,11 @@ def test_rlsedit_without_regularisers_fits_the_least_squares_residual(make_cfg, 
     run(cfg)
     folder = tmp_path / "run"
     last = rows(folder)[-1]
-    state = torch.load(folder / "checkpoint.pt", weights_only=False)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
     for layer in (0, 1):
-        K, V = state["terms"][layer]
-        assert K.shape == (128, 160)
-        expected = least_squares_residual(K, V)
+        saved = state["terms"][layer]
+        assert saved["folded"] == 160 and saved["kk"].shape == (128, 128)
+        expected = least_squares_residual(saved)
         assert expected > 0  # 160 edits in 128 dimensions: not every one fits
         assert last[f"layer{layer}/fit"] == pytest.approx(expected, rel=1e-3)
 
@@ -200,3 +216,23 @@ def test_the_paper_length_experiment_is_the_long_stream_at_10000_edits():
     assert cfg.eval.compute_dtype == "bfloat16" and cfg.checkpoint.every == 1
     for section in ("model", "dataset", "speed"):
         assert cfg[section] == long[section]
+
+
+def test_pairs_survive_a_checkpoint_and_an_older_checkpoints_layout(shipped_handle):
+    """state_dict / load_state_dict give the same fit; a checkpoint that kept every (K, V)
+    whole (the layout of earlier versions) loads into the same pairs."""
+    from rlsedit_cli.runner.terms import ObjectiveTerms
+
+    torch.manual_seed(0)
+    W = shipped_handle.weight(1)
+    K, V = torch.randn(W.shape[1], 688), torch.randn(W.shape[0], 688)
+    first = ObjectiveTerms(shipped_handle, [1], {})
+    for at, end in ((0, 300), (300, 600), (600, 688)):  # 512 wide: folded at the second
+        row = first.after_batch({1: (K[:, at:end], V[:, at:end])})
+    saved = first.state_dict()
+    assert saved[1]["folded"] == 600 and saved[1]["K"].shape[1] == 88
+    again, older = ObjectiveTerms(shipped_handle, [1], {}), ObjectiveTerms(shipped_handle, [1], {})
+    again.load_state_dict(saved)
+    older.load_state_dict({1: (K, V)})
+    assert again.before() == row
+    assert older.before()["layer1/fit"] == pytest.approx(row["layer1/fit"], rel=1e-12)

@@ -9,22 +9,77 @@ For every editor that writes weights, the same definitions (docs/design.md secti
   second moment (the mean of k k^T over the anchor corpus): the root-mean-square change of the
   map's output over the anchor keys;
 - ``||W_t||_F``.
+
+The pairs written so far are kept in memory that does not grow with the stream (:class:`Pairs`):
+the newest as they are, older ones folded into their second moments once they outnumber the
+map's input width, so that the fitting error costs at most about two products of W with a
+(d_in, d_in) matrix however many edits came before.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def objective_terms(W: torch.Tensor, W0: torch.Tensor, K: torch.Tensor | None,
-                    V: torch.Tensor | None, C: torch.Tensor | None) -> dict[str, float]:
+@dataclass(frozen=True)
+class Pairs:
+    """Every (key, wanted output) pair written to one map: ``K`` (d_in, n) and ``V`` (d_out, n)
+    the newest n < d_in as they are (float32); the ``folded`` older ones as float64 sums
+    ``kk`` = sum k k^T (d_in, d_in), ``vk`` = sum v k^T (d_out, d_in), ``vv`` = sum ||v||^2
+    (a 0-d tensor); all three None while nothing is folded."""
+
+    K: torch.Tensor
+    V: torch.Tensor
+    folded: int = 0
+    kk: torch.Tensor | None = None
+    vk: torch.Tensor | None = None
+    vv: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return self.folded + self.K.shape[1]
+
+
+def no_pairs(d_in: int, d_out: int, device: torch.device) -> Pairs:
+    """No pair written yet, for a (d_out, d_in) map on ``device``."""
+    return Pairs(torch.zeros(d_in, 0, device=device), torch.zeros(d_out, 0, device=device))
+
+
+def add_pairs(pairs: Pairs, K: torch.Tensor, V: torch.Tensor) -> Pairs:
+    """``pairs`` and the new keys K (d_in, b) with their wanted outputs V (d_out, b); the kept
+    ones are folded into the moments when they reach d_in."""
+    K = torch.cat([pairs.K, K.detach().to(pairs.K)], 1)  # (d_in, n + b)
+    V = torch.cat([pairs.V, V.detach().to(pairs.V)], 1)  # (d_out, n + b)
+    if K.shape[1] < K.shape[0]:
+        return Pairs(K, V, pairs.folded, pairs.kk, pairs.vk, pairs.vv)
+    K64, V64 = K.double(), V.double()
+    kk, vk, vv = K64 @ K64.mT, V64 @ K64.mT, (V64 * V64).sum()
+    if pairs.kk is not None:
+        kk, vk, vv = kk + pairs.kk, vk + pairs.vk, vv + pairs.vv
+    return Pairs(K[:, :0], V[:, :0], pairs.folded + K.shape[1], kk, vk, vv)
+
+
+def fit_error(W: torch.Tensor, pairs: Pairs) -> float:
+    """``||W K_{1:t} - V_{1:t}||_F`` over every pair, in float64. W: (d_out, d_in)."""
+    W64 = W.double()
+    square = float(((W64 @ pairs.K.to(W64) - pairs.V.to(W64)) ** 2).sum())
+    if pairs.kk is not None:  # ||W K - V||^2 = tr(W kk W^T) - 2 tr(W vk^T) + vv
+        folded = ((W64 @ pairs.kk - 2 * pairs.vk) * W64).sum() + pairs.vv
+        square += max(float(folded), 0.0)
+    return square ** 0.5
+
+
+def objective_terms(W: torch.Tensor, W0: torch.Tensor, pairs: Pairs | None,
+                    C: torch.Tensor | None) -> dict[str, float]:
     """The four terms of one map, computed in float64.
 
     Args:
         W: the map now. (d_out, d_in)
         W0: the map before the first edit. (d_out, d_in)
-        K: the keys of every edit so far, (d_in, N); None before the first edit.
-        V: their wanted outputs. (d_out, N)
+        pairs: every (key, wanted output) pair written so far; None (or none) before the first
+            edit.
         C: the anchor second moment (d_in, d_in); None leaves the preservation error out.
 
     Returns:
@@ -33,7 +88,7 @@ def objective_terms(W: torch.Tensor, W0: torch.Tensor, K: torch.Tensor | None,
     W64 = W.double()
     D = W64 - W0.to(W64)  # (d_out, d_in)
     terms = {"drift": float(D.norm()), "norm": float(W64.norm())}
-    terms["fit"] = 0.0 if K is None else float((W64 @ K.to(W64) - V.to(W64)).norm())
+    terms["fit"] = 0.0 if pairs is None or pairs.count == 0 else fit_error(W, pairs)
     if C is not None:
         DC = D @ C.to(W64)  # (d_out, d_in)
         terms["preservation"] = float((DC * D).sum().clamp_min(0).sqrt())

@@ -2,9 +2,10 @@
 
 The runner keeps, per edited layer, the map before the stream (W_0), the keys K_{1:t} and the
 wanted outputs V_{1:t} of every edit so far (what each batch's editor reported,
-:meth:`rlsedit_cli.editors.base.Editor.written`), and the anchor second moment C; after each
-batch it computes :func:`rlsedit_cli.ops.terms.objective_terms` on the model's weights. The
-keys and outputs travel in the run's checkpoint, so a resumed run goes on with all of them.
+:meth:`rlsedit_cli.editors.base.Editor.written`; in memory that does not grow with the stream,
+:class:`rlsedit_cli.ops.terms.Pairs`), and the anchor second moment C; after each batch it
+computes :func:`rlsedit_cli.ops.terms.objective_terms` on the model's weights. The pairs travel
+in the run's checkpoint, so a resumed run goes on with all of them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.ops.terms import objective_terms
+from rlsedit_cli.ops.terms import Pairs, add_pairs, no_pairs, objective_terms
 
 
 class ObjectiveTerms:
@@ -29,8 +30,8 @@ class ObjectiveTerms:
         self.handle = handle
         self.W0 = {layer: handle.weight(layer).detach().clone() for layer in layers}
         self.C = moments
-        self.K: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}  # (d_in, n) each
-        self.V: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}  # (d_out, n)
+        self.pairs: dict[int | str, Pairs] = {
+            layer: no_pairs(W.shape[1], W.shape[0], W.device) for layer, W in self.W0.items()}
 
     def before(self) -> dict[str, float]:
         """The terms of the unedited maps (every one 0 but the norm)."""
@@ -40,28 +41,35 @@ class ObjectiveTerms:
                     ) -> dict[str, float]:
         """Add the batch's (keys, wanted outputs) per layer; the terms of the maps now."""
         for layer, (K, V) in written.items():
-            if layer in self.K:
-                self.K[layer].append(K.detach().float())
-                self.V[layer].append(V.detach().float())
+            if layer in self.pairs:
+                self.pairs[layer] = add_pairs(self.pairs[layer], K, V)
         return self._terms()
 
     def _terms(self) -> dict[str, float]:
         row = {}
         for layer, W0 in self.W0.items():
-            K = torch.cat(self.K[layer], 1) if self.K[layer] else None  # (d_in, N)
-            V = torch.cat(self.V[layer], 1) if self.V[layer] else None  # (d_out, N)
-            terms = objective_terms(self.handle.weight(layer).detach(), W0, K, V,
+            terms = objective_terms(self.handle.weight(layer).detach(), W0, self.pairs[layer],
                                     self.C.get(layer))
             label = self.handle.map_label(layer)
             row |= {f"{label}/{name}": value for name, value in terms.items()}
         return row
 
     def state_dict(self) -> dict:
-        """The keys and wanted outputs so far, one tensor per layer (CPU)."""
-        return {layer: (torch.cat(self.K[layer], 1).cpu(), torch.cat(self.V[layer], 1).cpu())
-                for layer in self.K if self.K[layer]}
+        """The pairs so far per layer (CPU tensors: the newest as they are, the moments of
+        the folded ones)."""
+        return {layer: {"K": p.K.cpu(), "V": p.V.cpu(), "folded": p.folded,
+                        **{k: None if t is None else t.cpu()
+                           for k, t in (("kk", p.kk), ("vk", p.vk), ("vv", p.vv))}}
+                for layer, p in self.pairs.items() if p.count}
 
     def load_state_dict(self, state: dict | None) -> None:
-        for layer, (K, V) in (state or {}).items():
+        """Pairs saved by :meth:`state_dict`, or an older checkpoint's (K, V) per layer."""
+        for layer, saved in (state or {}).items():
             device = self.W0[layer].device
-            self.K[layer], self.V[layer] = [K.to(device)], [V.to(device)]
+            if isinstance(saved, tuple | list):  # every pair as it was written
+                K, V = saved
+                self.pairs[layer] = add_pairs(self.pairs[layer], K.to(device), V.to(device))
+                continue
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                     for k, v in saved.items()}
+            self.pairs[layer] = Pairs(**moved)
