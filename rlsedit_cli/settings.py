@@ -175,6 +175,8 @@ class EvalConfig:
     # continuation: the LM head only where lm-eval reads it; all: lm-eval's own path
     logits: str = checked("continuation", choices=("continuation", "all"))
     compute_dtype: str = checked("float32", choices=DTYPES)  # of lm-eval's forward passes
+    # memory for the states below the edited layers that later points replay (unedited_blocks)
+    kept_states_mb: int = checked(1024, low=0)
     strict: bool = False  # a task that fails stops the run (else: its line, the others go on)
     allow_code_execution: bool = False  # the code tasks run the model's code (HumanEval, MBPP)
     data_dir: str | None = None  # a datasets cache holding the tasks' data (offline clusters)

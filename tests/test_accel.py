@@ -76,7 +76,8 @@ def test_each_acceleration_serves_its_devices_only():
     every = Accelerations()
     assert all(every.on(name, "cpu") for name in ACCELERATIONS)
     assert {n for n in ACCELERATIONS if every.on(n, torch.device("cuda", 0))} == {
-        "target_loss", "replayed_blocks", "shared_prompts", "lowered_weights"}
+        "target_loss", "replayed_blocks", "shared_prompts", "unedited_blocks",
+        "lowered_weights"}
     assert not any(Accelerations.parse([]).on(n, "cpu") for n in ACCELERATIONS)
     some = Accelerations.parse(["target_loss", "lowered_weights"])
     assert {n for n in ACCELERATIONS if some.on(n, "cpu")} == {"target_loss", "lowered_weights"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -84,3 +85,66 @@ def test_scored_rows_equal_log_softmax_and_argmax_ties_included():
         assert greedy.tolist() == (low.argmax(-1) == target).tolist()
         assert greedy.tolist() == [False, True, False, True, False, False]
         assert lp.dtype == torch.float32 and greedy.dtype == torch.bool
+
+
+@contextlib.contextmanager
+def _moved(weight: torch.Tensor):
+    """``weight`` moved a little for the block, then restored (the fixture's model is shared)."""
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(0.01)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_later_points_replay_the_unedited_blocks_bit_for_bit(handle, dtype):
+    """A point after the first replays block 0 (below the edited block 1) from the first
+    point's passes: shared contexts, their continuations and whole rows score exactly as
+    without the record, also after an edit of block 1; an edit of block 0 starts it again."""
+    from lm_eval.api.instance import Instance
+
+    from rlsedit_cli.accel.lower import LowerStates
+
+    requests = _requests(handle)
+    rolling = [Instance("loglikelihood_rolling", {}, (" ".join(f"w{i % 37}" for i in range(300)),),
+                        0)]
+
+    def point(lower=None):
+        lm = EditedLM(handle, 4, "continuation", dtype, lower)
+        return lm._loglikelihood_tokens(requests), lm.loglikelihood_rolling(rolling)
+
+    plain, lower = point(), LowerStates(1, 64)
+    assert point(lower) == plain and lower.kept and lower.replayed == 0
+    assert point(lower) == plain and lower.replayed > 0
+    with _moved(handle.edited_module(1).weight):
+        edited, replayed = point(), lower.replayed
+        assert point(lower) == edited != plain and lower.replayed > replayed
+    with _moved(handle.edited_module(0).weight):
+        edited = point()
+        assert point(lower) == edited and lower.replayed == 0  # recorded again
+    none = LowerStates(1, 0)  # no memory for it: every point computes every block
+    assert point(none) == point(none) == plain and not none.kept and none.replayed == 0
+
+
+def test_a_run_replays_the_blocks_below_its_edits_with_the_same_figures(tmp_path):
+    """FT at block 2 of the shipped toy: general ability at 0, 2 and 4 edits, the later points
+    replaying blocks 0 and 1 (summary's measurement says so), every figure as without it."""
+    from rlsedit_cli.accel import ACCELERATIONS
+    from rlsedit_cli.runner.run import run
+
+    common = ["editor=ft", "editor.layer=2", "editor.steps=3", "stream.num_edits=4",
+              "stream.batch_size=2", "eval=wikitext", "eval.limit=1", "eval.every_edits=2",
+              "measure.fluency=false", "measure.pre_edit=false", "measure.reuse_unedited=false",
+              "logger=none"]
+    others = ",".join(n for n in ACCELERATIONS if n != "unedited_blocks")
+    replayed = run(compose_cfg(common, tmp_path / "on"))
+    plain = run(compose_cfg([*common, f"speed.accelerations=[{others}]"], tmp_path / "off"))
+    assert replayed["measurement"]["replayed_below"] == 2
+    assert replayed["measurement"]["replayed_passes"] > 0
+    assert plain["measurement"]["replayed_passes"] == 0
+    assert ([p["scores"] for p in replayed["general"]["points"]]
+            == [p["scores"] for p in plain["general"]["points"]])

@@ -19,6 +19,10 @@ replayed_blocks     cpu, cuda a key read replays the blocks below the      a ful
 shared_prompts      cpu, cuda measuring: pairs that share a prompt run it   each pair run whole
                               once into a key/value cache, the LM head     (eval/scoring.py)
                               only where read (prefix.py read_states)
+unedited_blocks     cpu, cuda general ability: a run's later points      every block at every
+                              replay the blocks below the edited layers    point
+                              from an earlier point's passes (lower.py;
+                              memory: eval.kept_states_mb)
 lowered_weights     cpu, cuda bfloat16 passes: frozen weights cast once     autocast casts them
                               for many passes (precision.py)               every pass
 float32_attention   cpu       bfloat16 passes: attention on float32 inputs autocast's attention
@@ -51,6 +55,7 @@ ACCELERATIONS: dict[str, tuple[str, ...]] = {  # name -> device types it serves
     "target_loss": ("cpu", "cuda"),
     "replayed_blocks": ("cpu", "cuda"),
     "shared_prompts": ("cpu", "cuda"),
+    "unedited_blocks": ("cpu", "cuda"),
     "lowered_weights": ("cpu", "cuda"),
     "float32_attention": ("cpu",),
     "grouped_attention": ("cpu",),

@@ -72,14 +72,16 @@ def _bench_stats(args: argparse.Namespace) -> dict:
 def _bench_general(args: argparse.Namespace) -> list[dict]:
     """The eval group's tasks (eval=..., eval.limit=...) on the unedited model: a line per task
     (with its floor: the FLOPs of its passes over the GEMM rate) and one per point (its seconds:
-    a run's later point; and its first point's, which prepares the tasks); with --against, each
-    further configuration (eval.* keys) on the same model and documents, then their
-    comparison."""
+    a run's later point, which replays the blocks below the model's edit_layers as a run of
+    the key-value editors does; and its first point's, which prepares the tasks); with
+    --against, each further configuration (eval.* keys) on the same model and documents, then
+    their comparison."""
     import time
     from dataclasses import replace
 
     import torch
 
+    from rlsedit_cli.accel.lower import LowerStates, lowest_block
     from rlsedit_cli.accel.precision import DTYPES
     from rlsedit_cli.bench.floor import PassCounter, floor_seconds, point_flops
     from rlsedit_cli.bench.gemm import gemm_timer
@@ -96,14 +98,17 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
         # a run's first point prepares its tasks (eval/prepared.py); the point reported is a
         # later one, as each further point of a run costs it
         managers, first = TaskManagers(index_of=index), time.perf_counter()
-        for _ in bench_general(handle, list(cfg.eval.tasks), opts, managers):
+        below = (lowest_block(handle, list(cfg.model.edit_layers))
+                 if handle.accel.on("unedited_blocks", handle.device) else 0)
+        lower = LowerStates(below, cfg.eval.kept_states_mb)
+        for _ in bench_general(handle, list(cfg.eval.tasks), opts, managers, lower):
             pass
         first = time.perf_counter() - first
         gemm = gemm_timer(handle.device, DTYPES[cfg.eval.compute_dtype] or torch.float32)
         rate, start, rows = gemm(), time.perf_counter(), []
-        with PassCounter(handle.model) as counts:
+        with PassCounter(handle.model, lower) as counts:
             before = replace(counts)
-            for row in bench_general(handle, list(cfg.eval.tasks), opts, managers):
+            for row in bench_general(handle, list(cfg.eval.tasks), opts, managers, lower):
                 # each task's own floor: what its passes computed, over the rate measured before
                 floor = floor_seconds(point_flops(handle.model, counts.since(before)), rate)
                 rows.append(row | {"config": variant or "(as given)"}
@@ -116,6 +121,7 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
         points.append({"bench": "general_point", "config": variant or "(as given)",
                        "model": str(handle.spec.name), "device": str(handle.device),
                        "seconds": round(seconds, 1), "first_point_seconds": round(first, 1),
+                       "replayed_below": below, "replayed_passes": lower.replayed,
                        "tokens": counts.tokens,
                        "real_tokens": counts.real, "head_rows": counts.head_rows,
                        "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},

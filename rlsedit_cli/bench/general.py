@@ -8,6 +8,7 @@ docs/results.md's table of the unedited SmolLM2-135M is this bench's output.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rlsedit_cli.eval.general import (
     GeneralResult,
@@ -17,6 +18,9 @@ from rlsedit_cli.eval.general import (
 )
 from rlsedit_cli.models.handle import ModelHandle
 
+if TYPE_CHECKING:
+    from rlsedit_cli.accel.lower import LowerStates
+
 
 def stderr_key(metric: str) -> str:
     """lm-eval's name of a metric's standard error: ``acc,none`` -> ``acc_stderr,none``."""
@@ -25,12 +29,14 @@ def stderr_key(metric: str) -> str:
 
 
 def bench_general(handle: ModelHandle, tasks: list[str], opts: GeneralSettings,
-                  managers: TaskManagers | None = None) -> Iterator[dict]:
+                  managers: TaskManagers | None = None,
+                  lower: LowerStates | None = None) -> Iterator[dict]:
     """One row per task, task by task: figure, interval, documents, few-shot, source, seconds
-    (or its error). ``managers``: lm-eval's task index, built once as a run builds it."""
+    (or its error). ``managers``: lm-eval's task index, built once as a run builds it;
+    ``lower``: the blocks below the edited layers, replayed as a run's later points do."""
     managers = managers or TaskManagers()
     for task in tasks:
-        yield from _rows(handle, evaluate_general(handle, [task], opts, managers), opts)
+        yield from _rows(handle, evaluate_general(handle, [task], opts, managers, lower), opts)
 
 
 def _rows(handle: ModelHandle, res: GeneralResult, opts: GeneralSettings) -> list[dict]:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlsedit_cli.errors import DataError, RlseditError, first_line
 from rlsedit_cli.eval import local_data
@@ -27,6 +28,9 @@ from rlsedit_cli.eval.prepared import TaskManagers, build_once
 from rlsedit_cli.eval.specs import SHIPPED_TASKS, choose_docs, executes_code, task_spec
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.progress import progress
+
+if TYPE_CHECKING:
+    from rlsedit_cli.accel.lower import LowerStates
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +153,18 @@ class GeneralSettings:
 
 def evaluate_general(handle: ModelHandle, tasks: list[str],
                      settings: GeneralSettings | None = None,
-                     managers: TaskManagers | None = None) -> GeneralResult:
+                     managers: TaskManagers | None = None,
+                     lower: LowerStates | None = None) -> GeneralResult:
     """Run each lm-eval task on the model as it is now (no checkpoint written).
 
     A limit keeps the same documents at every checkpoint (``settings.sample``: a seeded choice
     or the first ones); the paper's GLUE tasks (eval/paper_glue.py) are always zero-shot.
+    ``lower``: the run's record of the blocks below its edited layers (accel/lower.py).
     """
     from rlsedit_cli.eval.lm import EditedLM
 
     opts = settings or GeneralSettings()
-    lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype)
+    lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype, lower)
     try:
         return evaluate_lm(lm, tasks, opts, managers)
     finally:

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from rlsedit_cli.accel.lower import LowerStates, requests_key
 from rlsedit_cli.accel.precision import LoweredLinears, attention_mode
 from rlsedit_cli.accel.prefix import read_states
 from rlsedit_cli.models.handle import ModelHandle
@@ -39,7 +40,9 @@ class EditedLM(HFLM):
     """lm-eval's HFLM over ``handle``'s model as it is now (a point of the stream)."""
 
     def __init__(self, handle: ModelHandle, batch_size: int, logits: str = "continuation",
-                 compute_dtype: str = "float32") -> None:
+                 compute_dtype: str = "float32", lower: LowerStates | None = None) -> None:
+        """``lower``: the run's record of the blocks below its edited layers (checked here:
+        one EditedLM is one point)."""
         low = compute_dtype == "bfloat16"
         super().__init__(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
                          device=str(handle.device),
@@ -47,6 +50,9 @@ class EditedLM(HFLM):
         self.handle, self.only_continuation = handle, logits == "continuation"
         self.lowered = (LoweredLinears(handle, [handle.model], compute_dtype, every=True)
                         if low else None)
+        self.lower, self.compute_dtype = lower, compute_dtype
+        if lower is not None:
+            lower.check(handle)
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
@@ -87,20 +93,32 @@ class EditedLM(HFLM):
         alone = sorted((i for c in contexts if c not in once for i in contexts[c]),
                        key=lambda i: -len(requests[i][1] + requests[i][2]))
         answers: list[tuple[float, bool] | None] = [None] * len(requests)
-        for batch in _by_tokens(shared, [len(c) for c in shared], budget):
-            ks = [i for c in batch for i in contexts[c]]
-            rows = torch.tensor([b for b, c in enumerate(batch) for _ in contexts[c]])
-            scored = self._shared([list(c) for c in batch], [requests[i][2] for i in ks], rows)
-            answers = _put(answers, ks, scored)
         rows_of = {i: (requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1]
                    for i in alone}
-        for batch in _by_tokens(alone, [len(rows_of[i]) for i in alone], budget):
-            scored = self._whole([rows_of[i] for i in batch], [requests[i][2] for i in batch])
-            answers = _put(answers, batch, scored)
+        with self._replayed(requests, budget):
+            for batch in _by_tokens(shared, [len(c) for c in shared], budget):
+                ks = [i for c in batch for i in contexts[c]]
+                rows = torch.tensor([b for b, c in enumerate(batch) for _ in contexts[c]])
+                scored = self._shared([list(c) for c in batch], [requests[i][2] for i in ks],
+                                      rows)
+                answers = _put(answers, ks, scored)
+            for batch in _by_tokens(alone, [len(rows_of[i]) for i in alone], budget):
+                scored = self._whole([rows_of[i] for i in batch],
+                                     [requests[i][2] for i in batch])
+                answers = _put(answers, batch, scored)
         for i, (request, _, _) in enumerate(requests):
             if request is not None:
                 self.cache_hook.add_partial("loglikelihood", request, answers[i])
         return answers
+
+    def _replayed(self, requests, budget: int) -> contextlib.AbstractContextManager:
+        """The passes of ``requests``, the blocks below the edited layers replayed where an
+        earlier point kept their output (accel/lower.py)."""
+        if self.lower is None:
+            return contextlib.nullcontext()
+        key = requests_key([(ctx, cont) for _, ctx, cont in requests],
+                           (budget, self.max_length, self.compute_dtype, WASTE, LEAST))
+        return self.lower.passes(self.handle, key)
 
     def _shared(self, contexts: list[list[int]], conts: list[list[int]],
                 rows: torch.Tensor) -> list[tuple[float, bool]]:
@@ -120,7 +138,8 @@ class EditedLM(HFLM):
         b_idx = [b for b, c in enumerate(conts) for _ in c]
         t_idx = [t for r, c in zip(rows, conts) for t in range(len(r) - len(c), len(r))]
         with self._passes():
-            hidden = self.handle.model.base_model(ids).last_hidden_state  # (B, T, d_model)
+            hidden = self.handle.model.base_model(
+                ids, use_cache=False).last_hidden_state  # (B, T, d_model)
             read = hidden[torch.tensor(b_idx), torch.tensor(t_idx)]  # (N, d_model)
         return self._read(read, conts)
 

@@ -7,6 +7,7 @@ import time
 
 from omegaconf import OmegaConf
 
+from rlsedit_cli.accel.lower import LowerStates
 from rlsedit_cli.datasets.records import Record
 from rlsedit_cli.datasets.references import References
 from rlsedit_cli.eval.counterfact import FAMILIES, evaluate, evaluate_records
@@ -35,11 +36,15 @@ class Measurer:
 
     def __init__(self, handle: ModelHandle, refs: References | None, cfg, general, seed: int,
                  record: RunRecord, retention: list[Record], protocol: str = "probability",
-                 unedited: UneditedFigures | None = None) -> None:
+                 unedited: UneditedFigures | None = None,
+                 lower: LowerStates | None = None) -> None:
         """``cfg``: the ``measure`` section (editing metrics); ``general``: the ``eval`` group;
         ``protocol``: how the dataset's edits are scored (probability | accuracy);
-        ``unedited``: where the unedited model's figures are reused from (None: measure)."""
+        ``unedited``: where the unedited model's figures are reused from (None: measure);
+        ``lower``: the general-ability passes' record of the blocks below the edited layers
+        (accel/lower.py; None: every block at every point)."""
         self.handle, self.refs, self.cfg, self.seed = handle, refs, cfg, seed
+        self.lower = lower
         self.protocol, self.unedited = protocol, unedited
         self.tasks = general
         self.record, self.retention = record, retention
@@ -92,7 +97,8 @@ class Measurer:
                  if edits == 0 and self.unedited else None)
         if point is None:
             res = evaluate_general(self.handle, list(cfg.tasks),
-                                   GeneralSettings.from_cfg(cfg, self.seed), self.managers)
+                                   GeneralSettings.from_cfg(cfg, self.seed), self.managers,
+                                   self.lower)
             check_strict(res, cfg.strict)
             point = {"scores": res.scores, "errors": res.errors, "settings": res.settings,
                      "perplexity": {task: values[PERPLEXITY] for task, values in
@@ -187,7 +193,11 @@ class Measurer:
                               "generated_at": self.cfg.generated_at,
                               "compute_dtype": self.cfg.compute_dtype,
                               "unedited_from_cache": dict(self.unedited.used)
-                              if self.unedited else {}}
+                              if self.unedited else {},
+                              # general ability's passes that replayed the blocks below
+                              # the edited layers (accel/lower.py): the same figures
+                              "replayed_below": self.lower.below if self.lower else 0,
+                              "replayed_passes": self.lower.replayed if self.lower else 0}
         if self.general:
             out["general"] = {**named_scores(self.general[-1]), "points": self.general,
                               "errors": self.general[-1]["errors"],

@@ -30,7 +30,7 @@ NOT_IN_KEY = ("pre_edit", "retention_edits", "retention_every", "reuse_unedited"
 # the eval settings that say when and how strictly general ability is measured, not what it
 # measures: runs that differ only there (a sweep at 1,000 edits, a stream measured every 500)
 # share the unedited model's general-ability point
-EVAL_NOT_IN_KEY = ("name", "every_edits", "strict", "logits")  # logits: same figures (eval/lm.py)
+EVAL_NOT_IN_KEY = ("name", "every_edits", "strict", "logits", "kept_states_mb")  # same figures
 # how eval/lm.py runs its passes: bfloat16 figures move with the batches' composition and with
 # what runs in bfloat16, so a point cached under another way is not what this code would measure
 GENERAL_PASSES = "like-length, whole-bfloat16"
