@@ -148,3 +148,25 @@ def test_a_run_replays_the_blocks_below_its_edits_with_the_same_figures(tmp_path
     assert plain["measurement"]["replayed_passes"] == 0
     assert ([p["scores"] for p in replayed["general"]["points"]]
             == [p["scores"] for p in plain["general"]["points"]])
+
+
+def test_one_ulp_below_the_edits_starts_the_record_again(shipped_handle):
+    """The replayed blocks' check reads their bytes: one element moved by one float step is a
+    change."""
+    from rlsedit_cli.accel.lower import LowerStates
+
+    lower = LowerStates(2, 64)
+    lower.check(shipped_handle)
+    lower.kept["list"] = [torch.zeros(1, 1, 1)]
+    lower.check(shipped_handle)
+    assert "list" in lower.kept
+    weight = shipped_handle.layer_module(1).mlp.c_proj.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+    try:
+        lower.check(shipped_handle)
+        assert lower.kept == {}
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)

@@ -9,8 +9,8 @@ request lists only), and at later points those blocks return it instead of compu
 replayed block still adds a one-byte-wide entry to the pass's key/value cache, so that the
 cache's length, which the masks of the passes after a shared context read from the first
 block's entry, stays right; nothing reads those entries' values, because every pass of a kept
-request list is replayed. The blocks' parameters are checked at every point (their digest):
-after any change the record starts again.
+request list is replayed. The blocks' parameters are checked at every point (a hash of their
+bytes): after any change the record starts again.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from transformers import Cache
 
 from rlsedit_cli.accel.prefix import patched_forward
 from rlsedit_cli.models.handle import ModelHandle
-from rlsedit_cli.stats.anchor import parameters_digest
 
 
 def requests_key(requests: list[tuple[list[int], list[int]]], settings: tuple) -> str:
@@ -57,8 +56,12 @@ class LowerStates:
     def check(self, handle: ModelHandle) -> None:
         """At each point, before its passes: the record starts again when a parameter of the
         replayed blocks is not what it was when the record started."""
-        digest = parameters_digest((f"{i}.{name}", p) for i in range(self.below)
-                                   for name, p in handle.layer_module(i).named_parameters())
+        digest = hashlib.blake2b(digest_size=16)
+        for i in range(self.below):
+            for name, p in handle.layer_module(i).named_parameters():
+                digest.update(f"{i}.{name}:{tuple(p.shape)}:{p.dtype}".encode())
+                digest.update(p.detach().reshape(-1).view(torch.uint8).cpu().numpy())
+        digest = digest.hexdigest()
         if digest != self.digest:
             self.kept, self.size, self.replayed, self.digest = {}, 0, 0, digest
 
