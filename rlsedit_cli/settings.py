@@ -235,8 +235,9 @@ class SpeedConfig:
     fluency_at: str = MISSING  # measure.fluency_at
     generated_at: str = MISSING  # measure.generated_at
     # work skipped or done cheaper, figures unchanged (within float rounding): all, or a list of
-    # target_loss, replayed_blocks, shared_prompts, lowered_weights, float32_attention,
-    # grouped_attention, gqa_passthrough ([]: the plain path everywhere; accel/__init__.py)
+    # target_loss, replayed_blocks, shared_prompts, unedited_blocks, lowered_weights,
+    # float32_attention, grouped_attention, gqa_passthrough ([]: the plain path everywhere;
+    # accel/__init__.py)
     accelerations: list[str] = field(default_factory=lambda: ["all"])
 
 

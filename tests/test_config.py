@@ -232,3 +232,12 @@ def test_the_configuration_reference_is_the_schemas_own():
     written = (config.conf_dir().parent / "docs" / "configuration.md").read_text()
     assert written == page(), "docs/configuration.md is stale: run `make docs`"
     assert "`editor=ultraedit`" in written and "`stream`" in written
+
+
+def test_the_reference_names_every_acceleration():
+    """speed.accelerations' description lists every name accel/__init__.py knows."""
+    from rlsedit_cli.accel import ACCELERATIONS
+    from rlsedit_cli.configref import page
+
+    row = next(line for line in page().splitlines() if line.startswith("| `accelerations`"))
+    assert [name for name in ACCELERATIONS if name not in row] == []
