@@ -16,10 +16,12 @@ from .conftest import tiny_overrides
 
 def least_squares_residual(saved: dict) -> float:
     """``min_W ||W K - V||_F`` (no regulariser), in float64: the fitting error of the plain
-    least-squares map of every pair a checkpoint kept, from their moments (all folded:
-    vv - tr(vk kk^-1 vk^T))."""
-    assert saved["K"].shape[1] == 0
-    kk, vk, vv = saved["kk"], saved["vk"], saved["vv"]
+    least-squares map of every pair a checkpoint kept, from their moments (those folded and
+    those of the pairs kept as written): vv - tr(vk kk^-1 vk^T)."""
+    K, V = saved["K"].double(), saved["V"].double()
+    kk, vk, vv = K @ K.mT, V @ K.mT, (V * V).sum()
+    if saved["kk"] is not None:
+        kk, vk, vv = kk + saved["kk"], vk + saved["vk"], vv + saved["vv"]
     return float(vv - (torch.linalg.solve(kk, vk.mT) * vk.mT).sum()) ** 0.5
 
 QUICK = ["stream.num_edits=6", "stream.batch_size=3", "measure.fluency=false",
@@ -48,18 +50,23 @@ def test_terms_of_known_maps():
 
 
 def test_the_fit_over_folded_pairs_is_the_fit_over_every_pair():
-    """Pairs beyond the map's input width are folded into their moments: the memory kept stays
-    under d_in columns plus the moments, and the fit equals ||W K - V|| over all of them."""
+    """Pairs beyond twice the map's input width are folded into their moments: the memory kept
+    stays under 2 d_in columns plus the moments, and the fit equals ||W K - V|| over all of
+    them."""
     torch.manual_seed(0)
     W, K, V = torch.randn(5, 8), torch.randn(8, 30), torch.randn(5, 30)
     pairs = no_pairs(8, 5, W.device)
     for at in range(0, 30, 3):
         pairs = add_pairs(pairs, K[:, at:at + 3], V[:, at:at + 3])
-        assert pairs.K.shape[1] < 8 and pairs.count == at + 3
+        assert pairs.K.shape[1] < 16 and pairs.count == at + 3
         expected = float((W.double() @ K[:, :at + 3].double() - V[:, :at + 3].double()).norm())
         fit = objective_terms(W, W, pairs, None)["fit"]
         assert fit == pytest.approx(expected, rel=1e-12)
-    assert pairs.folded == 27 and pairs.kk.shape == (8, 8) and pairs.vk.shape == (5, 8)
+    assert pairs.folded == 18 and pairs.kk.shape == (8, 8) and pairs.vk.shape == (5, 8)
+    W, K, V = torch.randn(3, 600), torch.randn(600, 1100), torch.randn(3, 1100)  # two chunks
+    pairs = add_pairs(no_pairs(600, 3, W.device), K, V)
+    assert pairs.folded == 0 and objective_terms(W, W, pairs, None)["fit"] == pytest.approx(
+        float((W.double() @ K.double() - V.double()).norm()), rel=1e-12)
 
 
 @pytest.mark.parametrize("editor", ["rlsedit", "memit", "alphaedit", "rome", "ft", "ft_m"])
@@ -102,7 +109,7 @@ def test_rlsedit_without_regularisers_fits_the_least_squares_residual(make_cfg, 
     state = torch.load(folder / "checkpoint.pt", weights_only=True)
     for layer in (0, 1):
         saved = state["terms"][layer]
-        assert saved["folded"] == 160 and saved["kk"].shape == (128, 128)
+        assert saved["folded"] + saved["K"].shape[1] == 160 and saved["K"].shape[0] == 128
         expected = least_squares_residual(saved)
         assert expected > 0  # 160 edits in 128 dimensions: not every one fits
         assert last[f"layer{layer}/fit"] == pytest.approx(expected, rel=1e-3)
@@ -225,12 +232,12 @@ def test_pairs_survive_a_checkpoint_and_an_older_checkpoints_layout(shipped_hand
 
     torch.manual_seed(0)
     W = shipped_handle.weight(1)
-    K, V = torch.randn(W.shape[1], 688), torch.randn(W.shape[0], 688)
+    K, V = torch.randn(W.shape[1], 1288), torch.randn(W.shape[0], 1288)
     first = ObjectiveTerms(shipped_handle, [1], {})
-    for at, end in ((0, 300), (300, 600), (600, 688)):  # 512 wide: folded at the second
+    for at, end in ((0, 600), (600, 1200), (1200, 1288)):  # 512 wide: folded at the second
         row = first.after_batch({1: (K[:, at:end], V[:, at:end])})
     saved = first.state_dict()
-    assert saved[1]["folded"] == 600 and saved[1]["K"].shape[1] == 88
+    assert saved[1]["folded"] == 1200 and saved[1]["K"].shape[1] == 88
     again, older = ObjectiveTerms(shipped_handle, [1], {}), ObjectiveTerms(shipped_handle, [1], {})
     again.load_state_dict(saved)
     older.load_state_dict({1: (K, V)})

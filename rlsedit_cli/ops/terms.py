@@ -11,9 +11,10 @@ For every editor that writes weights, the same definitions (docs/design.md secti
 - ``||W_t||_F``.
 
 The pairs written so far are kept in memory that does not grow with the stream (:class:`Pairs`):
-the newest as they are, older ones folded into their second moments once they outnumber the
-map's input width, so that the fitting error costs at most about two products of W with a
-(d_in, d_in) matrix however many edits came before.
+the newest as they are, and once they would take more memory than their float64 second moments
+(2 d_in of them), folded into those, so that the fitting error costs at most about three
+products of W with a (d_in, d_in) matrix however many edits came before, and a stream shorter
+than 2 d_in edits keeps every pair as it was written.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
+CHUNK = 1024  # kept pairs whose residual is computed at once
+
 
 @dataclass(frozen=True)
 class Pairs:
     """Every (key, wanted output) pair written to one map: ``K`` (d_in, n) and ``V`` (d_out, n)
-    the newest n < d_in as they are (float32); the ``folded`` older ones as float64 sums
+    the newest n < 2 d_in as they are (float32); the ``folded`` older ones as float64 sums
     ``kk`` = sum k k^T (d_in, d_in), ``vk`` = sum v k^T (d_out, d_in), ``vv`` = sum ||v||^2
     (a 0-d tensor); all three None while nothing is folded."""
 
@@ -49,10 +52,11 @@ def no_pairs(d_in: int, d_out: int, device: torch.device) -> Pairs:
 
 def add_pairs(pairs: Pairs, K: torch.Tensor, V: torch.Tensor) -> Pairs:
     """``pairs`` and the new keys K (d_in, b) with their wanted outputs V (d_out, b); the kept
-    ones are folded into the moments when they reach d_in."""
+    ones are folded into the moments when they reach 2 d_in (float32 pairs then take the
+    memory of the float64 moments)."""
     K = torch.cat([pairs.K, K.detach().to(pairs.K)], 1)  # (d_in, n + b)
     V = torch.cat([pairs.V, V.detach().to(pairs.V)], 1)  # (d_out, n + b)
-    if K.shape[1] < K.shape[0]:
+    if K.shape[1] < 2 * K.shape[0]:
         return Pairs(K, V, pairs.folded, pairs.kk, pairs.vk, pairs.vv)
     K64, V64 = K.double(), V.double()
     kk, vk, vv = K64 @ K64.mT, V64 @ K64.mT, (V64 * V64).sum()
@@ -64,7 +68,10 @@ def add_pairs(pairs: Pairs, K: torch.Tensor, V: torch.Tensor) -> Pairs:
 def fit_error(W: torch.Tensor, pairs: Pairs) -> float:
     """``||W K_{1:t} - V_{1:t}||_F`` over every pair, in float64. W: (d_out, d_in)."""
     W64 = W.double()
-    square = float(((W64 @ pairs.K.to(W64) - pairs.V.to(W64)) ** 2).sum())
+    square = 0.0
+    for at in range(0, pairs.K.shape[1], CHUNK):  # no float64 copy of every kept pair at once
+        K, V = pairs.K[:, at:at + CHUNK].to(W64), pairs.V[:, at:at + CHUNK].to(W64)
+        square += float(((W64 @ K - V) ** 2).sum())
     if pairs.kk is not None:  # ||W K - V||^2 = tr(W kk W^T) - 2 tr(W vk^T) + vv
         folded = ((W64 @ pairs.kk - 2 * pairs.vk) * W64).sum() + pairs.vv
         square += max(float(folded), 0.0)
