@@ -40,7 +40,7 @@ class LowerStates:
     """The output of block ``below - 1`` for every scoring pass of the request lists kept.
 
     Args:
-        below: the lowest edited block (blocks 0..below-1 are replayed; 0: nothing is).
+        below: the lowest edited block (blocks 0..below-1 are replayed).
         budget_mb: the most memory the kept states take (on the model's device).
     """
 
@@ -70,9 +70,6 @@ class LowerStates:
         """The scoring passes of the request list ``key`` (:func:`requests_key`): replayed
         below ``below`` where the list was kept, else computed and kept when the budget
         allows."""
-        if self.below == 0:
-            yield
-            return
         kept = self.kept.get(key)
         count, new = itertools.count(), []
         body = handle.model.base_model
@@ -140,6 +137,11 @@ def _one_byte_entry(args: tuple, kwargs: dict, layer: int, hidden: torch.Tensor)
     cache.update(marks, marks, layer)
 
 
-def lowest_block(handle: ModelHandle, edited: list[int | str]) -> int:
-    """The lowest block holding one of the ``edited`` maps (0 when there is none)."""
-    return min((handle.map_layer(key) for key in edited), default=0)
+def lower_states(handle: ModelHandle, edited: list[int | str], budget_mb: float,
+                 ) -> LowerStates | None:
+    """The record for a run whose editor writes the ``edited`` maps: None where no block lies
+    below them or ``unedited_blocks`` does not serve the model's device."""
+    below = min((handle.map_layer(key) for key in edited), default=0)
+    if below == 0 or not handle.accel.on("unedited_blocks", handle.device):
+        return None
+    return LowerStates(below, budget_mb)

@@ -81,7 +81,7 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
 
     import torch
 
-    from rlsedit_cli.accel.lower import LowerStates, lowest_block
+    from rlsedit_cli.accel.lower import lower_states
     from rlsedit_cli.accel.precision import DTYPES
     from rlsedit_cli.bench.floor import PassCounter, floor_seconds, point_flops
     from rlsedit_cli.bench.gemm import gemm_timer
@@ -98,9 +98,7 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
         # a run's first point prepares its tasks (eval/prepared.py); the point reported is a
         # later one, as each further point of a run costs it
         managers, first = TaskManagers(index_of=index), time.perf_counter()
-        below = (lowest_block(handle, list(cfg.model.edit_layers))
-                 if handle.accel.on("unedited_blocks", handle.device) else 0)
-        lower = LowerStates(below, cfg.eval.kept_states_mb)
+        lower = lower_states(handle, list(cfg.model.edit_layers), cfg.eval.kept_states_mb)
         for _ in bench_general(handle, list(cfg.eval.tasks), opts, managers, lower):
             pass
         first = time.perf_counter() - first
@@ -121,7 +119,8 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
         points.append({"bench": "general_point", "config": variant or "(as given)",
                        "model": str(handle.spec.name), "device": str(handle.device),
                        "seconds": round(seconds, 1), "first_point_seconds": round(first, 1),
-                       "replayed_below": below, "replayed_passes": lower.replayed,
+                       "replayed_below": lower.below if lower else 0,
+                       "replayed_passes": lower.replayed if lower else 0,
                        "tokens": counts.tokens,
                        "real_tokens": counts.real, "head_rows": counts.head_rows,
                        "gflop": {k: round(v / 1e9, 3) for k, v in flops.items()},

@@ -67,7 +67,7 @@ def add_pairs(pairs: Pairs, K: torch.Tensor, V: torch.Tensor) -> Pairs:
 
 def fit_error(W: torch.Tensor, pairs: Pairs) -> float:
     """``||W K_{1:t} - V_{1:t}||_F`` over every pair, in float64. W: (d_out, d_in)."""
-    W64 = W.double()
+    W64 = W.double()  # (W itself when it is float64 already)
     square = 0.0
     for at in range(0, pairs.K.shape[1], CHUNK):  # no float64 copy of every kept pair at once
         K, V = pairs.K[:, at:at + CHUNK].to(W64), pairs.V[:, at:at + CHUNK].to(W64)
@@ -95,7 +95,7 @@ def objective_terms(W: torch.Tensor, W0: torch.Tensor, pairs: Pairs | None,
     W64 = W.double()
     D = W64 - W0.to(W64)  # (d_out, d_in)
     terms = {"drift": float(D.norm()), "norm": float(W64.norm())}
-    terms["fit"] = 0.0 if pairs is None or pairs.count == 0 else fit_error(W, pairs)
+    terms["fit"] = 0.0 if pairs is None or pairs.count == 0 else fit_error(W64, pairs)
     if C is not None:
         DC = D @ C.to(W64)  # (d_out, d_in)
         terms["preservation"] = float((DC * D).sum().clamp_min(0).sqrt())

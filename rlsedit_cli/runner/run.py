@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlsedit_cli import validate
 from rlsedit_cli.accel import Accelerations
-from rlsedit_cli.accel.lower import LowerStates, lowest_block
+from rlsedit_cli.accel.lower import lower_states
 from rlsedit_cli.console import route_library_logs
 from rlsedit_cli.datasets.stream import stream_of
 from rlsedit_cli.errors import DataError, RlseditError
@@ -258,9 +258,7 @@ class Runner:
         unedited = UneditedFigures(cfg.paths.cache if cfg.measure.reuse_unedited else None,
                                    self.handle.model, settings, cfg.seed, self.dataset.protocol,
                                    self.identity["model"])  # taken before any edit
-        below = lowest_block(self.handle, self.editor.edited_layers)
-        lower = (LowerStates(below, cfg.eval.kept_states_mb)
-                 if below and self.handle.accel.on("unedited_blocks", self.device) else None)
+        lower = lower_states(self.handle, self.editor.edited_layers, cfg.eval.kept_states_mb)
         measure = Measurer(self.handle, self.dataset.references, cfg.measure, cfg.eval, cfg.seed,
                            record, self.edited[: cfg.measure.retention_edits],
                            self.dataset.protocol, unedited, lower)
