@@ -175,6 +175,9 @@ class EvalConfig:
     # continuation: the LM head only where lm-eval reads it; all: lm-eval's own path
     logits: str = checked("continuation", choices=("continuation", "all"))
     compute_dtype: str = checked("float32", choices=DTYPES)  # of lm-eval's forward passes
+    # of attention in those passes: float32 (the more exact) or bfloat16 (needs compute_dtype
+    # bfloat16; faster on CPUs with AMX, docs/benchmarks.md section 5)
+    attention_dtype: str = checked("float32", choices=DTYPES)
     # memory for the states below the edited layers that later points replay (unedited_blocks)
     kept_states_mb: int = checked(1024, low=0)
     strict: bool = False  # a task that fails stops the run (else: its line, the others go on)

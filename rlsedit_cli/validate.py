@@ -87,6 +87,9 @@ def check_across(cfg: DictConfig) -> None:
         if n is not None and n < 1:
             raise ConfigError(f"eval.limits.{task}={n} must be at least 1 (leave it out for "
                               "every document)")
+    if cfg.eval.attention_dtype == "bfloat16" and cfg.eval.compute_dtype != "bfloat16":
+        raise ConfigError("eval.attention_dtype=bfloat16 needs eval.compute_dtype=bfloat16 "
+                          "(float32 passes keep attention in float32): set both or neither")
     Accelerations.parse(cfg.speed.accelerations)  # refuses an unknown name
     if cfg.objective not in OBJECTIVES:
         raise ConfigError(f"objective={cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")

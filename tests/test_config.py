@@ -197,6 +197,8 @@ def test_schemas_hold_types_and_the_yaml_files_the_values():
     ("eval.sample=random", "eval.sample='random' must be seeded or first"),
     ("eval.limit=0", "eval.limit=0 must be at least 1"),
     ("++eval.limits={mmlu: 0}", "eval.limits.mmlu=0 must be at least 1"),
+    ("eval.attention_dtype=bfloat16",
+     "eval.attention_dtype=bfloat16 needs eval.compute_dtype=bfloat16"),
 ])
 def test_bad_general_ability_settings_stop_the_run_at_start(make_cfg, override, message):
     from rlsedit_cli.errors import ConfigError

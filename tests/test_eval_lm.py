@@ -65,6 +65,36 @@ def test_bfloat16_scoring_stays_near_float32(handle):
     assert all(p.dtype == torch.float32 for p in handle.model.parameters())  # restored
 
 
+class _AttentionInputs(torch.overrides.TorchFunctionMode):
+    """The dtype of every query that reaches torch's attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[torch.dtype] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.seen.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_attention_runs_on_bfloat16_inputs_near_float32(handle):
+    """eval.attention_dtype=bfloat16: attention takes the pass's bfloat16 queries (float32 with
+    the default), and the figures stay within bfloat16 rounding of the float32-attention pass."""
+    requests = _requests(handle, 8)
+    scores = {}
+    for attention in ("float32", "bfloat16"):
+        lm = EditedLM(handle, 4, "continuation", "bfloat16", attention_dtype=attention)
+        with _AttentionInputs() as spy:
+            scores[attention] = lm._loglikelihood_tokens(requests)
+        assert spy.seen == {getattr(torch, attention)}
+    diffs = [abs(a - b) / max(1.0, abs(b))
+             for (a, _), (b, _) in zip(scores["bfloat16"], scores["float32"])]
+    assert max(diffs) < 0.05
+    with pytest.raises(ValueError, match="needs compute_dtype=bfloat16"):
+        EditedLM(handle, 4, "continuation", "float32", attention_dtype="bfloat16")
+
+
 def test_scored_rows_equal_log_softmax_and_argmax_ties_included():
     """eval/lm.py's _scored: lm-eval's log-softmax at the target and its argmax test, in float32
     and bfloat16 logits, a tie before the target not greedy (argmax takes the first index)."""

@@ -135,6 +135,7 @@ class GeneralSettings:
     gen_kwargs: dict = field(default_factory=dict)  # over generating tasks' own (max_gen_toks)
     logits: str = "continuation"  # eval/lm.py: the LM head only where lm-eval reads it | all
     compute_dtype: str = "float32"  # lm-eval's forward passes: float32 | bfloat16
+    attention_dtype: str = "float32"  # attention in bfloat16 passes: float32 | bfloat16
 
     def limit_for(self, task: str) -> int | None:
         """Documents ``task`` keeps: its own limit, else the common one (None: all)."""
@@ -148,7 +149,8 @@ class GeneralSettings:
                    data_dir=cfg.data_dir, fewshot=dict(cfg.fewshot),
                    paper_glue_dir=cfg.paper_glue_dir, limits=dict(cfg.limits),
                    sample=cfg.sample, source=cfg.source, gen_kwargs=dict(cfg.gen_kwargs),
-                   logits=cfg.logits, compute_dtype=cfg.compute_dtype)
+                   logits=cfg.logits, compute_dtype=cfg.compute_dtype,
+                   attention_dtype=cfg.attention_dtype)
 
 
 def evaluate_general(handle: ModelHandle, tasks: list[str],
@@ -164,7 +166,8 @@ def evaluate_general(handle: ModelHandle, tasks: list[str],
     from rlsedit_cli.eval.lm import EditedLM
 
     opts = settings or GeneralSettings()
-    lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype, lower)
+    lm = EditedLM(handle, opts.batch_size, opts.logits, opts.compute_dtype, lower,
+                  opts.attention_dtype)
     try:
         return evaluate_lm(lm, tasks, opts, managers)
     finally:

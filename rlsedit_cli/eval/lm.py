@@ -14,6 +14,9 @@
   on a model loaded in float32), under autocast (its ``mixed_precision_dtype``), attention in
   float32. It changes figures by bfloat16 rounding: a named setting, measured against float32
   in docs/benchmarks.md.
+- ``eval.attention_dtype=bfloat16`` (with it): attention on the pass's bfloat16 inputs, torch's
+  bfloat16 kernel (on CPUs with AMX about 2.5x its float32 one), its probabilities rounded to
+  bfloat16 before they weigh the values: a named setting too.
 """
 
 from __future__ import annotations
@@ -40,10 +43,13 @@ class EditedLM(HFLM):
     """lm-eval's HFLM over ``handle``'s model as it is now (a point of the stream)."""
 
     def __init__(self, handle: ModelHandle, batch_size: int, logits: str = "continuation",
-                 compute_dtype: str = "float32", lower: LowerStates | None = None) -> None:
+                 compute_dtype: str = "float32", lower: LowerStates | None = None,
+                 attention_dtype: str = "float32") -> None:
         """``lower``: the run's record of the blocks below its edited layers (checked here:
         one EditedLM is one point)."""
         low = compute_dtype == "bfloat16"
+        if attention_dtype == "bfloat16" and not low:
+            raise ValueError("attention_dtype=bfloat16 needs compute_dtype=bfloat16")
         super().__init__(pretrained=handle.model, tokenizer=handle.tok, batch_size=batch_size,
                          device=str(handle.device),
                          mixed_precision_dtype=torch.bfloat16 if low else None)
@@ -51,17 +57,21 @@ class EditedLM(HFLM):
         self.lowered = (LoweredLinears(handle, [handle.model], compute_dtype, every=True)
                         if low else None)
         self.lower, self.compute_dtype = lower, compute_dtype
+        self.attention_dtype = attention_dtype
         if lower is not None:
             lower.check(handle)
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
-        """bfloat16 copies of the parameters in place, attention in float32 (nothing in float32),
-        as far as ``lowered_weights`` and ``float32_attention`` run on this device."""
+        """bfloat16 copies of the parameters in place, attention in float32 unless
+        ``attention_dtype`` says bfloat16 (nothing in float32), as far as ``lowered_weights``
+        and ``float32_attention`` run on this device."""
         if self.lowered is None:
             yield
             return
-        with self.lowered.swapped(), attention_mode(self.handle):
+        attention = (attention_mode(self.handle) if self.attention_dtype == "float32"
+                     else contextlib.nullcontext())
+        with self.lowered.swapped(), attention:
             yield
 
     def _model_call(self, inps, attn_mask=None, labels=None):
@@ -117,7 +127,8 @@ class EditedLM(HFLM):
         if self.lower is None:
             return contextlib.nullcontext()
         key = requests_key([(ctx, cont) for _, ctx, cont in requests],
-                           (budget, self.max_length, self.compute_dtype, WASTE, LEAST))
+                           (budget, self.max_length, self.compute_dtype,
+                            self.attention_dtype, WASTE, LEAST))
         return self.lower.passes(self.handle, key)
 
     def _shared(self, contexts: list[list[int]], conts: list[list[int]],

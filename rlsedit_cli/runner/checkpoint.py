@@ -33,7 +33,8 @@ FREE_KEYS = ("paths", "logger", "device", "resume", "resume_jobs", "overwrite") 
 # Settings added after runs were checkpointed: a resumed run whose checkpoint lacks one goes on
 # with the value that keeps it measured as it began (its line files keep their columns).
 LATER_KEYS = {("measure", "generated_accuracy"): False, ("measure", "generated_at"): "every",
-              ("eval", "logits"): "all", ("eval", "compute_dtype"): "float32"}
+              ("eval", "logits"): "all", ("eval", "compute_dtype"): "float32",
+              ("eval", "attention_dtype"): "float32"}
 
 
 def restore_config(cfg: DictConfig, saved: dict, overrides: list[str] | None,
