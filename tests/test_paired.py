@@ -58,4 +58,46 @@ def test_a_run_keeps_each_points_documents_and_reports_their_pairs(make_cfg, tmp
     assert main(["report", str(folder)]) == 0
     report = (folder / "report" / "report.md").read_text()
     assert "## Paired general-ability differences" in report
+    assert json.loads((folder / "summary.json").read_text())["versions"]["processor"]
     assert "after 4 edits against unedited | rlsedit_smoke | acc |" in report
+
+
+def _documents(folder, edits: int, accs: list[float]) -> None:
+    docs = folder / "documents"
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / f"general_{edits:07d}.jsonl").write_text("".join(
+        json.dumps({"task": "t", "doc_id": i, "acc": a}) + "\n" for i, a in enumerate(accs)))
+
+
+def test_runs_scored_differently_are_not_established(tmp_path):
+    """Run against run: an established difference only when both scored alike (eval settings
+    that change figures; for bfloat16 points the processor too), else the row says what
+    differed. A run from before eval.attention_dtype existed counts as float32 attention."""
+    from rlsedit_cli.report.paired import paired_rows
+    from rlsedit_cli.report.runs import Run
+
+    def make(name: str, accs: list[float], config: dict, processor: str) -> Run:
+        folder = tmp_path / name
+        _documents(folder, 0, [0.0] * 60)
+        _documents(folder, 100, accs)
+        return Run(path=folder, summary={"editor": name, "model": "m",
+                                         "versions": {"processor": processor}},
+                   config=config, general=[{"task": "t", "metric": "acc,none"}])
+
+    low = {"eval": {"compute_dtype": "bfloat16", "attention_dtype": "bfloat16"}}
+    older = make("a", [0.0] * 60, {"eval": {"compute_dtype": "bfloat16"}}, "X (AMX)")
+    alike = make("b", [1.0] * 60, low, "X (AMX)")
+    other_cpu = make("c", [1.0] * 60, low, "Y (AVX512-BF16)")
+    same_run = make("d", [1.0] * 60, {"eval": {"compute_dtype": "bfloat16",
+                                               "attention_dtype": "float32"}}, "X (AMX)")
+
+    def across(runs):
+        return [r for r in paired_rows(runs) if "against unedited" not in r["comparison"]]
+
+    (row,) = across([older, alike])
+    assert not row["established"] and row["difference"] == 100
+    assert row["scored_differently"] == "eval.attention_dtype: float32 / bfloat16"
+    (row,) = across([alike, other_cpu])
+    assert row["scored_differently"] == "processor: X (AMX) / Y (AVX512-BF16)"
+    (row,) = across([older, same_run])
+    assert row["established"] and "scored_differently" not in row

@@ -11,6 +11,11 @@ document pairs, which removes the documents' own spread from the interval:
   points; :data:`RESAMPLES` draws, seeded); for 0/1 metrics also McNemar's exact test on the
   documents where the two points disagree;
 - *established* when the interval excludes zero.
+
+Two runs compare only when they scored alike: the same figure-changing eval settings
+(:data:`SCORING`) and, for bfloat16 points, the same processor (summary.json's
+``versions.processor``: AMX and AVX512-BF16 round bfloat16 products differently). Otherwise the
+row says what differed and is not established, whatever its interval.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 RESAMPLES = 2000
+SCORING = ("compute_dtype", "attention_dtype", "num_fewshot", "fewshot", "gen_kwargs", "source")
 
 
 def read_points(run: Path) -> dict[int, dict[str, dict[str, dict]]]:
@@ -90,6 +96,32 @@ def paired_difference(a: dict[str, dict], b: dict[str, dict], metric: str,
     return out
 
 
+def scoring(run) -> dict:
+    """What decides a run's general-ability figures besides the model and the documents: its
+    eval settings in :data:`SCORING` (a run from before a setting existed: the default) and,
+    for bfloat16 points, the processor."""
+    from dataclasses import MISSING, fields
+
+    from rlsedit_cli.settings import EvalConfig
+
+    saved = run.config.get("eval") or {}
+    out = {}
+    for f in fields(EvalConfig):
+        if f.name in SCORING:
+            default = f.default_factory() if f.default is MISSING else f.default
+            out[f"eval.{f.name}"] = saved.get(f.name, default)
+    if out["eval.compute_dtype"] != "float32":
+        out["processor"] = (run.summary.get("versions") or {}).get("processor", "not recorded")
+    return out
+
+
+def _differing(a, b) -> str:
+    """'' when runs ``a`` and ``b`` scored alike, else what differed: 'key: A / B; ...'."""
+    sa, sb = scoring(a), scoring(b)
+    return "; ".join(f"{k}: {sa.get(k)} / {sb.get(k)}" for k in sorted(sa.keys() | sb.keys())
+                     if sa.get(k) != sb.get(k))
+
+
 def paired_rows(runs) -> list[dict]:
     """Each run's last general-ability point against its unedited point, and each later run
     against the first at their last common point, task by task (runs: report/runs.py's)."""
@@ -98,10 +130,12 @@ def paired_rows(runs) -> list[dict]:
               if row.get("metric")}
     rows = []
 
-    def add(label: str, a: dict, b: dict) -> None:
+    def add(label: str, a: dict, b: dict, differing: str = "") -> None:
         for task in sorted(a.keys() & b.keys() & metric.keys()):
             found = paired_difference(a[task], b[task], metric[task])
             if found is not None:
+                if differing:  # the difference holds the scoring's too
+                    found |= {"established": False, "scored_differently": differing}
                 rows.append({"comparison": label, "task": task, **found})
 
     for r in runs:
@@ -114,7 +148,7 @@ def paired_rows(runs) -> list[dict]:
         if common:
             at = max(common)
             add(f"{other.label} against {first.label}, after {at} edits",
-                points[first.path][at], points[other.path][at])
+                points[first.path][at], points[other.path][at], _differing(first, other))
     return rows
 
 
@@ -130,5 +164,11 @@ def paired_table(runs) -> str:
         lines.append(f"| {r['comparison']} | {r['task']} | {r['metric']} | {r['documents']} | "
                      f"{r['a']:.4g} | {r['b']:.4g} | {r['difference']:+.2f}{unit} "
                      f"[{r['ci95'][0]:+.2f}, {r['ci95'][1]:+.2f}] | "
-                     f"{r.get('mcnemar_p', '')} | {'yes' if r['established'] else 'no'} |")
+                     f"{r.get('mcnemar_p', '')} | {_verdict(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _verdict(row: dict) -> str:
+    if row.get("scored_differently"):
+        return f"no: scored differently ({row['scored_differently']})"
+    return "yes" if row["established"] else "no"

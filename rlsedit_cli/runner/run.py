@@ -143,6 +143,24 @@ def memory_mb(device: torch.device) -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+def processor(device: torch.device) -> str:
+    """What ran the passes: the GPU's name, or the CPU's model and the unit its bfloat16
+    products use (AMX, AVX512-BF16 or neither), which moves bfloat16 figures by rounding."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                  if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    unit = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "no bfloat16 unit")
+    return f"{model} ({unit})"
+
+
 def run(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Run (or resume) one editing experiment; return the summary (also in summary.json).
 
@@ -345,7 +363,8 @@ class Runner:
                    "eval_seconds": round(eval_seconds, 3),
                    "versions": {"torch": torch.__version__,
                                 "transformers": transformers.__version__,
-                                "python": platform.python_version()}}
+                                "python": platform.python_version(),
+                                "processor": processor(self.device)}}
         summary["objective"] = objective(summary, cfg.objective)
         return summary
 
