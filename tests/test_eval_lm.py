@@ -80,11 +80,17 @@ class _AttentionInputs(torch.overrides.TorchFunctionMode):
 
 def test_bfloat16_attention_runs_on_bfloat16_inputs_near_float32(handle):
     """eval.attention_dtype=bfloat16: attention takes the pass's bfloat16 queries (float32 with
-    the default), and the figures stay within bfloat16 rounding of the float32-attention pass."""
+    the default, with the accelerations off too: the setting decides, not float32_attention),
+    and the figures stay within bfloat16 rounding of the float32-attention pass."""
+    import dataclasses
+
+    from rlsedit_cli.accel import Accelerations
+
     requests = _requests(handle, 8)
     scores = {}
-    for attention in ("float32", "bfloat16"):
-        lm = EditedLM(handle, 4, "continuation", "bfloat16", attention_dtype=attention)
+    plain = dataclasses.replace(handle, accel=Accelerations.parse([]))
+    for attention, on in (("float32", handle), ("float32", plain), ("bfloat16", handle)):
+        lm = EditedLM(on, 4, "continuation", "bfloat16", attention_dtype=attention)
         with _AttentionInputs() as spy:
             scores[attention] = lm._loglikelihood_tokens(requests)
         assert spy.seen == {getattr(torch, attention)}

@@ -27,7 +27,9 @@ lowered_weights     cpu, cuda bfloat16 passes: frozen weights cast once     auto
                               for many passes (precision.py)               every pass
 float32_attention   cpu       bfloat16 passes: attention on float32 inputs autocast's attention
                               (bfloat16 attention backward is several      (bfloat16 inputs)
-                              times slower on the CPU; precision.py)
+                              times slower on the CPU; precision.py);
+                              general-ability points follow the named
+                              setting eval.attention_dtype instead
 grouped_attention   cpu       the target step's short queries: two batched torch's SDPA kernel
                               products per key/value head group
                               (attention.py)

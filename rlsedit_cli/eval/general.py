@@ -309,7 +309,7 @@ def _evaluate(lm, tasks, opts: GeneralSettings, scratch: Path,
                 result.metrics[name] = {k: v for k, v in values.items()
                                         if isinstance(v, (int, float))}
                 result.settings[name] = {"metric": main[0], **_settings(name, out, opts, spec)}
-                result.seconds[name] = round(seconds, 1)
+                result.seconds[name] = round(seconds, 3)
                 if name == task:
                     result.documents[name] = docs
     return result

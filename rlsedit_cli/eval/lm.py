@@ -12,8 +12,8 @@
   model's parameters cast once per point (accel/precision.py's LoweredLinears), so that the
   hidden states, norms' outputs and activations are bfloat16 too (lm-eval's ``dtype=bfloat16``
   on a model loaded in float32), under autocast (its ``mixed_precision_dtype``), attention in
-  float32. It changes figures by bfloat16 rounding: a named setting, measured against float32
-  in docs/benchmarks.md.
+  float32 on every device. It changes figures by bfloat16 rounding: a named setting, measured
+  against float32 in docs/benchmarks.md.
 - ``eval.attention_dtype=bfloat16`` (with it): attention on the pass's bfloat16 inputs, torch's
   bfloat16 kernel (on CPUs with AMX about 2.5x its float32 one), its probabilities rounded to
   bfloat16 before they weigh the values: a named setting too.
@@ -28,7 +28,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from rlsedit_cli.accel.lower import LowerStates, requests_key
-from rlsedit_cli.accel.precision import LoweredLinears, attention_mode
+from rlsedit_cli.accel.precision import Float32Attention, LoweredLinears
 from rlsedit_cli.accel.prefix import read_states
 from rlsedit_cli.models.handle import ModelHandle
 from rlsedit_cli.models.tokens import little_padding
@@ -63,13 +63,13 @@ class EditedLM(HFLM):
 
     @contextlib.contextmanager
     def _precision(self) -> Iterator[None]:
-        """bfloat16 copies of the parameters in place, attention in float32 unless
-        ``attention_dtype`` says bfloat16 (nothing in float32), as far as ``lowered_weights``
-        and ``float32_attention`` run on this device."""
+        """bfloat16 copies of the parameters in place (as far as ``lowered_weights`` runs on
+        this device), attention in ``attention_dtype`` on every device: a named setting, not
+        the CPU's ``float32_attention`` acceleration (nothing in float32)."""
         if self.lowered is None:
             yield
             return
-        attention = (attention_mode(self.handle) if self.attention_dtype == "float32"
+        attention = (Float32Attention() if self.attention_dtype == "float32"
                      else contextlib.nullcontext())
         with self.lowered.swapped(), attention:
             yield
