@@ -134,3 +134,30 @@ def test_the_console_leaves_out_what_lm_eval_says_of_the_in_memory_model():
     assert shown(record(hf, "the tokenizer has no pad token"))
     assert shown(record("lm_eval.evaluator", "Passed an already-initialized model through "
                                              "`pretrained`"))  # only where it is expected
+
+
+def test_a_stream_repeats_bit_for_bit_on_two_threads(tmp_path):
+    """The same stream run twice with two torch threads edits the same weights, bit for bit:
+    a request's prompts add its delta through index_select, whose backward sums them in order
+    (indexing's backward accumulated them with atomics on several threads: the two runs of the
+    toy soak stream parted in the first batch)."""
+    import torch
+
+    from rlsedit_cli.runner import checkpoint
+
+    from .conftest import compose_cfg
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = []
+        for name in ("a", "b"):
+            run(compose_cfg(["editor=rlsedit", "eval=none", "stream.num_edits=100",
+                             "stream.batch_size=100", "measure.pre_edit=false",
+                             "measure.fluency=false", "measure.retention_edits=0",
+                             "checkpoint.every=1"], tmp_path / name))
+            weights.append(checkpoint.load(tmp_path / name)["weights"])
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

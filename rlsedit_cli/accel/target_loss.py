@@ -151,7 +151,10 @@ class TargetLoss:
             if self.z_out is None:
                 self.z_out = output
                 self.h_init = hidden[self.first_rows.to(hidden.device), 0].detach().float()
-            moved = hidden[:, :1] + delta[owner].to(hidden)[:, None]  # column 0: subject's last
+            # index_select, not delta[owner]: its backward (index_add_) sums each request's
+            # rows in order, where indexing's (index_put_ accumulating) adds them with atomics
+            # on several CPU threads, in an order that differs from run to run
+            moved = hidden[:, :1] + delta.index_select(0, owner).to(hidden)[:, None]  # column 0
             return with_hidden(output, torch.cat([moved, hidden[:, 1:]], 1))
 
         def keep(module, args, output):

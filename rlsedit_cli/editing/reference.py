@@ -97,7 +97,8 @@ class FullForwardLoss:
             hidden = block_hidden(output)  # (N, T, d_model)
             if self.h_init is None:
                 self.h_init = hidden[at][self.first_rows].detach().float()
-            moved = hidden.index_put(at, hidden[at] + delta[rows.owner].to(hidden))
+            gathered = delta.index_select(0, rows.owner)  # a backward in a fixed order (accel/
+            moved = hidden.index_put(at, hidden[at] + gathered.to(hidden))  # target_loss.py)
             return with_hidden(output, moved)
 
         def map_output(module, args, output):
