@@ -151,10 +151,12 @@ class TargetLoss:
             if self.z_out is None:
                 self.z_out = output
                 self.h_init = hidden[self.first_rows.to(hidden.device), 0].detach().float()
-            # index_select, not delta[owner]: its backward (index_add_) sums each request's
-            # rows in order, where indexing's (index_put_ accumulating) adds them with atomics
-            # on several CPU threads, in an order that differs from run to run
-            moved = hidden[:, :1] + delta.index_select(0, owner).to(hidden)[:, None]  # column 0
+            # an embedding lookup, not delta[owner]: its backward sums each request's rows in
+            # a fixed order on the CPU and the GPU, where indexing's (index_put_ accumulating)
+            # adds them with atomics on several CPU threads, and index_select's on the GPU
+            # (torch.use_deterministic_algorithms lists both)
+            added = torch.nn.functional.embedding(owner, delta).to(hidden)  # (N, d_model)
+            moved = hidden[:, :1] + added[:, None]  # column 0: the subject's last token
             return with_hidden(output, torch.cat([moved, hidden[:, 1:]], 1))
 
         def keep(module, args, output):

@@ -97,8 +97,8 @@ class FullForwardLoss:
             hidden = block_hidden(output)  # (N, T, d_model)
             if self.h_init is None:
                 self.h_init = hidden[at][self.first_rows].detach().float()
-            gathered = delta.index_select(0, rows.owner)  # a backward in a fixed order (accel/
-            moved = hidden.index_put(at, hidden[at] + gathered.to(hidden))  # target_loss.py)
+            gathered = torch.nn.functional.embedding(rows.owner, delta)  # fixed-order backward
+            moved = hidden.index_put(at, hidden[at] + gathered.to(hidden))  # (target_loss.py)
             return with_hidden(output, moved)
 
         def map_output(module, args, output):
