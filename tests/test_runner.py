@@ -139,8 +139,8 @@ def test_the_console_leaves_out_what_lm_eval_says_of_the_in_memory_model():
 def test_a_stream_repeats_bit_for_bit_on_two_threads(tmp_path):
     """The same stream run twice with two torch threads edits the same weights, bit for bit:
     a request's prompts add its delta through an embedding lookup, whose backward sums them in
-    order (indexing's backward accumulated them with atomics on several threads: the two runs of
-    the toy soak stream parted in the first batch)."""
+    order (indexing's backward accumulates them with atomics on several CPU threads, in an
+    order that changes from run to run)."""
     import torch
 
     from rlsedit_cli.runner import checkpoint

@@ -97,8 +97,9 @@ class FullForwardLoss:
             hidden = block_hidden(output)  # (N, T, d_model)
             if self.h_init is None:
                 self.h_init = hidden[at][self.first_rows].detach().float()
-            gathered = torch.nn.functional.embedding(rows.owner, delta)  # fixed-order backward
-            moved = hidden.index_put(at, hidden[at] + gathered.to(hidden))  # (target_loss.py)
+            # an embedding lookup: its backward sums in a fixed order (accel/target_loss.py)
+            gathered = torch.nn.functional.embedding(rows.owner.to(delta.device), delta)
+            moved = hidden.index_put(at, hidden[at] + gathered.to(hidden))
             return with_hidden(output, moved)
 
         def map_output(module, args, output):
