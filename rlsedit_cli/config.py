@@ -72,12 +72,17 @@ def log_composition(choices: dict[str, str], editor_cfg: DictConfig) -> None:
 
 def composed(overrides: list[str]):
     """The config ``rlsedit run OVERRIDES`` would run, composed outside a Hydra job (no run
-    folder): for the commands that read a config without running it (bench, stats)."""
+    folder) and checked as a run checks it (validate.py: a bad value is a one-line
+    ConfigError): for the commands that read a config without running it (bench, stats)."""
     from hydra import compose, initialize_config_dir
+
+    from rlsedit_cli import validate
 
     register()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        cfg = compose("config", overrides=overrides)
+    validate.check(cfg)
+    return cfg
 
 
 def register_editor(name: str, schema: type, **values) -> None:

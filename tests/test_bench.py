@@ -112,6 +112,17 @@ def test_bench_refuses_overrides_it_cannot_use(caplog):
     assert "bench update takes no config overrides (model=smollm2_135m)" in caplog.text
 
 
+def test_bench_checks_every_configuration_before_it_runs_one(capsys, caplog):
+    """A bad value in a bench's configuration (here in --against's second one) is the one-line
+    error `rlsedit run` gives, before any configuration runs."""
+    assert main(["bench", "general", "--device", "cpu", "eval=smoke", "eval.limit=5",
+                 "--against", "eval.attention_dtype=bfloat16"]) == 2
+    assert "eval.attention_dtype=bfloat16 needs eval.compute_dtype=bfloat16" in caplog.text
+    assert capsys.readouterr().out == ""  # no row: nothing ran
+    assert main(["bench", "targets", "--device", "cpu", "stream.batch_size=0"]) == 2
+    assert "stream.batch_size=0 must be at least 1" in caplog.text
+
+
 def test_bench_stats_compares_the_statistics_with_a_plain_forward(capsys):
     assert main(["bench", "stats", "--device", "cpu", "--samples", "24"]) == 0
     row = json.loads(capsys.readouterr().out.splitlines()[-1])

@@ -89,11 +89,12 @@ def _bench_general(args: argparse.Namespace) -> list[dict]:
     from rlsedit_cli.eval.general import GeneralSettings, TaskManagers
     from rlsedit_cli.models.loader import load_configured, resolve_device
 
-    base = composed([f"model={args.model}", *args.overrides])
-    handle = load_configured(base, resolve_device(args.device))
+    # every configuration composed (and checked) before the model loads and the first one runs
+    configs = [(variant, composed([f"model={args.model}", *args.overrides, *variant.split()]))
+               for variant in ["", *args.against]]
+    handle = load_configured(configs[0][1], resolve_device(args.device))
     points, index = [], TaskManagers()  # the task index built once, as a run builds it
-    for variant in ["", *args.against]:
-        cfg = composed([f"model={args.model}", *args.overrides, *variant.split()])
+    for variant, cfg in configs:
         opts = GeneralSettings.from_cfg(cfg.eval, cfg.seed)
         # a run's first point prepares its tasks (eval/prepared.py); the point reported is a
         # later one, as each further point of a run costs it
